@@ -1,0 +1,306 @@
+"""Typed training configuration: dataclass defaults, YAML overlays, command-line overrides.
+
+Defaults live only in the dataclasses below and follow the CycleGAN paper and its reference implementation
+(../shared/SPEC.md). YAML files in `configs/` overlay them and `key=value` arguments overlay those. Every key is
+checked against the schema before merging, so a misspelled key is an error that names the closest valid key
+instead of silently becoming a new setting. No torch import here: configs load fast and in any process.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+@dataclass
+class ModelConfig:
+    generator: str = "resnet_9blocks"
+    """Generator architecture: resnet_9blocks, resnet_6blocks, unet_256 or unet_128."""
+    discriminator: str = "basic"
+    """Discriminator architecture: basic (70x70 PatchGAN), n_layers or pixel."""
+    n_layers_d: int = 3
+    """Number of strided layers of the n_layers discriminator (basic is 3)."""
+    ngf: int = 64
+    """Generator filters in the first convolution."""
+    ndf: int = 64
+    """Discriminator filters in the first convolution."""
+    norm: str = "instance"
+    """Normalisation layer: instance, batch or none."""
+    init_type: str = "normal"
+    """Weight initialisation: normal, xavier, kaiming or orthogonal."""
+    init_gain: float = 0.02
+    """Scale of the initialisation (std for normal)."""
+
+
+@dataclass
+class LossConfig:
+    gan_mode: str = "lsgan"
+    """Adversarial loss: lsgan (least squares, the paper's), vanilla (BCE with logits) or hinge."""
+    lambda_a: float = 10.0
+    """Weight of the A->B->A cycle loss."""
+    lambda_b: float = 10.0
+    """Weight of the B->A->B cycle loss."""
+    lambda_idt: float = 0.5
+    """Identity loss weight relative to lambda_a/lambda_b; 0 disables it and skips its forward passes."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    """Adam learning rate for both the generators and the discriminators."""
+    beta1: float = 0.5
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    decay_start_frac: float = 0.5
+    """Share of train.steps run at constant lr before the linear decay to 0 (the paper: half)."""
+
+
+@dataclass
+class DataConfig:
+    train_a: str = ""
+    """Shard pattern of domain A's training set (path, brace pattern, file:, pipe: or http(s) URL)."""
+    train_b: str = ""
+    """Shard pattern of domain B's training set."""
+    test_a: str = ""
+    """Shard pattern of domain A's held-out set (sample grids, evaluation); empty disables them."""
+    test_b: str = ""
+    """Shard pattern of domain B's held-out set."""
+    preprocess: str = "resize_and_crop"
+    """Train transform: resize_and_crop (the paper's), crop, scale_width_and_crop or none."""
+    load_size: int = 286
+    """Side the image is resized to before the random crop (pixels)."""
+    crop_size: int = 256
+    """Side of the random training crop and of held-out images (pixels)."""
+    flip: bool = True
+    """Random horizontal flip during training."""
+    batch_per_rank: int = 1
+    """Images of each domain per rank and step (the paper: 1)."""
+    workers: int = 4
+    """DataLoader worker processes per rank; 0 decodes in the training process."""
+    shuffle_buffer: int = 512
+    """Samples held in each stream's shuffle buffer."""
+    prefetch_factor: int = 4
+    """Batches each worker prepares ahead of the step."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 266_800
+    """Optimiser steps to run (reference: 200 epochs of horse2zebra's 1,334 images at batch 1)."""
+    seed: int = 0
+    """Seed of initialisation, data streams and image pools; each rank derives its own from it."""
+    precision: str = "fp32"
+    """Arithmetic of the forward passes: fp32, bf16 (autocast) or fp16 (autocast + GradScaler)."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+    pool_size: int = 50
+    """Past fakes kept per discriminator and rank for the D step; 0 disables the history."""
+    log_every_steps: int = 100
+    """Steps between loss logs (the only steps that synchronise the device for metrics)."""
+    sample_every_steps: int = 1000
+    """Steps between sample grids from the fixed held-out batch; 0 disables them."""
+    sample_images: int = 4
+    """Held-out images per domain in each sample grid."""
+    max_nonfinite_steps: int = 10
+    """Consecutive steps with a NaN/inf loss that are skipped before training stops with an error."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 5000
+    """Steps between checkpoints; the final step is always saved."""
+    keep_last: int = 3
+    """Newest checkpoints kept."""
+    keep_every_steps: int = 0
+    """Also keep checkpoints whose step is a multiple of this (0: none)."""
+    resume: str = "auto"
+    """auto (newest loadable checkpoint in run_dir, if any), never, or the path of a checkpoint file."""
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """Record the run in MLflow (rank 0 only)."""
+    uri: str = ""
+    """MLflow tracking URI; empty uses MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+    experiment: str = "cyclegan"
+    """MLflow experiment name."""
+    run_name: str = ""
+    """MLflow run name; empty uses the run directory's name."""
+    log_checkpoints: str = "last"
+    """Checkpoints uploaded as MLflow artifacts: all, last (the final one) or none."""
+
+
+@dataclass
+class EvalConfig:
+    paired: bool = False
+    """Held-out sets are paired by sample key (the synthetic set): report G_ab's L1 error against the truth."""
+    every_steps: int = 0
+    """Steps between evaluations during training; 0 evaluates only at the end."""
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/cyclegan"
+    """Folder of this run's checkpoints, samples, logs and resolved config."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Closed sets of string values, checked after merging so the error can list the choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.generator": ("resnet_9blocks", "resnet_6blocks", "unet_256", "unet_128"),
+    "model.discriminator": ("basic", "n_layers", "pixel"),
+    "model.norm": ("instance", "batch", "none"),
+    "model.init_type": ("normal", "xavier", "kaiming", "orthogonal"),
+    "loss.gan_mode": ("lsgan", "vanilla", "hinge"),
+    "data.preprocess": ("resize_and_crop", "crop", "scale_width_and_crop", "none"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "tracking.log_checkpoints": ("all", "last", "none"),
+}
+
+
+def _schema_keys(cls: type, prefix: str = "") -> dict[str, type | None]:
+    """Dotted key -> dataclass type (for groups) or None (for leaves)."""
+    keys: dict[str, type | None] = {}
+    for f in fields(cls):
+        name = prefix + f.name
+        sub = f.default_factory if is_dataclass(f.default_factory) else None  # type: ignore[arg-type]
+        keys[name] = sub
+        if sub is not None:
+            keys.update(_schema_keys(sub, name + "."))
+    return keys
+
+
+_KEYS = _schema_keys(Config)
+
+
+def _closest(key: str) -> str:
+    parent = key.rpartition(".")[0]
+    siblings = [k for k in _KEYS if k.rpartition(".")[0] == parent]
+    match = difflib.get_close_matches(key, siblings, n=1, cutoff=0.5) or difflib.get_close_matches(
+        key, list(_KEYS), n=1, cutoff=0.5
+    )
+    if match:
+        return f"did you mean '{match[0]}'?"
+    return "valid keys here: " + ", ".join(sorted(siblings))
+
+
+def _check_keys(node: Any, source: str, prefix: str = "") -> None:
+    """Raise ConfigError for the first key of `node` that the schema does not have."""
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if dotted not in _KEYS:
+            raise ConfigError(f"unknown config key '{dotted}' in {source}; {_closest(dotted)}")
+        if _KEYS[dotted] is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{dotted}' in {source} is a group of settings, not a value")
+            _check_keys(value, source, dotted + ".")
+
+
+def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    _check_keys(OmegaConf.to_container(layer), source)
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"bad value for '{key}' in {source}: {reason}") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check value ranges and closed choices that the type system cannot express."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise ConfigError(f"'{key}' is '{value}'; {hint}choose one of: {', '.join(choices)}")
+    positive = ["train.steps", "data.batch_per_rank", "data.crop_size", "data.load_size", "train.log_every_steps"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"'{key}' must be positive, got {OmegaConf.select(cfg, key)}")
+    if cfg.data.preprocess in ("resize_and_crop", "scale_width_and_crop") and cfg.data.load_size < cfg.data.crop_size:
+        raise ConfigError(
+            f"data.load_size ({cfg.data.load_size}) is smaller than data.crop_size ({cfg.data.crop_size}); "
+            "the random crop needs load_size >= crop_size"
+        )
+    if not 0.0 <= cfg.optim.decay_start_frac <= 1.0:
+        raise ConfigError(f"'optim.decay_start_frac' must lie in [0, 1], got {cfg.optim.decay_start_frac}")
+    if cfg.train.pool_size < 0 or cfg.data.workers < 0:
+        raise ConfigError("'train.pool_size' and 'data.workers' must be >= 0")
+
+
+def load_config(yaml_paths: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Build the run's config: dataclass defaults, then each YAML file, then `key=value` overrides.
+
+    Args:
+        yaml_paths: YAML files applied in order; each may contain a subset of the keys.
+        overrides: `dotted.key=value` strings, as typed on the command line.
+
+    Returns:
+        A read-only DictConfig backed by the `Config` schema.
+
+    Raises:
+        ConfigError: a missing file, an unknown key (naming the closest valid one), a wrong type or value.
+    """
+    cfg: DictConfig = OmegaConf.structured(Config)
+    for path in yaml_paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file '{path}' does not exist (see configs/ for the shipped ones)")
+        cfg = _merge(cfg, OmegaConf.load(path), f"config file '{path}'")  # type: ignore[arg-type]
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command-line override '{item}' is not of the form key=value")
+    if overrides:
+        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "the command line")
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML, as saved beside every run."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def from_yaml(text: str) -> DictConfig:
+    """Parse a config saved by `to_yaml` back into a schema-checked DictConfig."""
+    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(text), "a saved config")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def flatten(cfg: DictConfig) -> dict[str, Any]:
+    """Dotted key -> leaf value, for experiment trackers."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out

@@ -1,0 +1,115 @@
+"""The CycleGAN model: two generators, two discriminators, and the objective assembled from losses.py.
+
+Directions are explicit: G_ab translates A->B and D_b judges domain B (real_b vs fake_b). In the reference
+implementation's names G_ab is G_A, G_ba is G_B, D_b is D_A and D_a is D_B; `reference_names` maps them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from pipeline.losses import GANLoss, cycle_loss, identity_loss
+from pipeline.models import build_discriminator, build_generator
+
+# Our network name -> the reference implementation's (file `<epoch>_net_<name>.pth`, loss suffix).
+REFERENCE_NAMES = {"G_ab": "G_A", "G_ba": "G_B", "D_b": "D_A", "D_a": "D_B"}
+
+
+class Generators(nn.Module):
+    """Both generators in one module, so one DDP wrapper averages their gradients in one pass."""
+
+    def __init__(self, G_ab: nn.Module, G_ba: nn.Module) -> None:
+        super().__init__()
+        self.G_ab = G_ab
+        self.G_ba = G_ba
+
+    def forward(self, real_a: Tensor, real_b: Tensor, identity: bool) -> dict[str, Tensor]:
+        fake_b = self.G_ab(real_a)
+        rec_a = self.G_ba(fake_b)
+        fake_a = self.G_ba(real_b)
+        rec_b = self.G_ab(fake_a)
+        out = {"fake_b": fake_b, "rec_a": rec_a, "fake_a": fake_a, "rec_b": rec_b}
+        if identity:
+            out["idt_b"] = self.G_ab(real_b)
+            out["idt_a"] = self.G_ba(real_a)
+        return out
+
+
+class Discriminators(nn.Module):
+    """Both discriminators in one module; the D losses are summed and backpropagated once.
+
+    Two separate backward passes through one DDP wrapper raise "Expected to have finished reduction".
+    """
+
+    def __init__(self, D_a: nn.Module, D_b: nn.Module) -> None:
+        super().__init__()
+        self.D_a = D_a
+        self.D_b = D_b
+
+    def forward(self, real_a: Tensor, fake_a: Tensor, real_b: Tensor, fake_b: Tensor) -> dict[str, Tensor]:
+        return {
+            "real_a": self.D_a(real_a),
+            "fake_a": self.D_a(fake_a),
+            "real_b": self.D_b(real_b),
+            "fake_b": self.D_b(fake_b),
+        }
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Weights of the CycleGAN objective (SPEC.md: lambda_a = lambda_b = 10, lambda_idt = 0.5)."""
+
+    gan: GANLoss
+    lambda_a: float = 10.0
+    lambda_b: float = 10.0
+    lambda_idt: float = 0.5
+
+    @property
+    def identity(self) -> bool:
+        return self.lambda_idt > 0
+
+    def generator_losses(
+        self, out: dict[str, Tensor], real_a: Tensor, real_b: Tensor, D_a: nn.Module, D_b: nn.Module
+    ) -> dict[str, Tensor]:
+        """Loss terms of both generators; D_a and D_b must be frozen and unwrapped (not DDP)."""
+        losses = {
+            "G_ab/gan": self.gan.generator(D_b(out["fake_b"])),
+            "G_ba/gan": self.gan.generator(D_a(out["fake_a"])),
+            "G_ab/cycle": cycle_loss(out["rec_a"], real_a, self.lambda_a),
+            "G_ba/cycle": cycle_loss(out["rec_b"], real_b, self.lambda_b),
+        }
+        if self.identity:
+            losses["G_ab/idt"] = identity_loss(out["idt_b"], real_b, self.lambda_b * self.lambda_idt)
+            losses["G_ba/idt"] = identity_loss(out["idt_a"], real_a, self.lambda_a * self.lambda_idt)
+        return losses
+
+    def discriminator_losses(self, preds: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {
+            "D_a": self.gan.discriminator(preds["real_a"], preds["fake_a"]),
+            "D_b": self.gan.discriminator(preds["real_b"], preds["fake_b"]),
+        }
+
+
+def build_networks(model_cfg) -> tuple[Generators, Discriminators]:
+    """The four networks of a `ModelConfig`, initialised from torch's global RNG."""
+    def gen() -> nn.Module:
+        return build_generator(
+            model_cfg.generator, ngf=model_cfg.ngf, norm=model_cfg.norm,
+            init_type=model_cfg.init_type, init_gain=model_cfg.init_gain,
+        )
+
+    def disc() -> nn.Module:
+        return build_discriminator(
+            model_cfg.discriminator, ndf=model_cfg.ndf, n_layers=model_cfg.n_layers_d, norm=model_cfg.norm,
+            init_type=model_cfg.init_type, init_gain=model_cfg.init_gain,
+        )
+
+    G_ab, G_ba = gen(), gen()
+    D_a, D_b = disc(), disc()
+    return Generators(G_ab, G_ba), Discriminators(D_a, D_b)
+
+
+def build_objective(loss_cfg) -> Objective:
+    return Objective(GANLoss(loss_cfg.gan_mode), loss_cfg.lambda_a, loss_cfg.lambda_b, loss_cfg.lambda_idt)

@@ -1,0 +1,244 @@
+"""Shards -> two seeded, infinite, shuffled streams (A and B) -> unpaired training batches.
+
+Every rank and every DataLoader worker draws its own stream: its seed is derived from (seed, rank, worker,
+domain). A stream visits the shards in a freshly shuffled order on each pass, mixes samples through a seeded
+shuffle buffer, and augments sample number k with a generator seeded by (stream seed, k). So the stream is a
+pure function of its seed, and resuming at step s skips the samples already consumed without decoding them.
+
+Streams are infinite and training runs a fixed number of steps, so no rank runs out of data before another
+(WebDataset's split_by_node would give ranks unequal batch counts and hang DDP).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+class DataError(RuntimeError):
+    """A shard pattern or shard that cannot feed training, with what to do about it."""
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """Shard URLs of a pattern (brace expansion, and glob for local paths; '::' joins several patterns).
+
+    Local paths (plain or file:) are checked here, so a typo fails at start-up, not in a worker.
+    """
+    if not pattern:
+        raise DataError("empty shard pattern: set data.train_a / data.train_b to your shards")
+    urls = []
+    for url in wds.shardlists.expand_urls(pattern):
+        local = "://" not in url and not url.startswith(("pipe:", "file:"))
+        if local and any(ch in url for ch in "*?["):
+            matches = sorted(glob.glob(url))
+            if not matches:
+                raise DataError(f"shard pattern '{pattern}' matches no file ('{url}'); check the path")
+            urls.extend(matches)
+        else:
+            urls.append(url)
+    missing = []
+    for url in urls:
+        path = url[len("file:") :] if url.startswith("file:") else url
+        if "://" in url or url.startswith("pipe:"):
+            continue
+        if not Path(path).is_file():
+            missing.append(path)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DataError(
+            f"shard pattern '{pattern}' names {len(missing)} missing file(s): {shown}. "
+            "Check the path, or create shards with `python -m pipeline.shards SRC OUT`."
+        )
+    return urls
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Train-time transform of SPEC.md: resize (bicubic), random crop, random flip, to [-1, 1]."""
+
+    preprocess: str = "resize_and_crop"
+    load_size: int = 286
+    crop_size: int = 256
+    flip: bool = True
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        if self.preprocess == "resize_and_crop":
+            img = img.resize((self.load_size, self.load_size), Image.BICUBIC)
+        elif self.preprocess == "scale_width_and_crop" and img.width != self.load_size:
+            height = max(self.crop_size, round(img.height * self.load_size / img.width))
+            img = img.resize((self.load_size, height), Image.BICUBIC)
+        if self.preprocess != "none":
+            if img.width < self.crop_size or img.height < self.crop_size:
+                img = img.resize((max(img.width, self.crop_size), max(img.height, self.crop_size)), Image.BICUBIC)
+            x = rng.randint(0, img.width - self.crop_size)
+            y = rng.randint(0, img.height - self.crop_size)
+            img = img.crop((x, y, x + self.crop_size, y + self.crop_size))
+        else:
+            # Networks downsample twice (resnet) or more: keep sides a multiple of 4.
+            img = img.crop((0, 0, img.width - img.width % 4, img.height - img.height % 4))
+        if self.flip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(img)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> float32 CHW tensor in [-1, 1]."""
+    array = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def decode_image(sample: dict[str, Any]) -> Image.Image:
+    """The RGB image of a WebDataset sample (first of jpg/jpeg/png/webp members)."""
+    for key in IMAGE_KEYS:
+        if key in sample:
+            img = Image.open(io.BytesIO(sample[key]))
+            return img.convert("RGB")
+    raise DataError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has no image member {IMAGE_KEYS}")
+
+
+def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int) -> Iterator[dict[str, Any]]:
+    """Undecoded samples forever: shards in a new random order each pass, mixed through a shuffle buffer."""
+    buffer: list[dict[str, Any]] = []
+    while True:
+        order = list(urls)
+        rng.shuffle(order)
+        produced = 0
+        for sample in wds.tarfile_to_samples(({"url": url} for url in order)):
+            produced += 1
+            if len(buffer) < shuffle_buffer:
+                buffer.append(sample)
+                continue
+            index = rng.randrange(len(buffer))
+            buffer[index], sample = sample, buffer[index]
+            yield sample
+        if produced == 0:
+            raise DataError(f"shards {order[:3]}... hold no samples")
+
+
+class DomainStream:
+    """An infinite stream of augmented images of one domain, a pure function of its seed."""
+
+    def __init__(self, urls: list[str], seed: str, augment: Augment, shuffle_buffer: int) -> None:
+        self.urls = urls
+        self.seed = seed
+        self.augment = augment
+        self.shuffle_buffer = shuffle_buffer
+        self.bad_samples = 0
+
+    def iterate(self, skip: int = 0) -> Iterator[torch.Tensor]:
+        """Images from position `skip` on; skipped samples are read but not decoded."""
+        samples = raw_samples(self.urls, random.Random(f"{self.seed}:shards"), self.shuffle_buffer)
+        for index, sample in enumerate(samples):
+            if index < skip:
+                continue
+            try:
+                img = decode_image(sample)
+            except DataError:
+                raise
+            except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
+                self.bad_samples += 1
+                log.warning("skipping undecodable sample '%s' in %s: %s", sample.get("__key__"), sample.get("__url__"), err)
+                continue
+            yield self.augment(img, random.Random(f"{self.seed}:{index}"))
+
+
+class UnpairedBatches(IterableDataset):
+    """Zips the A and B streams of this rank and worker into (batch_a, batch_b) pairs.
+
+    `start_batch` is the number of batches this rank has already consumed (the resumed step): DataLoader hands
+    out worker batches round-robin, so worker w of W has produced ceil((start_batch - w) / W) of them.
+    """
+
+    def __init__(
+        self,
+        urls_a: list[str],
+        urls_b: list[str],
+        augment: Augment,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        shuffle_buffer: int = 512,
+        start_batch: int = 0,
+    ) -> None:
+        super().__init__()
+        self.urls_a, self.urls_b = urls_a, urls_b
+        self.augment = augment
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.shuffle_buffer = shuffle_buffer
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        done = max(0, math.ceil((self.start_batch - worker) / workers))
+        skip = done * self.batch_size
+        streams = [
+            DomainStream(urls, f"{self.seed}:{self.rank}:{worker}:{domain}", self.augment, self.shuffle_buffer)
+            for urls, domain in ((self.urls_a, "A"), (self.urls_b, "B"))
+        ]
+        iter_a, iter_b = (stream.iterate(skip) for stream in streams)
+        while True:
+            batch_a = torch.stack([next(iter_a) for _ in range(self.batch_size)])
+            batch_b = torch.stack([next(iter_b) for _ in range(self.batch_size)])
+            yield batch_a, batch_b
+
+
+def train_loader(
+    data_cfg: Any, seed: int, rank: int, start_batch: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """DataLoader of unpaired (A, B) batches for one rank, resumed at `start_batch`."""
+    augment = Augment(data_cfg.preprocess, data_cfg.load_size, data_cfg.crop_size, data_cfg.flip)
+    dataset = UnpairedBatches(
+        expand_pattern(data_cfg.train_a),
+        expand_pattern(data_cfg.train_b),
+        augment,
+        data_cfg.batch_per_rank,
+        seed,
+        rank,
+        data_cfg.shuffle_buffer,
+        start_batch,
+    )
+    workers = data_cfg.workers
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+def held_out(pattern: str, count: int, size: int) -> tuple[list[str], torch.Tensor]:
+    """The first `count` samples of a held-out pattern in shard order, resized to `size` (the test transform).
+
+    Returns their keys and a (count, 3, size, size) tensor; fewer when the set is smaller.
+    """
+    keys, images = [], []
+    for sample in wds.tarfile_to_samples([{"url": url} for url in expand_pattern(pattern)]):
+        img = decode_image(sample).resize((size, size), Image.BICUBIC)
+        keys.append(sample["__key__"])
+        images.append(to_tensor(img))
+        if len(images) == count:
+            break
+    if not images:
+        raise DataError(f"held-out pattern '{pattern}' holds no samples")
+    return keys, torch.stack(images)

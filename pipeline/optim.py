@@ -1,0 +1,32 @@
+"""Adam for both generator and discriminator pairs, and the learning-rate schedule as a function of steps.
+
+The schedule is a pure function of the step, so resuming restores it exactly from the step counter alone.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def build_adam(params: Iterable[nn.Parameter], lr: float, beta1: float, beta2: float) -> torch.optim.Adam:
+    """Adam as in the paper; `foreach` batches the per-parameter updates into few kernels."""
+    return torch.optim.Adam(list(params), lr=lr, betas=(beta1, beta2), foreach=True)
+
+
+def lr_factor(step: int, total_steps: int, decay_start_frac: float = 0.5) -> float:
+    """Multiplier of the base lr for the 0-indexed `step`: 1, then linear towards 0 at `total_steps`.
+
+    The reference's `linear` policy, 1 - max(0, k + epoch_count - n_epochs) / (n_epochs_decay + 1) for the
+    0-indexed epoch k and epoch_count = 1, counted in optimiser steps because streams have no epochs.
+    """
+    constant = int(round(total_steps * decay_start_frac))
+    decay = total_steps - constant
+    return 1.0 - max(0, step + 1 - constant) / float(decay + 1)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

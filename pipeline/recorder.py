@@ -1,0 +1,136 @@
+"""Every rank-0 side effect of a run behind one object: console, run directory, checkpoints, MLflow.
+
+Ranks other than 0 get a `NullRecorder`, so the training loop calls the same methods on every rank and never
+tests the rank itself. Collectives (gathering per-rank state, averaging losses) stay in the loop, on all ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from pipeline.checkpoint import CheckpointError, CheckpointWriter
+from pipeline.config import flatten, to_yaml
+from pipeline.dist import DistInfo
+from pipeline.tracking import MLflowTracker, NullTracker
+from pipeline.train_state import code_version
+
+log = logging.getLogger(__name__)
+
+
+class NullRecorder:
+    """What ranks other than 0 record: nothing."""
+
+    tracker: NullTracker = NullTracker()
+
+    @property
+    def run_id(self) -> str | None:
+        return self.tracker.run_id
+
+    def start(self, start_step: int, total_steps: int) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def save_samples(self, make_grid: Callable[[], np.ndarray], step: int) -> None: ...
+    def save_checkpoint(self, state: dict[str, Any], step: int, final: bool = False) -> None: ...
+    def log_result(self, name: str, values: dict[str, float], step: int) -> None: ...
+    def finish(self, status: str) -> None: ...
+
+
+class Recorder(NullRecorder):
+    """Rank 0's record of the run: `run_dir/{config.yaml, metrics.jsonl, samples/, ckpt-*.pt}` and MLflow."""
+
+    def __init__(self, cfg: DictConfig, info: DistInfo, run_id: str | None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.writer = CheckpointWriter(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps)
+        self.info = info
+        if cfg.tracking.enabled:
+            name = cfg.tracking.run_name or self.run_dir.name
+            self.tracker = MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, name, run_id)
+        else:
+            self.tracker = NullTracker()
+        self._metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        self._t0 = time.perf_counter()
+        self._start_step = 0
+        self._total = 0
+
+    def start(self, start_step: int, total_steps: int) -> None:
+        self._start_step, self._total = start_step, total_steps
+        self._t0 = time.perf_counter()
+        if start_step == 0:
+            self.tracker.log_params(flatten(self.cfg))
+            self.tracker.log_artifact(self.run_dir / "config.yaml")
+        self.tracker.set_tags(
+            {
+                "git_commit": code_version(),
+                "world_size": str(self.info.world_size),
+                "num_nodes": str(self.info.num_nodes),
+                "hostname": platform.node(),
+                "torch_version": torch.__version__,
+                "cuda_version": str(torch.version.cuda),
+                "precision": self.cfg.train.precision,
+            }
+        )
+        where = f"resuming at step {start_step}" if start_step else "starting"
+        log.info("%s: %d steps to go, run directory %s, MLflow run %s", where, total_steps - start_step,
+                 self.run_dir, self.tracker.run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._metrics_file.flush()
+        self.tracker.log_metrics(metrics, step)
+        elapsed = time.perf_counter() - self._t0
+        done = step - self._start_step
+        eta = elapsed / max(done, 1) * (self._total - step)
+        losses = " ".join(f"{k.removeprefix('loss/')}={v:.3f}" for k, v in metrics.items() if k.startswith("loss/"))
+        log.info("step %d/%d | %.1f img/s | ETA %s | %s", step, self._total, metrics.get("perf/images_per_s", 0.0),
+                 _duration(eta), losses)
+
+    def save_samples(self, make_grid: Callable[[], np.ndarray], step: int) -> None:
+        """Render the grid (only rank 0 spends the forward passes) and record it."""
+        grid = make_grid()
+        path = self.run_dir / "samples" / f"step-{step:09d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(grid).save(path)
+        self.tracker.log_image(grid, key="samples", step=step)
+
+    def save_checkpoint(self, state: dict[str, Any], step: int, final: bool = False) -> None:
+        try:
+            path = self.writer.save(state, step)
+        except CheckpointError as err:
+            if final:
+                raise
+            log.error("%s; training continues and will try again at the next checkpoint", err)
+            return
+        log.info("checkpoint %s", path)
+        if self.cfg.tracking.log_checkpoints == "all" or (final and self.cfg.tracking.log_checkpoints == "last"):
+            self.tracker.log_artifact(path, "checkpoints")
+
+    def log_result(self, name: str, values: dict[str, float], step: int) -> None:
+        (self.run_dir / f"{name}.json").write_text(json.dumps({"step": step, **values}, indent=2) + "\n")
+        self.tracker.log_metrics({f"{name}/{k}": v for k, v in values.items()}, step)
+
+    def finish(self, status: str) -> None:
+        self._metrics_file.close()
+        if self.tracker.dropped:
+            log.warning("MLflow: %d records were dropped during this run (see warnings above)", self.tracker.dropped)
+        self.tracker.finish(status)
+
+
+def make_recorder(cfg: DictConfig, info: DistInfo, run_id: str | None) -> NullRecorder:
+    return Recorder(cfg, info, run_id) if info.is_main else NullRecorder()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,257 @@
+"""CycleGAN training: `python -m pipeline.train --config configs/X.yaml key=value ...` (or under torchrun).
+
+The loop reads like the algorithm: fetch an unpaired batch, run the step (G phase, D phase, update), then do
+the maintenance that every rank agrees on by step number (metrics, samples, checkpoints, evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipeline import dist
+from pipeline.checkpoint import CheckpointError, find_latest_loadable, load_checkpoint
+from pipeline.config import ConfigError, load_config
+from pipeline.cyclegan import build_networks, build_objective
+from pipeline.data import DataError, held_out, train_loader
+from pipeline.evaluate import paired_l1
+from pipeline.image_pool import ImagePool
+from pipeline.optim import build_adam, lr_factor, set_lr
+from pipeline.recorder import make_recorder
+from pipeline.samples import sample_grid
+from pipeline.step import TrainStep
+from pipeline.train_state import build_state, check_compatible, rank_state, restore_rank
+
+log = logging.getLogger("pipeline.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN or inf loss."""
+
+
+@dataclass
+class RunResult:
+    step: int
+    metrics: dict[str, float]
+    evaluation: dict[str, float]
+    run_id: str | None
+
+
+def _find_resume(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        found = find_latest_loadable(cfg.run_dir)
+        return (str(found[0]), found[1]) if found else None
+    return cfg.checkpoint.resume, load_checkpoint(cfg.checkpoint.resume)
+
+
+class MetricMeter:
+    """Sums loss tensors on the device between logs, so ordinary steps never wait for the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.data_s = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], data_s: float) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, torch.zeros((), device=self.device)) + value.float()
+        self.steps += 1
+        self.data_s += data_s
+
+    def collect(self) -> dict[str, float]:
+        """Loss means over the interval and over ranks (a collective: every rank calls it), then reset."""
+        keys = sorted(self.sums)
+        means = torch.stack([self.sums[k] for k in keys]) / max(self.steps, 1) if keys else torch.zeros(0)
+        means = dist.all_reduce_mean(means.to(self.device)).tolist()
+        elapsed = time.perf_counter() - self.t0
+        out = {f"loss/{k}": v for k, v in zip(keys, means)}
+        out["perf/data_wait_share"] = self.data_s / max(elapsed, 1e-9)
+        out["perf/steps_per_s"] = self.steps / max(elapsed, 1e-9)
+        self.sums, self.steps, self.data_s, self.t0 = {}, 0, 0.0, time.perf_counter()
+        return out
+
+
+def run(cfg: DictConfig) -> RunResult:
+    """Train as configured on this process's rank; returns the last logged metrics and evaluation."""
+    # Initialize.
+    info = dist.read_env()
+    device = dist.select_device(cfg.train.device, info)
+    dist.init_process_group(info, device)
+    torch.manual_seed(cfg.train.seed)  # Same initial networks on every rank.
+    random.seed(cfg.train.seed * 1000 + info.rank)
+
+    # Resume (before anything is written, so a bad checkpoint loses nothing).
+    resume = _find_resume(cfg)
+    if resume is not None:
+        check_compatible(resume[1], cfg, resume[0])
+    start_step = resume[1]["step"] if resume else 0
+    images_seen = resume[1]["images_seen"] if resume else 0
+
+    # Load data: the failure to find shards surfaces here, before the networks are built.
+    loader = train_loader(cfg.data, cfg.train.seed, info.rank, start_batch=start_step,
+                          pin_memory=device.type == "cuda")
+
+    # Construct networks, optimisers and this rank's image pools.
+    gens, discs = build_networks(cfg.model)
+    gens.to(device)
+    discs.to(device)
+    opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
+    opt_d = build_adam(discs.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
+    pool_seed = cfg.train.seed * 1000 + info.rank
+    pool_a = ImagePool(cfg.train.pool_size, seed=2 * pool_seed)
+    pool_b = ImagePool(cfg.train.pool_size, seed=2 * pool_seed + 1)
+    nets = {"G_ab": gens.G_ab, "G_ba": gens.G_ba, "D_a": discs.D_a, "D_b": discs.D_b}
+
+    if resume is not None:
+        path, state = resume
+        for name, net in nets.items():
+            net.load_state_dict(state["nets"][name])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        restore_rank(state, info.rank, info.world_size, pool_a, pool_b, device)
+        log.info("resumed from %s (step %d)", path, start_step)
+
+    # Distribute: DDP averages gradients; D is called unwrapped and frozen in the G phase (never static_graph).
+    if info.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        gens_call, discs_call = DDP(gens, device_ids=ids), DDP(discs, device_ids=ids)
+    else:
+        gens_call, discs_call = gens, discs
+    step_fn = TrainStep(gens_call, discs_call, discs, build_objective(cfg.loss), opt_g, opt_d, pool_a, pool_b,
+                        device, cfg.train.precision, check_finite=cfg.train.max_nonfinite_steps > 0)
+    if resume is not None:
+        step_fn.scaler.load_state_dict(resume[1]["scaler"])
+
+    run_id = resume[1].get("mlflow_run_id") or None if resume else None
+    recorder = make_recorder(cfg, info, run_id)
+    nonfinite_total = resume[1].get("nonfinite_steps", 0) if resume else 0
+    del resume  # Frees the checkpoint's CPU copy of the state.
+
+    held = {}
+
+    def grid():
+        if not held:
+            held["a"] = held_out(cfg.data.test_a, cfg.train.sample_images, cfg.data.crop_size)[1].to(device)
+            held["b"] = held_out(cfg.data.test_b, cfg.train.sample_images, cfg.data.crop_size)[1].to(device)
+        return sample_grid(gens, held["a"], held["b"])
+
+    def evaluate() -> dict[str, float]:
+        return paired_l1(gens.G_ab, cfg.data.test_a, cfg.data.test_b, cfg.data.crop_size, device)
+
+    def checkpoint(step: int, final: bool = False) -> None:
+        ranks = dist.gather_to_main(rank_state(pool_a, pool_b, device))
+        if ranks is not None:
+            state = build_state(step=step, images_seen=images_seen, nets=nets, opt_g=opt_g, opt_d=opt_d,
+                                scaler=step_fn.scaler, rank_states=ranks, cfg=cfg, run_id=recorder.run_id,
+                                nonfinite_steps=nonfinite_total)
+            recorder.save_checkpoint(state, step, final=final)
+        dist.barrier()
+
+    # Train.
+    total = cfg.train.steps
+    global_batch = cfg.data.batch_per_rank * info.world_size
+    has_samples = bool(cfg.data.test_a and cfg.data.test_b and cfg.train.sample_every_steps > 0)
+    paired_eval = bool(cfg.eval.paired and cfg.data.test_a and cfg.data.test_b)
+    meter = MetricMeter(device)
+    metrics: dict[str, float] = {}
+    evaluation: dict[str, float] = {}
+    nonfinite_run = 0
+    status = "FAILED"
+    recorder.start(start_step, total)
+    batches = iter(loader)
+    try:
+        for step in range(start_step + 1, total + 1):
+            t_data = time.perf_counter()
+            real_a, real_b = next(batches)
+            real_a = real_a.to(device, non_blocking=True)
+            real_b = real_b.to(device, non_blocking=True)
+            data_s = time.perf_counter() - t_data
+
+            lr = cfg.optim.lr * lr_factor(step - 1, total, cfg.optim.decay_start_frac)
+            set_lr(opt_g, lr)
+            set_lr(opt_d, lr)
+            result = step_fn(real_a, real_b)
+
+            # Bookkeeping.
+            images_seen += global_batch
+            if result.applied:
+                nonfinite_run = 0
+                meter.add(result.losses, data_s)
+            else:
+                nonfinite_run += 1
+                nonfinite_total += 1
+                log.warning("step %d: non-finite loss (%s); update skipped (%d in a row)", step,
+                            ", ".join(f"{k}={v.item():.3g}" for k, v in result.losses.items()), nonfinite_run)
+                if nonfinite_run >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_run} consecutive steps had a NaN/inf loss (last at step {step}); the last "
+                        "checkpoint holds finite weights. Lower optim.lr, try train.precision=fp32, or check "
+                        "the data for broken images"
+                    )
+            if step % cfg.train.log_every_steps == 0 or step == total:
+                metrics = meter.collect()
+                metrics.update({"lr": lr, "images_seen": float(images_seen), "nonfinite_steps": float(nonfinite_total)})
+                metrics["perf/images_per_s"] = metrics["perf/steps_per_s"] * global_batch
+                recorder.log_metrics(metrics, step)
+            if has_samples and (step % cfg.train.sample_every_steps == 0 or step == total):
+                recorder.save_samples(grid, step)
+            if paired_eval and ((cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == total):
+                evaluation = evaluate()
+                recorder.log_result("eval", evaluation, step)
+            if step % cfg.checkpoint.every_steps == 0 or step == total:
+                checkpoint(step, final=step == total)
+        status = "FINISHED"
+    finally:
+        recorder.finish(status)
+    return RunResult(total, metrics, evaluation, recorder.run_id)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable, applied in order)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=1000")
+    return parser.parse_args(argv)
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+
+
+@record
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    info = dist.read_env()
+    setup_logging(info.rank)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = run(cfg)
+    except (ConfigError, DataError, CheckpointError) as err:
+        log.error("%s", err)
+        return 2
+    finally:
+        dist.destroy_process_group()
+    if result.evaluation and info.is_main:
+        ev = result.evaluation
+        print(f"held-out A->B L1 error over {int(ev['pairs'])} pairs: G_ab {ev['l1_translation']:.4f} vs identity "
+              f"{ev['l1_identity']:.4f} ({ev['l1_identity'] / max(ev['l1_translation'], 1e-12):.1f}x lower)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+from dataclasses import asdict
+
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline.config import Config, ConfigError, flatten, from_yaml, load_config, to_yaml
+
+from conftest import ROOT
+
+
+def test_defaults_are_the_papers_setting():
+    cfg = load_config()
+    assert cfg.model.generator == "resnet_9blocks" and cfg.model.discriminator == "basic"
+    assert (cfg.model.ngf, cfg.model.ndf, cfg.model.norm) == (64, 64, "instance")
+    assert (cfg.loss.gan_mode, cfg.loss.lambda_a, cfg.loss.lambda_b, cfg.loss.lambda_idt) == ("lsgan", 10, 10, 0.5)
+    assert (cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2) == (2e-4, 0.5, 0.999)
+    assert (cfg.data.load_size, cfg.data.crop_size, cfg.data.batch_per_rank) == (286, 256, 1)
+    assert cfg.train.pool_size == 50 and cfg.optim.decay_start_frac == 0.5
+
+
+def test_default_yaml_restates_the_schema_defaults():
+    from_file = load_config([ROOT / "configs" / "default.yaml"])
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
+    assert OmegaConf.to_container(from_file) == defaults
+
+
+@pytest.mark.parametrize("name", ["default", "quickstart", "horse2zebra", "monet2photo", "summer2winter_yosemite",
+                                  "cityscapes"])
+def test_shipped_configs_load(name):
+    load_config([ROOT / "configs" / f"{name}.yaml"])
+
+
+def test_yaml_then_command_line_precedence(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  steps: 10\n  seed: 3\n")
+    cfg = load_config([path], ["train.steps=20"])
+    assert cfg.train.steps == 20 and cfg.train.seed == 3
+
+
+def test_unknown_key_in_yaml_names_file_and_closest_key(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("loss:\n  lamda_a: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'loss.lamda_a' in config file .*typo.yaml.*"
+                                          r"did you mean 'loss.lambda_a'"):
+        load_config([path])
+
+
+def test_unknown_key_on_command_line():
+    with pytest.raises(ConfigError, match=r"'train.step'.*the command line.*did you mean 'train.steps'"):
+        load_config([], ["train.step=5"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"bad value for 'train.steps'.*'many'"):
+        load_config([], ["train.steps=many"])
+
+
+def test_bad_choice_lists_choices_and_closest():
+    with pytest.raises(ConfigError, match=r"'loss.gan_mode' is 'lsgam'; did you mean 'lsgan'\?.*vanilla"):
+        load_config([], ["loss.gan_mode=lsgam"])
+
+
+def test_missing_file_and_malformed_override():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(["nope.yaml"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config([], ["train.steps"])
+
+
+def test_crop_larger_than_load_is_refused():
+    with pytest.raises(ConfigError, match="load_size"):
+        load_config([], ["data.load_size=100", "data.crop_size=128"])
+
+
+def test_config_is_read_only_and_round_trips():
+    cfg = load_config([], ["train.steps=7"])
+    with pytest.raises(Exception):
+        cfg.train.steps = 8
+    again = from_yaml(to_yaml(cfg))
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+    flat = flatten(cfg)
+    assert flat["train.steps"] == 7 and flat["loss.gan_mode"] == "lsgan"
+    assert len(flat) == len([k for k in flat if "." in k or k == "run_dir"])
+    assert set(asdict(Config()).keys()) == {k.split(".")[0] for k in flat}
