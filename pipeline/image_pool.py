@@ -14,7 +14,7 @@ class ImagePool:
     While the pool fills, a new image is stored and returned. Once full, each image is, with probability 0.5,
     swapped for a random stored one (which is returned), else returned as is. The draws come from a private
     generator, so each rank's pool is reproducible and independent of any other random stream. Images are stored
-    in float32 on the device they arrive on: under autocast the D step then always sees one dtype.
+    at least in float32, on the device they arrive on: under autocast the D step then sees one dtype.
     """
 
     def __init__(self, size: int, seed: int) -> None:
@@ -29,7 +29,10 @@ class ImagePool:
             return images
         self._undo = (list(self.images), self.generator.get_state())
         out = []
-        for image in images.detach().float():
+        images = images.detach()
+        if images.dtype in (torch.float16, torch.bfloat16):
+            images = images.float()
+        for image in images:
             image = image.unsqueeze(0)
             if len(self.images) < self.size:
                 self.images.append(image.clone())

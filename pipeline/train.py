@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pipeline import dist
 from pipeline.checkpoint import CheckpointError, find_latest_loadable, load_checkpoint
 from pipeline.config import ConfigError, load_config
-from pipeline.cyclegan import build_networks, build_objective
+from pipeline.cyclegan import Discriminators, Generators, build_networks, build_objective
 from pipeline.data import DataError, held_out, train_loader
 from pipeline.evaluate import paired_l1
 from pipeline.image_pool import ImagePool
@@ -85,13 +85,47 @@ class MetricMeter:
         return out
 
 
+@dataclass
+class Components:
+    """The networks of one rank and the step that trains them (through DDP wrappers when distributed)."""
+
+    gens: Generators
+    discs: Discriminators
+    step: TrainStep
+
+    @property
+    def nets(self) -> dict[str, torch.nn.Module]:
+        return {"G_ab": self.gens.G_ab, "G_ba": self.gens.G_ba, "D_a": self.discs.D_a, "D_b": self.discs.D_b}
+
+
+def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device) -> Components:
+    """Networks (identical on every rank: seeded from train.seed), optimisers, this rank's pools, DDP."""
+    torch.manual_seed(cfg.train.seed)
+    gens, discs = build_networks(cfg.model)
+    gens.to(device)
+    discs.to(device)
+    opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
+    opt_d = build_adam(discs.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
+    pool_seed = cfg.train.seed * 1000 + info.rank
+    pool_a = ImagePool(cfg.train.pool_size, seed=2 * pool_seed)
+    pool_b = ImagePool(cfg.train.pool_size, seed=2 * pool_seed + 1)
+    # DDP averages gradients; D is called unwrapped and frozen in the G phase (never static_graph).
+    if info.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        gens_call, discs_call = DDP(gens, device_ids=ids), DDP(discs, device_ids=ids)
+    else:
+        gens_call, discs_call = gens, discs
+    step = TrainStep(gens_call, discs_call, discs, build_objective(cfg.loss), opt_g, opt_d, pool_a, pool_b,
+                     device, cfg.train.precision, check_finite=cfg.train.max_nonfinite_steps > 0)
+    return Components(gens, discs, step)
+
+
 def run(cfg: DictConfig) -> RunResult:
     """Train as configured on this process's rank; returns the last logged metrics and evaluation."""
     # Initialize.
     info = dist.read_env()
     device = dist.select_device(cfg.train.device, info)
     dist.init_process_group(info, device)
-    torch.manual_seed(cfg.train.seed)  # Same initial networks on every rank.
     random.seed(cfg.train.seed * 1000 + info.rank)
 
     # Resume (before anything is written, so a bad checkpoint loses nothing).
@@ -105,36 +139,19 @@ def run(cfg: DictConfig) -> RunResult:
     loader = train_loader(cfg.data, cfg.train.seed, info.rank, start_batch=start_step,
                           pin_memory=device.type == "cuda")
 
-    # Construct networks, optimisers and this rank's image pools.
-    gens, discs = build_networks(cfg.model)
-    gens.to(device)
-    discs.to(device)
-    opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
-    opt_d = build_adam(discs.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
-    pool_seed = cfg.train.seed * 1000 + info.rank
-    pool_a = ImagePool(cfg.train.pool_size, seed=2 * pool_seed)
-    pool_b = ImagePool(cfg.train.pool_size, seed=2 * pool_seed + 1)
-    nets = {"G_ab": gens.G_ab, "G_ba": gens.G_ba, "D_a": discs.D_a, "D_b": discs.D_b}
-
+    # Construct networks, optimisers and this rank's image pools; distribute.
+    parts = build_components(cfg, info, device)
+    gens, discs, nets, step_fn = parts.gens, parts.discs, parts.nets, parts.step
+    opt_g, opt_d, pool_a, pool_b = step_fn.opt_g, step_fn.opt_d, step_fn.pool_a, step_fn.pool_b
     if resume is not None:
         path, state = resume
         for name, net in nets.items():
             net.load_state_dict(state["nets"][name])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
+        step_fn.scaler.load_state_dict(state["scaler"])
         restore_rank(state, info.rank, info.world_size, pool_a, pool_b, device)
         log.info("resumed from %s (step %d)", path, start_step)
-
-    # Distribute: DDP averages gradients; D is called unwrapped and frozen in the G phase (never static_graph).
-    if info.world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        gens_call, discs_call = DDP(gens, device_ids=ids), DDP(discs, device_ids=ids)
-    else:
-        gens_call, discs_call = gens, discs
-    step_fn = TrainStep(gens_call, discs_call, discs, build_objective(cfg.loss), opt_g, opt_d, pool_a, pool_b,
-                        device, cfg.train.precision, check_finite=cfg.train.max_nonfinite_steps > 0)
-    if resume is not None:
-        step_fn.scaler.load_state_dict(resume[1]["scaler"])
 
     run_id = resume[1].get("mlflow_run_id") or None if resume else None
     recorder = make_recorder(cfg, info, run_id)

@@ -1,0 +1,60 @@
+"""Run under torchrun by tests/test_distributed.py: the production step on fixed per-rank batches.
+
+After every step all ranks' parameters are gathered and must be equal; rank 0 saves the parameter history and
+the first step's (averaged) gradients for the test to compare against a single-process reference.
+Usage: torchrun ... tests/ddp_worker.py OUT STEPS DTYPE [key=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from pipeline import dist
+from pipeline.config import load_config
+from pipeline.train import build_components
+
+SIZE = 32
+
+
+def fixed_batch(rank: int, step: int, dtype: torch.dtype, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    real_a = torch.rand(batch, 3, SIZE, SIZE, generator=g, dtype=torch.float64) * 2 - 1
+    real_b = torch.rand(batch, 3, SIZE, SIZE, generator=g, dtype=torch.float64) * 2 - 1
+    return real_a.to(dtype), real_b.to(dtype)
+
+
+def flat_params(components) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for net in components.nets.values() for p in net.parameters()])
+
+
+def main(out: str, steps: int, dtype_name: str, overrides: list[str]) -> None:
+    dtype = getattr(torch, dtype_name)
+    torch.set_default_dtype(dtype)
+    info = dist.read_env()
+    device = torch.device("cpu")
+    dist.init_process_group(info, device)
+    cfg = load_config([], overrides)
+    parts = build_components(cfg, info, device)
+    history, grads = [], {}
+    for step in range(steps):
+        real_a, real_b = fixed_batch(info.rank, step, dtype)
+        result = parts.step(real_a, real_b)
+        assert result.applied
+        flat = flat_params(parts)
+        gathered = dist.gather_objects(flat)
+        for rank, other in enumerate(gathered):
+            if not torch.equal(other, flat):
+                raise SystemExit(f"rank {rank} parameters differ from rank {info.rank}'s after step {step + 1}")
+        if step == 0:
+            grads = {f"{name}.{k}": p.grad.clone() for name, net in parts.nets.items()
+                     for k, p in net.named_parameters() if p.grad is not None}
+        history.append(flat)
+    if info.is_main:
+        torch.save({"params": history, "grads": grads, "world_size": info.world_size}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:])

@@ -1,0 +1,128 @@
+"""DDP computes the same maths as one process: real torchrun processes, gloo on CPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.cyclegan import build_networks, build_objective
+from pipeline.image_pool import ImagePool
+from pipeline.optim import build_adam
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tests"))
+from ddp_worker import fixed_batch  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.generator=resnet_6blocks", "model.ngf=4", "model.ndf=4", "train.pool_size=2", "train.seed=5"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], timeout: float = 180, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
+
+
+def run_workers(tmp_path, nproc: int, steps: int, dtype: str, overrides=TINY) -> dict:
+    out = tmp_path / f"ddp-{nproc}-{dtype}.pt"
+    proc = torchrun([f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                     str(ROOT / "tests" / "ddp_worker.py"), str(out), str(steps), dtype, *overrides])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def reference(steps: int, dtype: torch.dtype, world: int, batches) -> dict:
+    """One process, written independently of TrainStep: per-rank G and D phases, gradients averaged in rank order."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        cfg = load_config([], TINY)
+        torch.manual_seed(cfg.train.seed)
+        gens, discs = build_networks(cfg.model)
+        objective = build_objective(cfg.loss)
+        opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
+        opt_d = build_adam(discs.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
+        pools = [(ImagePool(2, 2 * (5000 + r)), ImagePool(2, 2 * (5000 + r) + 1)) for r in range(world)]
+        nets = [gens.G_ab, gens.G_ba, discs.D_a, discs.D_b]
+        history, first_grads = [], {}
+        for step in range(steps):
+            g_grads, d_grads = [], []
+            for rank in range(world):
+                real_a, real_b = batches(rank, step)
+                for p in discs.parameters():
+                    p.requires_grad_(False)
+                gens.zero_grad(set_to_none=True)
+                out = gens(real_a, real_b, objective.identity)
+                sum(objective.generator_losses(out, real_a, real_b, discs.D_a, discs.D_b).values()).backward()
+                g_grads.append([p.grad.clone() for p in gens.parameters()])
+                for p in discs.parameters():
+                    p.requires_grad_(True)
+                discs.zero_grad(set_to_none=True)
+                fake_a = pools[rank][0].query(out["fake_a"].detach())
+                fake_b = pools[rank][1].query(out["fake_b"].detach())
+                d = objective.discriminator_losses(discs(real_a, fake_a, real_b, fake_b))
+                (d["D_a"] + d["D_b"]).backward()
+                d_grads.append([p.grad.clone() for p in discs.parameters()])
+            for params, per_rank in ((gens.parameters(), g_grads), (discs.parameters(), d_grads)):
+                for p, *grads in zip(params, *per_rank):
+                    total = grads[0]
+                    for g in grads[1:]:
+                        total = total + g
+                    p.grad = total / world
+            if step == 0:
+                names = ["G_ab", "G_ba", "D_a", "D_b"]
+                first_grads = {f"{n}.{k}": p.grad.clone() for n, net in zip(names, nets)
+                               for k, p in net.named_parameters()}
+            opt_g.step()
+            opt_d.step()
+            history.append(torch.cat([p.detach().reshape(-1) for net in nets for p in net.parameters()]))
+        return {"params": history, "grads": first_grads}
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_two_ranks_equal_one_process_averaging_in_rank_order_bitwise(tmp_path):
+    steps = 6  # Pool of 2 fills after 2 steps: later steps exercise the swaps.
+    ddp = run_workers(tmp_path, 2, steps, "float32")
+    ref = reference(steps, torch.float32, 2, lambda r, s: fixed_batch(r, s, torch.float32))
+    assert len(ddp["params"]) == steps
+    for step, (got, want) in enumerate(zip(ddp["params"], ref["params"])):
+        assert torch.equal(got, want), f"step {step + 1}: max diff {(got - want).abs().max().item()}"
+    # Parameters moved: the comparison is not between two untouched initialisations.
+    assert not torch.equal(ddp["params"][0], ddp["params"][-1])
+
+
+def test_two_ranks_equal_one_process_batch_two_in_float64(tmp_path):
+    ddp = run_workers(tmp_path, 2, 1, "float64")
+
+    def batch_of_two(rank, step):
+        a0, b0 = fixed_batch(0, step, torch.float64)
+        a1, b1 = fixed_batch(1, step, torch.float64)
+        return torch.cat([a0, a1]), torch.cat([b0, b1])
+
+    ref = reference(1, torch.float64, 1, batch_of_two)
+    assert ddp["grads"].keys() == ref["grads"].keys()
+    worst = 0.0
+    for key, got in ddp["grads"].items():
+        want = ref["grads"][key]
+        worst = max(worst, (got - want).abs().max().item())
+        # Mean, not sum: a summed all-reduce would be twice the batch-of-two gradient.
+        if want.abs().max() > 1e-6:
+            assert not torch.allclose(got, 2 * want, atol=1e-9), key
+    assert worst < 1e-9, worst
+    total = sum(g.abs().sum().item() for g in ref["grads"].values())
+    assert total > 0
