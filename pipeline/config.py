@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -112,6 +113,8 @@ class TrainConfig:
     """Steps between sample grids from the fixed held-out batch; 0 disables them."""
     sample_images: int = 4
     """Held-out images per domain in each sample grid."""
+    stop_after_steps: int = 0
+    """Stop (checkpoint, exit code 3) after this many steps of this process, for chained jobs; 0: run to the end."""
     max_nonfinite_steps: int = 10
     """Consecutive steps with a NaN/inf loss that are skipped before training stops with an error."""
 

@@ -16,9 +16,10 @@ import io
 import logging
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,7 +120,7 @@ def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int) -> Ite
         order = list(urls)
         rng.shuffle(order)
         produced = 0
-        for sample in wds.tarfile_to_samples(({"url": url} for url in order)):
+        for sample in wds.tarfile_to_samples({"url": url} for url in order):
             produced += 1
             if len(buffer) < shuffle_buffer:
                 buffer.append(sample)
@@ -153,7 +154,8 @@ class DomainStream:
                 raise
             except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
                 self.bad_samples += 1
-                log.warning("skipping undecodable sample '%s' in %s: %s", sample.get("__key__"), sample.get("__url__"), err)
+                log.warning("skipping undecodable sample '%s' in %s: %s",
+                            sample.get("__key__"), sample.get("__url__"), err)
                 continue
             yield self.augment(img, random.Random(f"{self.seed}:{index}"))
 

@@ -5,7 +5,7 @@ The schedule is a pure function of the step, so resuming restores it exactly fro
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -2,8 +2,8 @@
 
 The order of SPEC.md is kept where it matters: the D phase trains on the fakes of the G phase's forward pass
 (made before G's update), and D's parameters are the same before and after G's update. So both backward passes
-can run before either optimiser steps, which lets one agreed finiteness check (a single small collective)
-decide whether the step is applied on every rank.
+can run before either optimiser steps, which lets one small collective per step decide, identically on every
+rank, whether the update is applied (all losses finite) and whether training stops after it (a signal).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pipeline.cyclegan import Discriminators, Generators, Objective
+from pipeline.cyclegan import Discriminators, Objective
 from pipeline.dist import all_reduce_max
 from pipeline.image_pool import ImagePool
 
@@ -32,6 +32,7 @@ class StepResult:
 
     losses: dict[str, Tensor]
     applied: bool = True
+    stop: bool = False
     fakes: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -44,6 +45,7 @@ class TrainStep:
         pool_a, pool_b: this rank's histories of fake_a (for D_a) and fake_b (for D_b).
         precision: fp32, bf16 or fp16; fp16 scales both losses with one GradScaler.
         check_finite: agree across ranks on whether the losses are finite, and skip the update if not.
+        distributed: ranks must agree on the update and on stopping (one 2-element all-reduce per step).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class TrainStep:
         device: torch.device,
         precision: str = "fp32",
         check_finite: bool = True,
+        distributed: bool = False,
     ) -> None:
         self.gens, self.discs, self.discs_module = gens, discs, discs_module
         self.objective = objective
@@ -67,6 +70,7 @@ class TrainStep:
         self.device = device
         self.precision = precision
         self.check_finite = check_finite
+        self.distributed = distributed
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -74,7 +78,8 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
-    def __call__(self, real_a: Tensor, real_b: Tensor) -> StepResult:
+    def __call__(self, real_a: Tensor, real_b: Tensor, stop_requested: bool = False) -> StepResult:
+        """One step on this rank's batch; `stop_requested` is this rank's wish to stop after it."""
         D = self.discs_module
         scale = self.scaler.scale
 
@@ -100,10 +105,14 @@ class TrainStep:
 
         # Update: every rank takes the same decision, else parameters would drift apart.
         losses = {k: v.detach() for k, v in {**g_losses, **d_losses}.items()}
-        applied = True
-        if self.check_finite:
-            bad = (~torch.isfinite(loss_g.detach() + loss_d.detach())).float().reshape(1)
-            applied = all_reduce_max(bad).item() == 0.0
+        applied, stop = True, stop_requested
+        if self.check_finite or self.distributed:
+            flags = torch.zeros(2, device=loss_g.device)
+            if self.check_finite:
+                flags[0] = (~torch.isfinite(loss_g.detach() + loss_d.detach())).float()
+            flags[1] = float(stop_requested)
+            bad, stop_any = all_reduce_max(flags).tolist()
+            applied, stop = bad == 0.0, stop_any > 0.0
         if applied:
             self.scaler.step(self.opt_g)
             self.scaler.step(self.opt_d)
@@ -112,4 +121,4 @@ class TrainStep:
             self.pool_a.undo_last_query()
             self.pool_b.undo_last_query()
         fakes = {"fake_a": out["fake_a"].detach(), "fake_b": out["fake_b"].detach()}
-        return StepResult(losses, applied, fakes)
+        return StepResult(losses, applied, stop, fakes)

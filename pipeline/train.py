@@ -11,8 +11,9 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -27,6 +28,7 @@ from pipeline.data import DataError, held_out, train_loader
 from pipeline.evaluate import paired_l1
 from pipeline.image_pool import ImagePool
 from pipeline.optim import build_adam, lr_factor, set_lr
+from pipeline.preemption import EXIT_STOPPED, StopFlag
 from pipeline.recorder import make_recorder
 from pipeline.samples import sample_grid
 from pipeline.step import TrainStep
@@ -45,6 +47,8 @@ class RunResult:
     metrics: dict[str, float]
     evaluation: dict[str, float]
     run_id: str | None
+    stopped: bool = False
+    """A signal stopped the run after `step` (checkpointed); resuming continues it."""
 
 
 def _find_resume(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
@@ -116,7 +120,8 @@ def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device)
     else:
         gens_call, discs_call = gens, discs
     step = TrainStep(gens_call, discs_call, discs, build_objective(cfg.loss), opt_g, opt_d, pool_a, pool_b,
-                     device, cfg.train.precision, check_finite=cfg.train.max_nonfinite_steps > 0)
+                     device, cfg.train.precision, check_finite=cfg.train.max_nonfinite_steps > 0,
+                     distributed=info.world_size > 1)
     return Components(gens, discs, step)
 
 
@@ -141,7 +146,7 @@ def run(cfg: DictConfig) -> RunResult:
 
     # Construct networks, optimisers and this rank's image pools; distribute.
     parts = build_components(cfg, info, device)
-    gens, discs, nets, step_fn = parts.gens, parts.discs, parts.nets, parts.step
+    gens, nets, step_fn = parts.gens, parts.nets, parts.step
     opt_g, opt_d, pool_a, pool_b = step_fn.opt_g, step_fn.opt_d, step_fn.pool_a, step_fn.pool_b
     if resume is not None:
         path, state = resume
@@ -188,8 +193,10 @@ def run(cfg: DictConfig) -> RunResult:
     evaluation: dict[str, float] = {}
     nonfinite_run = 0
     status = "FAILED"
+    stopped_at = 0
     recorder.start(start_step, total)
     batches = iter(loader)
+    stop_flag = StopFlag().install()
     try:
         for step in range(start_step + 1, total + 1):
             t_data = time.perf_counter()
@@ -201,7 +208,8 @@ def run(cfg: DictConfig) -> RunResult:
             lr = cfg.optim.lr * lr_factor(step - 1, total, cfg.optim.decay_start_frac)
             set_lr(opt_g, lr)
             set_lr(opt_d, lr)
-            result = step_fn(real_a, real_b)
+            chunk_done = cfg.train.stop_after_steps > 0 and step - start_step >= cfg.train.stop_after_steps
+            result = step_fn(real_a, real_b, stop_requested=bool(stop_flag) or chunk_done)
 
             # Bookkeeping.
             images_seen += global_batch
@@ -229,12 +237,18 @@ def run(cfg: DictConfig) -> RunResult:
             if paired_eval and ((cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == total):
                 evaluation = evaluate()
                 recorder.log_result("eval", evaluation, step)
-            if step % cfg.checkpoint.every_steps == 0 or step == total:
-                checkpoint(step, final=step == total)
-        status = "FINISHED"
+            if step % cfg.checkpoint.every_steps == 0 or step == total or result.stop:
+                checkpoint(step, final=step == total or result.stop)
+            if result.stop and step < total:
+                stopped_at = step
+                log.warning("stopped after step %d (%s); checkpoint written, exiting with code %d", step,
+                            "signal" if stop_flag else "train.stop_after_steps", EXIT_STOPPED)
+                break
+        status = "KILLED" if stopped_at else "FINISHED"
     finally:
+        stop_flag.uninstall()
         recorder.finish(status)
-    return RunResult(total, metrics, evaluation, recorder.run_id)
+    return RunResult(stopped_at or total, metrics, evaluation, recorder.run_id, stopped=bool(stopped_at))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -263,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         dist.destroy_process_group()
+    if result.stopped:
+        return EXIT_STOPPED
     if result.evaluation and info.is_main:
         ev = result.evaluation
         print(f"held-out A->B L1 error over {int(ev['pairs'])} pairs: G_ab {ev['l1_translation']:.4f} vs identity "

@@ -1,11 +1,10 @@
 from dataclasses import asdict
 
 import pytest
+from conftest import ROOT
 from omegaconf import OmegaConf
 
 from pipeline.config import Config, ConfigError, flatten, from_yaml, load_config, to_yaml
-
-from conftest import ROOT
 
 
 def test_defaults_are_the_papers_setting():
@@ -74,7 +73,9 @@ def test_crop_larger_than_load_is_refused():
 
 def test_config_is_read_only_and_round_trips():
     cfg = load_config([], ["train.steps=7"])
-    with pytest.raises(Exception):
+    from omegaconf.errors import ReadonlyConfigError
+
+    with pytest.raises(ReadonlyConfigError):
         cfg.train.steps = 8
     again = from_yaml(to_yaml(cfg))
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)

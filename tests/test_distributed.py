@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 from pipeline.config import load_config
 from pipeline.cyclegan import build_networks, build_objective
 from pipeline.image_pool import ImagePool
 from pipeline.optim import build_adam
-
-from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
 from ddp_worker import fixed_batch  # noqa: E402

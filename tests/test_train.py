@@ -1,0 +1,108 @@
+"""End-to-end runs of pipeline.train on real shards with a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from pipeline.checkpoint import list_checkpoints, load_checkpoint
+from pipeline.config import load_config
+from pipeline.train import NonFiniteLossError, main, run
+
+
+def mlflow_run(tmp_path, run_id):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client, client.get_run(run_id)
+
+
+def test_short_run_writes_checkpoints_samples_and_mlflow_records(tiny, tmp_path):
+    result = run(load_config([], tiny()))
+    run_dir = tmp_path / "run"
+    assert [step for step, _ in list_checkpoints(run_dir)] == [3, 6]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-000000003.png", "step-000000006.png"]
+    assert load_config([run_dir / "config.yaml"]).train.steps == 6
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [2, 4, 6]
+    assert all(torch.isfinite(torch.tensor(m["loss/G_ab/cycle"])) for m in lines)
+
+    client, record = mlflow_run(tmp_path, result.run_id)
+    assert record.info.status == "FINISHED"
+    assert record.data.params["model.ngf"] == "4" and record.data.params["train.steps"] == "6"
+    history = client.get_metric_history(result.run_id, "loss/D_b")
+    assert [m.step for m in history] == [2, 4, 6]
+    for key in ("loss/G_ab/gan", "loss/G_ba/gan", "loss/G_ab/cycle", "loss/G_ba/cycle", "loss/G_ab/idt",
+                "loss/D_a", "lr", "images_seen", "perf/images_per_s"):
+        assert key in record.data.metrics, key
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert "config.yaml" in artifacts and "checkpoints" in artifacts
+    images = {a.path for a in client.list_artifacts(result.run_id, "images")}
+    assert len(images) >= 2  # log_image writes each step's image (and a thumbnail)
+
+    state = load_checkpoint(run_dir / "ckpt-000000006.pt")
+    assert state["step"] == 6 and state["images_seen"] == 6 and state["mlflow_run_id"] == result.run_id
+    assert len(state["ranks"][0]["pool_a"]["images"]) == 2
+
+
+def test_resume_continues_bitwise_and_the_same_mlflow_run(tiny, tmp_path):
+    straight = tiny(run_dir=str(tmp_path / "straight"), **{"train.steps": 8, "checkpoint.every_steps": 8})
+    run(load_config([], straight))
+    chunked = tiny(run_dir=str(tmp_path / "chunked"), **{"train.steps": 8, "checkpoint.every_steps": 8,
+                                                          "train.stop_after_steps": 3})
+    first = run(load_config([], chunked))
+    assert first.stopped and first.step == 3
+    second = run(load_config([], chunked))
+    assert second.stopped and second.step == 6
+    third = run(load_config([], chunked))
+    assert not third.stopped and third.step == 8
+    assert first.run_id == second.run_id == third.run_id
+
+    a = load_checkpoint(tmp_path / "straight" / "ckpt-000000008.pt")
+    b = load_checkpoint(tmp_path / "chunked" / "ckpt-000000008.pt")
+    for name in a["nets"]:
+        for key, value in a["nets"][name].items():
+            assert torch.equal(value, b["nets"][name][key]), f"{name}.{key}"
+    assert torch.equal(a["ranks"][0]["pool_b"]["images"], b["ranks"][0]["pool_b"]["images"])
+    client, _ = mlflow_run(tmp_path, third.run_id)
+    steps = [m.step for m in client.get_metric_history(third.run_id, "loss/G_ab/gan")]
+    assert steps == sorted(set(steps)) and steps[-1] == 8
+    lrs = {m.step: m.value for m in client.get_metric_history(third.run_id, "lr")}
+    straight_lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    for line in straight_lines:
+        assert lrs[line["step"]] == pytest.approx(line["lr"], rel=0, abs=0)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tiny, tmp_path, monkeypatch):
+    import pipeline.cyclegan as cyclegan
+
+    real_cycle = cyclegan.cycle_loss
+    calls = {"n": 0}
+
+    def poisoned(rec, orig, weight):
+        calls["n"] += 1
+        loss = real_cycle(rec, orig, weight)
+        return loss * float("nan") if calls["n"] > 2 * 4 else loss  # NaN from step 5 on
+
+    monkeypatch.setattr(cyclegan, "cycle_loss", poisoned)
+    cfg = load_config([], tiny(**{"train.steps": 20, "train.max_nonfinite_steps": 3, "checkpoint.every_steps": 2}))
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+        run(cfg)
+    saved = list_checkpoints(tmp_path / "run")
+    assert [step for step, _ in saved] == [2, 4]
+    state = load_checkpoint(saved[-1][1])
+    assert all(torch.isfinite(v).all() for net in state["nets"].values() for v in net.values())
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    assert main(["train.stepz=3"]) == 2
+    assert "did you mean 'train.steps'" in capsys.readouterr().err
+
+
+def test_cli_reports_missing_shards(tmp_path, capsys):
+    code = main([f"data.train_a={tmp_path}/none/*.tar", f"data.train_b={tmp_path}/none/*.tar",
+                 f"run_dir={tmp_path}/run", "tracking.enabled=false"])
+    assert code == 2
+    assert "matches no file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
