@@ -129,6 +129,8 @@ class CheckpointConfig:
     """Also keep checkpoints whose step is a multiple of this (0: none)."""
     resume: str = "auto"
     """auto (newest loadable checkpoint in run_dir, if any), never, or the path of a checkpoint file."""
+    init_from: str = ""
+    """Warm start of a new run: a reference folder with latest_net_G_A.pth etc. (optimisers start fresh)."""
 
 
 @dataclass

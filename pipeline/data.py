@@ -26,6 +26,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class Augment:
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB image -> float32 CHW tensor in [-1, 1]."""
-    array = np.asarray(img, dtype=np.uint8)
+    array = np.array(img, dtype=np.uint8)  # A writable copy: torch warns on read-only arrays.
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
@@ -120,7 +121,7 @@ def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int) -> Ite
         order = list(urls)
         rng.shuffle(order)
         produced = 0
-        for sample in wds.tarfile_to_samples({"url": url} for url in order):
+        for sample in tarfile_samples({"url": url} for url in order):
             produced += 1
             if len(buffer) < shuffle_buffer:
                 buffer.append(sample)
@@ -235,7 +236,7 @@ def held_out(pattern: str, count: int, size: int) -> tuple[list[str], torch.Tens
     Returns their keys and a (count, 3, size, size) tensor; fewer when the set is smaller.
     """
     keys, images = [], []
-    for sample in wds.tarfile_to_samples([{"url": url} for url in expand_pattern(pattern)]):
+    for sample in tarfile_samples([{"url": url} for url in expand_pattern(pattern)]):
         img = decode_image(sample).resize((size, size), Image.BICUBIC)
         keys.append(sample["__key__"])
         images.append(to_tensor(img))

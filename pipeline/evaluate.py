@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import torch
-import webdataset as wds
 from torch import nn
+from webdataset.tariterators import tarfile_samples
 
 from pipeline.data import DataError, decode_image, expand_pattern, to_tensor
 
 
 def _by_key(pattern: str, size: int) -> dict[str, torch.Tensor]:
     out = {}
-    for sample in wds.tarfile_to_samples([{"url": url} for url in expand_pattern(pattern)]):
+    for sample in tarfile_samples([{"url": url} for url in expand_pattern(pattern)]):
         out[sample["__key__"]] = to_tensor(decode_image(sample).resize((size, size)))
     return out
 

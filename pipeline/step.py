@@ -72,6 +72,8 @@ class TrainStep:
         self.check_finite = check_finite
         self.distributed = distributed
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        # Steps the GradScaler skipped for inf/NaN gradients, counted on the device (read at log time).
+        self.scaler_skips = torch.zeros((), device=device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -116,7 +118,13 @@ class TrainStep:
         if applied:
             self.scaler.step(self.opt_g)
             self.scaler.step(self.opt_d)
-            self.scaler.update()
+            if self.scaler.is_enabled():
+                # update() lowers the scale exactly when a gradient was inf/NaN and the step was skipped.
+                before = self.scaler._scale.clone()
+                self.scaler.update()
+                self.scaler_skips += (self.scaler._scale < before).float()
+            else:
+                self.scaler.update()
         else:
             self.pool_a.undo_last_query()
             self.pool_b.undo_last_query()

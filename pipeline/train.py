@@ -27,6 +27,7 @@ from pipeline.cyclegan import Discriminators, Generators, build_networks, build_
 from pipeline.data import DataError, held_out, train_loader
 from pipeline.evaluate import paired_l1
 from pipeline.image_pool import ImagePool
+from pipeline.interop import load_reference_dir
 from pipeline.optim import build_adam, lr_factor, set_lr
 from pipeline.preemption import EXIT_STOPPED, StopFlag
 from pipeline.recorder import make_recorder
@@ -157,6 +158,9 @@ def run(cfg: DictConfig) -> RunResult:
         step_fn.scaler.load_state_dict(state["scaler"])
         restore_rank(state, info.rank, info.world_size, pool_a, pool_b, device)
         log.info("resumed from %s (step %d)", path, start_step)
+    elif cfg.checkpoint.init_from:
+        loaded = load_reference_dir(cfg.checkpoint.init_from, nets)
+        log.info("initialised %s from reference weights in %s", ", ".join(loaded), cfg.checkpoint.init_from)
 
     run_id = resume[1].get("mlflow_run_id") or None if resume else None
     recorder = make_recorder(cfg, info, run_id)
@@ -229,7 +233,8 @@ def run(cfg: DictConfig) -> RunResult:
                     )
             if step % cfg.train.log_every_steps == 0 or step == total:
                 metrics = meter.collect()
-                metrics.update({"lr": lr, "images_seen": float(images_seen), "nonfinite_steps": float(nonfinite_total)})
+                metrics.update({"lr": lr, "images_seen": float(images_seen), "nonfinite_steps": float(nonfinite_total),
+                                "fp16_skipped_steps": step_fn.scaler_skips.item()})
                 metrics["perf/images_per_s"] = metrics["perf/steps_per_s"] * global_batch
                 recorder.log_metrics(metrics, step)
             if has_samples and (step % cfg.train.sample_every_steps == 0 or step == total):

@@ -3,10 +3,12 @@
 After every step all ranks' parameters are gathered and must be equal; rank 0 saves the parameter history and
 the first step's (averaged) gradients for the test to compare against a single-process reference.
 Usage: torchrun ... tests/ddp_worker.py OUT STEPS DTYPE [key=value ...]
+TEST_FAIL_AT=RANK:STEP makes that rank raise before that step (a rank that dies mid-run).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -38,10 +40,13 @@ def main(out: str, steps: int, dtype_name: str, overrides: list[str]) -> None:
     cfg = load_config([], overrides)
     parts = build_components(cfg, info, device)
     history, grads = [], {}
+    fail_rank, fail_step = (int(x) for x in os.environ.get("TEST_FAIL_AT", "-1:-1").split(":"))
     for step in range(steps):
+        if (info.rank, step) == (fail_rank, fail_step):
+            raise RuntimeError(f"injected failure on rank {info.rank} at step {step}")
         real_a, real_b = fixed_batch(info.rank, step, dtype)
         result = parts.step(real_a, real_b)
-        assert result.applied
+        assert result.applied and not result.stop
         flat = flat_params(parts)
         gathered = dist.gather_objects(flat)
         for rank, other in enumerate(gathered):

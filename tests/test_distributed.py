@@ -30,10 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], timeout: float = 180, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def torchrun(args: list[str], timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def run_workers(tmp_path, nproc: int, steps: int, dtype: str, overrides=TINY) -> dict:
@@ -125,3 +125,48 @@ def test_two_ranks_equal_one_process_batch_two_in_float64(tmp_path):
     assert worst < 1e-9, worst
     total = sum(g.abs().sum().item() for g in ref["grads"].values())
     assert total > 0
+
+
+def test_two_nodes_by_rendezvous_equal_two_processes_on_one_node(tmp_path):
+    steps = 3
+    one_node = run_workers(tmp_path, 2, steps, "float32")
+    port = free_port()
+    outs = [tmp_path / f"node{i}.pt" for i in range(2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    agents = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+             "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes",
+             str(ROOT / "tests" / "ddp_worker.py"), str(out), str(steps), "float32", *TINY],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for out in outs
+    ]
+    logs = [agent.communicate(timeout=180)[0] for agent in agents]
+    assert all(agent.returncode == 0 for agent in agents), "\n".join(log[-2000:] for log in logs)
+    written = [out for out in outs if out.exists()]
+    assert len(written) == 1  # Only global rank 0 writes, whichever agent it landed on.
+    two_nodes = torch.load(written[0], weights_only=True)
+    for got, want in zip(two_nodes["params"], one_node["params"]):
+        assert torch.equal(got, want)
+
+
+def test_eight_ranks_oversubscribed_stay_equal(tmp_path):
+    # The worker gathers all 8 ranks' parameters after every step and exits non-zero if any differs.
+    result = run_workers(tmp_path, 8, 2, "float32")
+    assert result["world_size"] == 8 and len(result["params"]) == 2
+
+
+def test_a_failing_rank_ends_the_job_with_its_reason(tmp_path):
+    import time
+
+    out = tmp_path / "never.pt"
+    t0 = time.monotonic()
+    proc = torchrun(["--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                     str(ROOT / "tests" / "ddp_worker.py"), str(out), "5", "float32", *TINY],
+                    timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                                      "TEST_FAIL_AT": "1:2"})
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 120
+    assert "injected failure on rank 1 at step 2" in proc.stderr
+    assert "rank" in proc.stderr and not out.exists()

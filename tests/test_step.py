@@ -1,0 +1,82 @@
+"""The training step in one process: mixed precision, GradScaler skips, agreed updates."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import load_config
+from pipeline.dist import DistInfo
+from pipeline.train import build_components
+
+TINY = ["model.generator=resnet_6blocks", "model.ngf=4", "model.ndf=4", "train.pool_size=2"]
+
+
+def batch(seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, size, size, generator=g) * 2 - 1, torch.rand(1, 3, size, size, generator=g) * 2 - 1
+
+
+def params(parts) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": p.detach().clone() for n, net in parts.nets.items() for k, p in net.named_parameters()}
+
+
+def components(*overrides: str):
+    cfg = load_config([], [*TINY, *overrides])
+    return build_components(cfg, DistInfo(), torch.device("cpu"))
+
+
+def test_fp16_gradscaler_skips_an_inf_gradient_and_leaves_no_nan():
+    parts = components("train.precision=fp16")
+    step = parts.step
+    for i in range(2):
+        assert step(*batch(i)).applied
+    before = params(parts)
+    weight = parts.gens.G_ab.model[1].weight
+    handle = weight.register_hook(lambda grad: grad * float("inf"))
+    result = step(*batch(2))
+    handle.remove()
+    after = params(parts)
+    assert step.scaler_skips.item() >= 1
+    # The generators' update was skipped; the discriminators' (finite gradients) was applied.
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("G_"))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("D_"))
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert all(torch.isfinite(v) for v in result.losses.values())
+    skips = step.scaler_skips.item()
+    for i in range(3, 6):
+        step(*batch(i))
+    assert all(torch.isfinite(v).all() for v in params(parts).values())
+    assert not torch.equal(params(parts)["G_ab.model.1.weight"], after["G_ab.model.1.weight"])
+    assert step.scaler_skips.item() >= skips
+
+
+def test_bf16_autocast_runs_and_learns():
+    parts = components("train.precision=bf16")
+    before = params(parts)
+    for i in range(2):
+        result = parts.step(*batch(i))
+        assert result.applied and all(torch.isfinite(v) for v in result.losses.values())
+    after = params(parts)
+    assert all(after[k].dtype == torch.float32 for k in after)  # parameters stay fp32 under autocast
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # Pool images are stored in fp32 even though the generators ran in bf16.
+    assert all(img.dtype == torch.float32 for img in parts.step.pool_a.images)
+
+
+def test_non_finite_loss_skips_the_whole_update_and_the_pool_change():
+    parts = components()
+    parts.step(*batch(0))
+    before = params(parts)
+    pool_before = parts.step.pool_b.state_dict()
+    real_a, real_b = batch(1)
+    real_a[0, 0, 0, 0] = float("nan")
+    result = parts.step(real_a, real_b)
+    assert not result.applied
+    assert all(torch.equal(before[k], v) for k, v in params(parts).items())
+    assert torch.equal(pool_before["images"], parts.step.pool_b.state_dict()["images"])
+
+
+def test_stop_request_is_reported_after_the_step():
+    parts = components()
+    result = parts.step(*batch(0), stop_requested=True)
+    assert result.applied and result.stop
