@@ -49,7 +49,7 @@ def scene(rng: random.Random, size: int) -> np.ndarray:
         x, y = rng.randint(-w // 3, size - 2 * w // 3), rng.randint(-h // 3, size - 2 * h // 3)
         shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
         shape((x, y, x + w, y + h), fill=_colour(rng))
-    return np.asarray(img)
+    return np.array(img)
 
 
 def make_synthetic(out: Path, train: int = 400, test: int = 32, size: int = 72, seed: int = 0) -> dict[str, int]:

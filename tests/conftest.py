@@ -37,10 +37,10 @@ def shards(tmp_path_factory, synthetic) -> dict[str, str]:
     return {split: str(root / "shards" / split / "*.tar") for split in ("trainA", "trainB", "testA", "testB")}
 
 
-def tiny_overrides(shards: dict[str, str], run_dir: Path, **extra) -> list[str]:
+def tiny_overrides(shards: dict[str, str], default_run_dir: Path, **extra) -> list[str]:
     """A model of a few thousand parameters on 32 px crops: a step takes milliseconds on CPU."""
     values = {
-        "run_dir": str(run_dir),
+        "run_dir": str(default_run_dir),
         "model.generator": "resnet_6blocks",
         "model.ngf": 4,
         "model.ndf": 4,
@@ -58,7 +58,7 @@ def tiny_overrides(shards: dict[str, str], run_dir: Path, **extra) -> list[str]:
         "train.sample_every_steps": 3,
         "train.sample_images": 2,
         "checkpoint.every_steps": 3,
-        "tracking.uri": f"sqlite:///{run_dir.parent / 'mlflow.db'}",
+        "tracking.uri": f"sqlite:///{default_run_dir.parent / 'mlflow.db'}",
         "tracking.experiment": "tests",
     }
     values.update(extra)

@@ -46,8 +46,9 @@ def run_workers(tmp_path, nproc: int, steps: int, dtype: str, overrides=TINY) ->
 
 def reference(steps: int, dtype: torch.dtype, world: int, batches) -> dict:
     """One process, written independently of TrainStep: per-rank G and D phases, gradients averaged in rank order."""
-    default = torch.get_default_dtype()
+    default, threads = torch.get_default_dtype(), torch.get_num_threads()
     torch.set_default_dtype(dtype)
+    torch.set_num_threads(1)  # As the workers (OMP_NUM_THREADS=1): kernels then sum in the same order.
     try:
         cfg = load_config([], TINY)
         torch.manual_seed(cfg.train.seed)
@@ -92,6 +93,7 @@ def reference(steps: int, dtype: torch.dtype, world: int, batches) -> dict:
         return {"params": history, "grads": first_grads}
     finally:
         torch.set_default_dtype(default)
+        torch.set_num_threads(threads)
 
 
 def test_two_ranks_equal_one_process_averaging_in_rank_order_bitwise(tmp_path):
