@@ -1,9 +1,12 @@
-"""Generators and discriminators of CycleGAN, module for module as the reference implementation.
+"""CycleGAN generators and discriminators with the reference implementation's exact module tree.
 
-The module tree (and so every state_dict key and shape) equals junyanz/pytorch-CycleGAN-and-pix2pix
-`models/networks.py`, so its `latest_net_G_A.pth` files load here with `load_state_dict(strict=True)`. That is
-why the attribute names (`model`, `conv_block`, `net`) and the placement of parameter-free layers (padding,
-activations, identity norms) are kept: they fix the indices in the keys. Plain modules: no distributed code.
+Every class here mirrors one of junyanz/pytorch-CycleGAN-and-pix2pix `models/networks.py`, module for module:
+the attribute names (`model`, `conv_block`, `net`) and the position of every layer, parameter-free ones
+included (padding, activations, `Identity` norms), fix the state_dict keys, so the reference's
+`latest_net_G_A.pth` files load here with `load_state_dict(strict=True)`. Layers are also constructed and
+initialised in the reference's order, so the same `torch.manual_seed` gives the same initial weights.
+
+Plain modules and builders only: no distributed code, no logging, no config.
 """
 
 from __future__ import annotations
@@ -20,64 +23,93 @@ DISCRIMINATOR_ARCHS = ("basic", "n_layers", "pixel")
 NORMS = ("instance", "batch", "none")
 INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
 
-NormFactory = Callable[[int], nn.Module]
+NormLayer = Callable[[int], nn.Module]
+"""Builds the norm layer for a number of channels."""
+
+_RESNET_BLOCKS = {"resnet_9blocks": 9, "resnet_6blocks": 6}
+_UNET_DOWNSAMPLINGS = {"unet_256": 8, "unet_128": 7}
 
 
-def _choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {kind} '{value}'; choose one of: {', '.join(choices)}")
+        raise ValueError(f"unknown {what} {value!r}; valid choices: {', '.join(choices)}")
 
 
-def norm_factory(norm: str) -> tuple[NormFactory, bool]:
-    """The norm layer constructor and whether convolutions in front of it carry a bias (the reference's rule).
+def _norm_layer(norm: str) -> tuple[NormLayer, bool]:
+    """The norm layer factory for `norm` and whether the convolutions in front of it carry a bias.
 
-    InstanceNorm without affine parameters and without running statistics, as in the reference: the networks
-    then have no buffers, and a conv bias in front of it is on (its true gradient is zero). The reference turns
-    the bias off for `none`, a quirk kept so that such files load.
+    The reference turns the bias on exactly when the norm is InstanceNorm (without affine parameters it has no
+    shift of its own); it is off for `batch` (BatchNorm's shift replaces it) and, as a quirk of its
+    `use_bias = norm_layer == InstanceNorm2d` test, also off for `none`. We keep that quirk so files trained
+    with `--norm none` load. InstanceNorm keeps no running statistics, so instance-norm nets have no buffers.
     """
-    _choice("norm", norm, NORMS)
+    _check_choice("norm", norm, NORMS)
     if norm == "instance":
         return functools.partial(nn.InstanceNorm2d, affine=False, track_running_stats=False), True
     if norm == "batch":
         return functools.partial(nn.BatchNorm2d, affine=True, track_running_stats=True), False
+    # A parameter-free placeholder keeps the layer indices (and so the keys) of the normalised variants.
     return (lambda channels: nn.Identity()), False
 
 
 def init_weights(net: nn.Module, init_type: str = "normal", init_gain: float = 0.02) -> nn.Module:
-    """Conv/Linear weights from `init_type` (biases 0); BatchNorm weights N(1, gain). Uses torch's global RNG."""
-    _choice("init type", init_type, INIT_TYPES)
+    """Initialise `net` in place as the reference does and return it.
+
+    Conv and Linear weights are drawn by `init_type` (normal: N(0, gain); xavier: xavier_normal with gain;
+    kaiming: kaiming_normal fan_in, gain unused; orthogonal: scaled by gain) and their biases set to 0;
+    BatchNorm2d weights are drawn from N(1, gain), biases 0. Draws come from torch's global RNG, module by
+    module in `nn.Module.apply` order, so `torch.manual_seed` makes them reproducible.
+
+    Args:
+        net: the network to initialise.
+        init_type: one of `INIT_TYPES`.
+        init_gain: standard deviation (normal) or gain (xavier, orthogonal).
+    """
+    _check_choice("init type", init_type, INIT_TYPES)
 
     def init_module(m: nn.Module) -> None:
+        # Matching on the class name, as the reference does, covers Conv{1,2,3}d, ConvTranspose* and Linear.
         name = type(m).__name__
         if hasattr(m, "weight") and ("Conv" in name or "Linear" in name):
             if init_type == "normal":
-                init.normal_(m.weight.data, 0.0, init_gain)
+                init.normal_(m.weight, 0.0, init_gain)
             elif init_type == "xavier":
-                init.xavier_normal_(m.weight.data, gain=init_gain)
+                init.xavier_normal_(m.weight, gain=init_gain)
             elif init_type == "kaiming":
-                init.kaiming_normal_(m.weight.data, a=0, mode="fan_in")
+                init.kaiming_normal_(m.weight, a=0, mode="fan_in")
             else:
-                init.orthogonal_(m.weight.data, gain=init_gain)
+                init.orthogonal_(m.weight, gain=init_gain)
             if getattr(m, "bias", None) is not None:
-                init.constant_(m.bias.data, 0.0)
+                init.constant_(m.bias, 0.0)
         elif "BatchNorm2d" in name:
-            init.normal_(m.weight.data, 1.0, init_gain)
-            init.constant_(m.bias.data, 0.0)
+            init.normal_(m.weight, 1.0, init_gain)
+            init.constant_(m.bias, 0.0)
 
     return net.apply(init_module)
 
 
 class ResnetBlock(nn.Module):
-    """x + conv_block(x): two reflection-padded 3x3 convolutions (Johnson et al.)."""
+    """`x + conv_block(x)`: two reflection-padded 3x3 convolutions at constant width (Johnson et al.).
 
-    def __init__(self, dim: int, norm: NormFactory, use_bias: bool, use_dropout: bool) -> None:
+    Reflection padding instead of zero padding avoids border artefacts in the translated image.
+    """
+
+    def __init__(self, dim: int, norm_layer: NormLayer, use_bias: bool, use_dropout: bool) -> None:
         super().__init__()
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, padding=0, bias=use_bias), norm(dim), nn.ReLU(True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, kernel_size=3, padding=0, bias=use_bias),
+            norm_layer(dim),
+            nn.ReLU(True),
         ]
         if use_dropout:
+            # As in the reference, this shifts the second convolution's key from conv_block.5 to conv_block.6.
             layers.append(nn.Dropout(0.5))
-        layers += [nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, padding=0, bias=use_bias), norm(dim)]
+        layers += [
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, kernel_size=3, padding=0, bias=use_bias),
+            norm_layer(dim),
+        ]
         self.conv_block = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -85,31 +117,54 @@ class ResnetBlock(nn.Module):
 
 
 class ResnetGenerator(nn.Module):
-    """c7s1-ngf, two stride-2 downsamplings, `n_blocks` residual blocks, two upsamplings, c7s1-3, tanh."""
+    """c7s1-ngf, two stride-2 3x3 downsamplings, `n_blocks` residual blocks at ngf*4, two transposed-conv
+    upsamplings, c7s1-out, tanh. Accepts any input whose height and width are divisible by 4.
 
-    def __init__(self, in_channels: int, out_channels: int, ngf: int, norm: str, use_dropout: bool,
-                 n_blocks: int) -> None:
+    Args:
+        in_channels: channels of the input image.
+        out_channels: channels of the output image.
+        ngf: filters of the first convolution; the bottleneck has 4 * ngf.
+        norm: one of `NORMS`.
+        use_dropout: dropout 0.5 inside each residual block (off for CycleGAN).
+        n_blocks: residual blocks (9 for 256x256 training, 6 for 128x128).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, ngf: int = 64, norm: str = "instance",
+                 use_dropout: bool = False, n_blocks: int = 9) -> None:
         super().__init__()
-        norm_layer, use_bias = norm_factory(norm)
+        if n_blocks < 0:
+            raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
+        norm_layer, use_bias = _norm_layer(norm)
+        n_downsampling = 2
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7, padding=0, bias=use_bias), norm_layer(ngf),
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(in_channels, ngf, kernel_size=7, padding=0, bias=use_bias),
+            norm_layer(ngf),
             nn.ReLU(True),
         ]
-        for i in range(2):
+        for i in range(n_downsampling):
             mult = 2**i
             layers += [
-                nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=use_bias),
-                norm_layer(ngf * mult * 2), nn.ReLU(True),
+                nn.Conv2d(ngf * mult, ngf * mult * 2, kernel_size=3, stride=2, padding=1, bias=use_bias),
+                norm_layer(ngf * mult * 2),
+                nn.ReLU(True),
             ]
-        layers += [ResnetBlock(ngf * 4, norm_layer, use_bias, use_dropout) for _ in range(n_blocks)]
-        for i in range(2):
-            mult = 2 ** (2 - i)
+        mult = 2**n_downsampling
+        layers += [ResnetBlock(ngf * mult, norm_layer, use_bias, use_dropout) for _ in range(n_blocks)]
+        for i in range(n_downsampling):
+            mult = 2 ** (n_downsampling - i)
             layers += [
-                nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1,
-                                   bias=use_bias),
-                norm_layer(ngf * mult // 2), nn.ReLU(True),
+                # output_padding=1 makes each upsampling exactly double the size, undoing a downsampling.
+                nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, kernel_size=3, stride=2, padding=1,
+                                   output_padding=1, bias=use_bias),
+                norm_layer(ngf * mult // 2),
+                nn.ReLU(True),
             ]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, 7, padding=0), nn.Tanh()]
+        layers += [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(ngf, out_channels, kernel_size=7, padding=0),  # Always biased: no norm follows.
+            nn.Tanh(),  # Images live in [-1, 1].
+        ]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -117,25 +172,37 @@ class ResnetGenerator(nn.Module):
 
 
 class UnetSkipConnectionBlock(nn.Module):
-    """One level of the U-Net: down, the inner levels, up, and the skip concatenation (pix2pix)."""
+    """One level of the pix2pix U-Net: downsample, the inner levels (`submodule`), upsample, and concatenate
+    the level's input to its output (the skip), except at the outermost level, which returns the image.
 
-    def __init__(self, outer_nc: int, inner_nc: int, norm: NormFactory, use_bias: bool, in_channels: int | None = None,
-                 submodule: nn.Module | None = None, outermost: bool = False, innermost: bool = False,
-                 use_dropout: bool = False) -> None:
+    The norm after the outermost downsampling and after the innermost one are left out, as in the reference;
+    the innermost output is 1x1, where InstanceNorm is undefined.
+    """
+
+    def __init__(self, outer_nc: int, inner_nc: int, norm_layer: NormLayer, use_bias: bool,
+                 input_nc: int | None = None, submodule: nn.Module | None = None, outermost: bool = False,
+                 innermost: bool = False, use_dropout: bool = False) -> None:
         super().__init__()
         self.outermost = outermost
-        in_channels = outer_nc if in_channels is None else in_channels
-        downconv = nn.Conv2d(in_channels, inner_nc, 4, stride=2, padding=1, bias=use_bias)
+        if input_nc is None:
+            input_nc = outer_nc
+        downconv = nn.Conv2d(input_nc, inner_nc, kernel_size=4, stride=2, padding=1, bias=use_bias)
+        layers: list[nn.Module]
         if outermost:
-            upconv = nn.ConvTranspose2d(inner_nc * 2, outer_nc, 4, stride=2, padding=1)
+            assert submodule is not None
+            # Always biased: tanh, not a norm, follows it.
+            upconv = nn.ConvTranspose2d(inner_nc * 2, outer_nc, kernel_size=4, stride=2, padding=1)
             layers = [downconv, submodule, nn.ReLU(True), upconv, nn.Tanh()]
         elif innermost:
-            upconv = nn.ConvTranspose2d(inner_nc, outer_nc, 4, stride=2, padding=1, bias=use_bias)
-            layers = [nn.LeakyReLU(0.2, True), downconv, nn.ReLU(True), upconv, norm(outer_nc)]
+            # No submodule, so no concatenation below: the up path sees inner_nc channels, not 2 * inner_nc.
+            upconv = nn.ConvTranspose2d(inner_nc, outer_nc, kernel_size=4, stride=2, padding=1, bias=use_bias)
+            layers = [nn.LeakyReLU(0.2, True), downconv, nn.ReLU(True), upconv, norm_layer(outer_nc)]
         else:
-            upconv = nn.ConvTranspose2d(inner_nc * 2, outer_nc, 4, stride=2, padding=1, bias=use_bias)
-            layers = [nn.LeakyReLU(0.2, True), downconv, norm(inner_nc), submodule, nn.ReLU(True), upconv,
-                      norm(outer_nc)]
+            assert submodule is not None
+            upconv = nn.ConvTranspose2d(inner_nc * 2, outer_nc, kernel_size=4, stride=2, padding=1,
+                                        bias=use_bias)
+            layers = [nn.LeakyReLU(0.2, True), downconv, norm_layer(inner_nc), submodule,
+                      nn.ReLU(True), upconv, norm_layer(outer_nc)]
             if use_dropout:
                 layers.append(nn.Dropout(0.5))
         self.model = nn.Sequential(*layers)
@@ -147,19 +214,33 @@ class UnetSkipConnectionBlock(nn.Module):
 
 
 class UnetGenerator(nn.Module):
-    """The pix2pix U-Net with `num_downs` downsamplings (8 for 256x256 inputs, 7 for 128x128)."""
+    """The pix2pix U-Net with `num_downs` stride-2 levels, built from the innermost level outwards.
 
-    def __init__(self, in_channels: int, out_channels: int, num_downs: int, ngf: int, norm: str,
-                 use_dropout: bool) -> None:
+    Input height and width must be divisible by 2**num_downs: 256 for num_downs=8 (`unet_256`), 128 for 7
+    (`unet_128`); the bottleneck is then 1x1. The nesting makes the keys `model.model.1.model.3....`.
+
+    Args:
+        in_channels: channels of the input image.
+        out_channels: channels of the output image.
+        num_downs: number of downsamplings (>= 5).
+        ngf: filters of the outermost level; inner levels have up to 8 * ngf.
+        norm: one of `NORMS`.
+        use_dropout: dropout 0.5 in the innermost ngf*8 levels (pix2pix's noise source; off for CycleGAN).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_downs: int, ngf: int = 64,
+                 norm: str = "instance", use_dropout: bool = False) -> None:
         super().__init__()
-        norm_layer, use_bias = norm_factory(norm)
+        if num_downs < 5:
+            raise ValueError(f"num_downs must be >= 5, got {num_downs}")
+        norm_layer, use_bias = _norm_layer(norm)
         block = UnetSkipConnectionBlock(ngf * 8, ngf * 8, norm_layer, use_bias, innermost=True)
         for _ in range(num_downs - 5):
             block = UnetSkipConnectionBlock(ngf * 8, ngf * 8, norm_layer, use_bias, submodule=block,
                                             use_dropout=use_dropout)
-        for outer, inner in ((ngf * 4, ngf * 8), (ngf * 2, ngf * 4), (ngf, ngf * 2)):
-            block = UnetSkipConnectionBlock(outer, inner, norm_layer, use_bias, submodule=block)
-        self.model = UnetSkipConnectionBlock(out_channels, ngf, norm_layer, use_bias, in_channels=in_channels,
+        for outer_nc, inner_nc in ((ngf * 4, ngf * 8), (ngf * 2, ngf * 4), (ngf, ngf * 2)):
+            block = UnetSkipConnectionBlock(outer_nc, inner_nc, norm_layer, use_bias, submodule=block)
+        self.model = UnetSkipConnectionBlock(out_channels, ngf, norm_layer, use_bias, input_nc=in_channels,
                                              submodule=block, outermost=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -167,21 +248,42 @@ class UnetGenerator(nn.Module):
 
 
 class NLayerDiscriminator(nn.Module):
-    """PatchGAN: `n_layers` stride-2 4x4 convolutions, one stride-1, then a 1-channel map (70x70 at n=3)."""
+    """PatchGAN: 4x4 convolutions, `n_layers` of them stride 2, one stride 1 and a 1-channel output conv.
 
-    def __init__(self, in_channels: int, ndf: int, n_layers: int, norm: str) -> None:
+    Each output value judges one input patch (70x70 for n_layers=3), so D scores texture and style locally;
+    the output map is 30x30 for a 256x256 input. No norm after the first convolution, as in the reference.
+
+    Args:
+        in_channels: channels of the judged image.
+        ndf: filters of the first convolution; later ones have up to 8 * ndf.
+        n_layers: stride-2 convolutions.
+        norm: one of `NORMS`.
+    """
+
+    def __init__(self, in_channels: int, ndf: int = 64, n_layers: int = 3, norm: str = "instance") -> None:
         super().__init__()
-        norm_layer, use_bias = norm_factory(norm)
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        if n_layers < 0:
+            raise ValueError(f"n_layers must be >= 0, got {n_layers}")
+        norm_layer, use_bias = _norm_layer(norm)
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, ndf, kernel_size=4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, True),
+        ]
         mult = 1
         for n in range(1, n_layers):
-            prev, mult = mult, min(2**n, 8)
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=2, padding=1, bias=use_bias),
-                       norm_layer(ndf * mult), nn.LeakyReLU(0.2, True)]
-        prev, mult = mult, min(2**n_layers, 8)
-        layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=1, padding=1, bias=use_bias),
-                   norm_layer(ndf * mult), nn.LeakyReLU(0.2, True)]
-        layers += [nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]
+            prev_mult, mult = mult, min(2**n, 8)
+            layers += [
+                nn.Conv2d(ndf * prev_mult, ndf * mult, kernel_size=4, stride=2, padding=1, bias=use_bias),
+                norm_layer(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        prev_mult, mult = mult, min(2**n_layers, 8)
+        layers += [
+            nn.Conv2d(ndf * prev_mult, ndf * mult, kernel_size=4, stride=1, padding=1, bias=use_bias),
+            norm_layer(ndf * mult),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf * mult, 1, kernel_size=4, stride=1, padding=1),  # Raw scores: the loss adds any sigmoid.
+        ]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -189,15 +291,22 @@ class NLayerDiscriminator(nn.Module):
 
 
 class PixelDiscriminator(nn.Module):
-    """1x1 PatchGAN: judges each pixel's colour alone."""
+    """1x1 PatchGAN: judges each pixel's colour on its own; the output map has the input's size.
 
-    def __init__(self, in_channels: int, ndf: int, norm: str) -> None:
+    Unlike NLayerDiscriminator, the reference gives its last convolution `bias=use_bias`, and names the
+    sequence `net`; both are kept.
+    """
+
+    def __init__(self, in_channels: int, ndf: int = 64, norm: str = "instance") -> None:
         super().__init__()
-        norm_layer, use_bias = norm_factory(norm)
+        norm_layer, use_bias = _norm_layer(norm)
         self.net = nn.Sequential(
-            nn.Conv2d(in_channels, ndf, 1), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(ndf, ndf * 2, 1, bias=use_bias), norm_layer(ndf * 2), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(ndf * 2, 1, 1, bias=use_bias),
+            nn.Conv2d(in_channels, ndf, kernel_size=1, stride=1, padding=0),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf, ndf * 2, kernel_size=1, stride=1, padding=0, bias=use_bias),
+            norm_layer(ndf * 2),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf * 2, 1, kernel_size=1, stride=1, padding=0, bias=use_bias),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -207,26 +316,61 @@ class PixelDiscriminator(nn.Module):
 def build_generator(arch: str, ngf: int = 64, norm: str = "instance", init_type: str = "normal",
                     init_gain: float = 0.02, use_dropout: bool = False, in_channels: int = 3,
                     out_channels: int = 3) -> nn.Module:
-    """A generator of the reference: resnet_9blocks, resnet_6blocks, unet_256 or unet_128, initialised."""
-    _choice("generator", arch, GENERATOR_ARCHS)
-    if arch.startswith("resnet"):
-        net: nn.Module = ResnetGenerator(in_channels, out_channels, ngf, norm, use_dropout,
-                                         n_blocks=9 if arch == "resnet_9blocks" else 6)
+    """An initialised generator, equal in structure to the reference's `define_G` (without its GPU wrapping).
+
+    Args:
+        arch: one of `GENERATOR_ARCHS`. resnet_* take inputs whose sides are divisible by 4; unet_256 needs
+            sides divisible by 256 and unet_128 by 128.
+        ngf: filters of the first convolution.
+        norm: one of `NORMS`.
+        init_type: one of `INIT_TYPES`.
+        init_gain: see `init_weights`.
+        use_dropout: dropout 0.5 as in the reference (off for CycleGAN).
+        in_channels: channels of the input image.
+        out_channels: channels of the output image.
+
+    Raises:
+        ValueError: for an unknown arch, norm or init_type, before anything is built.
+    """
+    _check_choice("generator arch", arch, GENERATOR_ARCHS)
+    _check_choice("norm", norm, NORMS)
+    _check_choice("init type", init_type, INIT_TYPES)
+    net: nn.Module
+    if arch in _RESNET_BLOCKS:
+        net = ResnetGenerator(in_channels, out_channels, ngf, norm, use_dropout, n_blocks=_RESNET_BLOCKS[arch])
     else:
-        net = UnetGenerator(in_channels, out_channels, 8 if arch == "unet_256" else 7, ngf, norm, use_dropout)
+        net = UnetGenerator(in_channels, out_channels, _UNET_DOWNSAMPLINGS[arch], ngf, norm, use_dropout)
     return init_weights(net, init_type, init_gain)
 
 
 def build_discriminator(arch: str, ndf: int = 64, n_layers: int = 3, norm: str = "instance",
                         init_type: str = "normal", init_gain: float = 0.02, in_channels: int = 3) -> nn.Module:
-    """A discriminator of the reference: basic (70x70 PatchGAN), n_layers (`n_layers` deep) or pixel."""
-    _choice("discriminator", arch, DISCRIMINATOR_ARCHS)
+    """An initialised discriminator, equal in structure to the reference's `define_D`.
+
+    Args:
+        arch: one of `DISCRIMINATOR_ARCHS`: basic (70x70 PatchGAN, always 3 layers), n_layers (a PatchGAN
+            with `n_layers` stride-2 layers) or pixel (1x1 PatchGAN).
+        ndf: filters of the first convolution.
+        n_layers: used by `n_layers` only, like the reference's `n_layers_D`.
+        norm: one of `NORMS`.
+        init_type: one of `INIT_TYPES`.
+        init_gain: see `init_weights`.
+        in_channels: channels of the judged image.
+
+    Raises:
+        ValueError: for an unknown arch, norm or init_type, before anything is built.
+    """
+    _check_choice("discriminator arch", arch, DISCRIMINATOR_ARCHS)
+    _check_choice("norm", norm, NORMS)
+    _check_choice("init type", init_type, INIT_TYPES)
+    net: nn.Module
     if arch == "pixel":
-        net: nn.Module = PixelDiscriminator(in_channels, ndf, norm)
+        net = PixelDiscriminator(in_channels, ndf, norm)
     else:
         net = NLayerDiscriminator(in_channels, ndf, 3 if arch == "basic" else n_layers, norm)
     return init_weights(net, init_type, init_gain)
 
 
 def count_parameters(module: nn.Module) -> int:
+    """Number of parameter values in `module` (shared parameters once), as the reference prints it."""
     return sum(p.numel() for p in module.parameters())

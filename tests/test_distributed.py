@@ -49,6 +49,7 @@ def reference(steps: int, dtype: torch.dtype, world: int, batches) -> dict:
     default, threads = torch.get_default_dtype(), torch.get_num_threads()
     torch.set_default_dtype(dtype)
     torch.set_num_threads(1)  # As the workers (OMP_NUM_THREADS=1): kernels then sum in the same order.
+    torch.set_flush_denormal(True)  # As build_components does on CPU.
     try:
         cfg = load_config([], TINY)
         torch.manual_seed(cfg.train.seed)

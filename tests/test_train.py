@@ -8,7 +8,7 @@ import mlflow
 import pytest
 import torch
 
-from pipeline.checkpoint import list_checkpoints, load_checkpoint
+from pipeline.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from pipeline.config import load_config
 from pipeline.train import NonFiniteLossError, main, run
 
@@ -106,3 +106,27 @@ def test_cli_reports_missing_shards(tmp_path, capsys):
     assert code == 2
     assert "matches no file" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_of_another_architecture_is_refused_by_name(tiny, tmp_path):
+    run(load_config([], tiny(**{"train.steps": 2, "checkpoint.every_steps": 2, "tracking.enabled": False})))
+    cfg = load_config([], tiny(**{"train.steps": 4, "model.ngf": 8, "tracking.enabled": False}))
+    with pytest.raises(CheckpointError, match=r"model.ngf: checkpoint 4, config 8"):
+        run(cfg)
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]  # nothing overwritten
+
+
+def test_reference_weights_initialise_a_new_run(tiny, tmp_path):
+    from pipeline.interop import export_reference
+    from pipeline.models import build_discriminator, build_generator
+
+    torch.manual_seed(9)
+    ref = {"G_ab": build_generator("resnet_6blocks", ngf=4), "G_ba": build_generator("resnet_6blocks", ngf=4),
+           "D_a": build_discriminator("basic", ndf=4), "D_b": build_discriminator("basic", ndf=4)}
+    export_reference(ref, tmp_path / "ref")
+    cfg = load_config([], tiny(**{"train.steps": 1, "checkpoint.init_from": str(tmp_path / "ref"),
+                                  "optim.lr": 0.0, "tracking.enabled": False}))
+    run(cfg)
+    state = load_checkpoint(tmp_path / "run" / "ckpt-000000001.pt")
+    for name, net in ref.items():
+        assert all(torch.equal(state["nets"][name][k], v) for k, v in net.state_dict().items())

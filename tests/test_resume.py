@@ -1,0 +1,137 @@
+"""Losing no work: signals, killed workers and new processes resume exactly (real processes, real files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+
+from pipeline.checkpoint import list_checkpoints, load_checkpoint
+from pipeline.preemption import EXIT_STOPPED
+
+from conftest import ROOT, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def train_cmd(nproc: int, overrides: list[str], *torchrun_args: str) -> list[str]:
+    if nproc == 0:
+        return [sys.executable, "-m", "pipeline.train", *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            *torchrun_args, "-m", "pipeline.train", *overrides]
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
+    t0 = time.monotonic()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def metric_steps(tmp_path, run_id: str, key: str) -> list[int]:
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def nets_equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(v, b["nets"][n][k]) for n, net in a["nets"].items() for k, v in net.items())
+
+
+@pytest.mark.parametrize("nproc", [0, 2], ids=["1-process", "2-ranks"])
+def test_new_process_resume_equals_a_straight_run_bitwise(shards, tmp_path, nproc):
+    common = {"train.steps": 8, "checkpoint.every_steps": 8, "data.workers": 1, "train.log_every_steps": 1}
+    straight = tiny_overrides(shards, tmp_path / "straight", **common)
+    chunked = tiny_overrides(shards, tmp_path / "chunked", **common, **{"train.stop_after_steps": 4})
+    assert subprocess.run(train_cmd(nproc, straight), env=env(), cwd=tmp_path, capture_output=True).returncode == 0
+    first = subprocess.run(train_cmd(nproc, chunked), env=env(), cwd=tmp_path, capture_output=True, text=True)
+    assert first.returncode == EXIT_STOPPED, first.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(tmp_path / "chunked")] == [4]
+    second = subprocess.run(train_cmd(nproc, chunked), env=env(), cwd=tmp_path, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    a = load_checkpoint(tmp_path / "straight" / "ckpt-000000008.pt")
+    b = load_checkpoint(tmp_path / "chunked" / "ckpt-000000008.pt")
+    assert nets_equal(a, b)
+    assert len(a["ranks"]) == len(b["ranks"]) == max(nproc, 1)
+    for ra, rb in zip(a["ranks"], b["ranks"]):
+        assert torch.equal(ra["pool_a"]["images"], rb["pool_a"]["images"])
+        assert torch.equal(ra["rng"]["torch"], rb["rng"]["torch"])
+    for key in ("opt_g", "opt_d"):
+        for pid, st in a[key]["state"].items():
+            assert torch.equal(st["exp_avg_sq"], b[key]["state"][pid]["exp_avg_sq"])
+    # Learning rate and losses logged by the two halves equal the straight run's, step for step.
+    lines = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("straight", "chunked")}
+    assert lines["straight"] == [{**x, **{k: v for k, v in y.items() if k.startswith("perf/")}}
+                                 for x, y in zip(lines["chunked"], lines["straight"])]
+    steps = metric_steps(tmp_path, b["mlflow_run_id"], "lr")
+    assert steps == list(range(1, 9))  # one continuous series: no gap, no duplicate
+    assert metric_steps(tmp_path, b["mlflow_run_id"], "loss/G_ab/cycle") == list(range(1, 9))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_mid_run_writes_a_checkpoint_and_resume_finishes(shards, tmp_path, sig):
+    overrides = tiny_overrides(shards, tmp_path / "run", **{"train.steps": 300, "checkpoint.every_steps": 1000,
+                                                            "train.log_every_steps": 1})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    proc = subprocess.Popen(train_cmd(0, overrides), env=env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 60, "three steps", proc)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == EXIT_STOPPED
+    log = proc.stderr.read()
+    assert f"received {signal.Signals(sig).name}" in log
+    (step, path), = list_checkpoints(tmp_path / "run")
+    assert 3 <= step < 300 and load_checkpoint(path)["step"] == step
+    done = subprocess.run(train_cmd(0, overrides), env=env(), cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming at step {step}" in done.stderr
+    assert list_checkpoints(tmp_path / "run")[-1][0] == 300
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 301))
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_job_completes(shards, tmp_path):
+    total = 200
+    overrides = tiny_overrides(shards, tmp_path / "run", **{"train.steps": total, "checkpoint.every_steps": 20,
+                                                            "train.log_every_steps": 5})
+    proc = subprocess.Popen(train_cmd(2, overrides, "--max-restarts=1"), env=env(), cwd=tmp_path,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(list_checkpoints(tmp_path / "run")) >= 1, 120, "a first checkpoint", proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    _, log = proc.communicate(timeout=240)
+    assert proc.returncode == 0, log[-3000:]
+    assert "resumed from" in log
+    final = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])
+    assert final["step"] == total and final["images_seen"] == 2 * total
+    steps = metric_steps(tmp_path, final["mlflow_run_id"], "lr")
+    assert steps == list(range(5, total + 1, 5))  # the restart re-ran steps, but logged each once
+
+
+def test_world_size_change_resumes_with_a_warning(shards, tmp_path):
+    overrides = tiny_overrides(shards, tmp_path / "run", **{"train.steps": 6, "checkpoint.every_steps": 3,
+                                                            "train.stop_after_steps": 3})
+    first = subprocess.run(train_cmd(2, overrides), env=env(), cwd=tmp_path, capture_output=True, text=True)
+    assert first.returncode == EXIT_STOPPED, first.stderr[-3000:]
+    finish = [o for o in overrides if not o.startswith("train.stop_after_steps")]
+    second = subprocess.run(train_cmd(0, finish), env=env(), cwd=tmp_path, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "written by 2 ranks, this run has 1" in second.stderr
+    final = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])
+    assert final["step"] == 6 and final["world_size"] == 1 and final["images_seen"] == 2 * 3 + 3
