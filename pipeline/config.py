@@ -105,6 +105,12 @@ class TrainConfig:
     """Arithmetic of the forward passes: fp32, bf16 (autocast) or fp16 (autocast + GradScaler)."""
     device: str = "auto"
     """auto (CUDA when available), cpu or cuda."""
+    channels_last: bool = False
+    """NHWC activations (tensor cores like them; on CPU InstanceNorm copies layouts and it is slower)."""
+    compile: bool = False
+    """torch.compile each network in place (state_dict keys unchanged)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (inductor; aot_eager or eager to check tracing without code generation)."""
     pool_size: int = 50
     """Past fakes kept per discriminator and rank for the D step; 0 disables the history."""
     log_every_steps: int = 100

@@ -282,7 +282,8 @@ class NLayerDiscriminator(nn.Module):
             nn.Conv2d(ndf * prev_mult, ndf * mult, kernel_size=4, stride=1, padding=1, bias=use_bias),
             norm_layer(ndf * mult),
             nn.LeakyReLU(0.2, True),
-            nn.Conv2d(ndf * mult, 1, kernel_size=4, stride=1, padding=1),  # Raw scores: the loss adds any sigmoid.
+            # Raw scores: the loss applies any sigmoid.
+            nn.Conv2d(ndf * mult, 1, kernel_size=4, stride=1, padding=1),
         ]
         self.model = nn.Sequential(*layers)
 
@@ -337,14 +338,15 @@ def build_generator(arch: str, ngf: int = 64, norm: str = "instance", init_type:
     _check_choice("init type", init_type, INIT_TYPES)
     net: nn.Module
     if arch in _RESNET_BLOCKS:
-        net = ResnetGenerator(in_channels, out_channels, ngf, norm, use_dropout, n_blocks=_RESNET_BLOCKS[arch])
+        net = ResnetGenerator(in_channels, out_channels, ngf, norm, use_dropout, _RESNET_BLOCKS[arch])
     else:
         net = UnetGenerator(in_channels, out_channels, _UNET_DOWNSAMPLINGS[arch], ngf, norm, use_dropout)
     return init_weights(net, init_type, init_gain)
 
 
 def build_discriminator(arch: str, ndf: int = 64, n_layers: int = 3, norm: str = "instance",
-                        init_type: str = "normal", init_gain: float = 0.02, in_channels: int = 3) -> nn.Module:
+                        init_type: str = "normal", init_gain: float = 0.02,
+                        in_channels: int = 3) -> nn.Module:
     """An initialised discriminator, equal in structure to the reference's `define_D`.
 
     Args:

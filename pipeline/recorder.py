@@ -64,10 +64,15 @@ class Recorder(NullRecorder):
         self._t0 = time.perf_counter()
         self._start_step = 0
         self._total = 0
+        self._logged_through = 0
 
     def start(self, start_step: int, total_steps: int) -> None:
         self._start_step, self._total = start_step, total_steps
         self._t0 = time.perf_counter()
+        if start_step:
+            # After a crash, the steps since the last checkpoint run again and log again. Resume is exact, so
+            # their values equal what was logged: skip them to keep one duplicate-free series per metric.
+            self._logged_through = max(self._last_step_in_file(), self.tracker.last_step("lr"))
         if start_step == 0:
             self.tracker.log_params(flatten(self.cfg))
             self.tracker.log_artifact(self.run_dir / "config.yaml")
@@ -86,7 +91,13 @@ class Recorder(NullRecorder):
         log.info("%s: %d steps to go, run directory %s, MLflow run %s", where, total_steps - start_step,
                  self.run_dir, self.tracker.run_id)
 
+    def _last_step_in_file(self) -> int:
+        lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self._logged_through:
+            return
         self._metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
         self._metrics_file.flush()
         self.tracker.log_metrics(metrics, step)
@@ -103,7 +114,8 @@ class Recorder(NullRecorder):
         path = self.run_dir / "samples" / f"step-{step:09d}.png"
         path.parent.mkdir(exist_ok=True)
         Image.fromarray(grid).save(path)
-        self.tracker.log_image(grid, key="samples", step=step)
+        if step > self._logged_through:
+            self.tracker.log_image(grid, key="samples", step=step)
 
     def save_checkpoint(self, state: dict[str, Any], step: int, final: bool = False) -> None:
         try:

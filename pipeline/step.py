@@ -62,6 +62,7 @@ class TrainStep:
         precision: str = "fp32",
         check_finite: bool = True,
         distributed: bool = False,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         self.gens, self.discs, self.discs_module = gens, discs, discs_module
         self.objective = objective
@@ -71,6 +72,7 @@ class TrainStep:
         self.precision = precision
         self.check_finite = check_finite
         self.distributed = distributed
+        self.memory_format = memory_format
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         # Steps the GradScaler skipped for inf/NaN gradients, counted on the device (read at log time).
         self.scaler_skips = torch.zeros((), device=device)
@@ -84,6 +86,8 @@ class TrainStep:
         """One step on this rank's batch; `stop_requested` is this rank's wish to stop after it."""
         D = self.discs_module
         scale = self.scaler.scale
+        real_a = real_a.contiguous(memory_format=self.memory_format)
+        real_b = real_b.contiguous(memory_format=self.memory_format)
 
         # G phase: D frozen and called unwrapped, so its DDP wrapper never marks parameters unused.
         set_requires_grad(D, False)

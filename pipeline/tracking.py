@@ -36,6 +36,10 @@ class NullTracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
+    def last_step(self, key: str) -> int:
+        """The highest step at which `key` was logged in this run (0 if never)."""
+        return 0
+
 
 class MLflowTracker(NullTracker):
     """An MLflow run: created, or continued when `run_id` names an earlier one (a resume)."""
@@ -93,6 +97,13 @@ class MLflowTracker(NullTracker):
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._guard(f"artifact {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def last_step(self, key: str) -> int:
+        try:
+            return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+        except Exception as err:  # noqa: BLE001
+            log.warning("MLflow: could not read the history of %s (%s); steps may repeat", key, err)
+            return 0
 
     def finish(self, status: str = "FINISHED") -> None:
         self._guard(f"run status {status}", self.client.set_terminated, self.run_id, status)

@@ -110,8 +110,15 @@ def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device)
         torch.set_flush_denormal(True)
     torch.manual_seed(cfg.train.seed)
     gens, discs = build_networks(cfg.model)
-    gens.to(device)
-    discs.to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    gens.to(device, memory_format=memory_format)
+    discs.to(device, memory_format=memory_format)
+    if cfg.train.compile:
+        # D is called with and without requires_grad and on pooled inputs: each is a recompile (guards), so
+        # the default limit of 8 is hit and dynamo silently falls back to eager. Raise it.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for net in (gens.G_ab, gens.G_ba, discs.D_a, discs.D_b):
+            net.compile(backend=cfg.train.compile_backend)
     opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
     opt_d = build_adam(discs.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
     pool_seed = cfg.train.seed * 1000 + info.rank
@@ -125,7 +132,7 @@ def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device)
         gens_call, discs_call = gens, discs
     step = TrainStep(gens_call, discs_call, discs, build_objective(cfg.loss), opt_g, opt_d, pool_a, pool_b,
                      device, cfg.train.precision, check_finite=cfg.train.max_nonfinite_steps > 0,
-                     distributed=info.world_size > 1)
+                     distributed=info.world_size > 1, memory_format=memory_format)
     return Components(gens, discs, step)
 
 

@@ -1,128 +1,254 @@
-"""Networks equal the reference implementation: parameter counts, state_dict keys and shapes, output sizes."""
+"""The networks equal the reference implementation's: parameter counts, state_dict keys and shapes, output
+sizes, norm and init behaviour, and strict round trips of saved weights."""
+
+import functools
+import math
 
 import pytest
 import torch
+from torch import nn
 
 from pipeline.models import (
     DISCRIMINATOR_ARCHS,
     GENERATOR_ARCHS,
     INIT_TYPES,
+    NORMS,
     build_discriminator,
     build_generator,
     count_parameters,
 )
 
+# Parameter counts of the reference code (junyanz/pytorch-CycleGAN-and-pix2pix) at ngf = ndf = 64.
 REFERENCE_COUNTS = {
-    ("G", "resnet_9blocks"): 11_378_179,
-    ("G", "resnet_6blocks"): 7_837_699,
-    ("G", "unet_256"): 54_409_603,
-    ("G", "unet_128"): 41_825_667,
-    ("D", "basic"): 2_764_737,
-    ("D", "n_layers4"): 6_959_553,
-    ("D", "pixel"): 8_705,
+    ("G", "resnet_9blocks", "instance"): 11_378_179,
+    ("G", "resnet_6blocks", "instance"): 7_837_699,
+    ("G", "unet_256", "instance"): 54_409_603,
+    ("G", "unet_128", "instance"): 41_825_667,
+    ("D", "basic", "instance"): 2_764_737,
+    ("D", "n_layers4", "instance"): 6_959_553,
+    ("D", "pixel", "instance"): 8_705,
+    # Batch norm drops the biases in front of norms and adds BatchNorm's weight and bias; none drops them.
+    ("G", "resnet_9blocks", "batch"): 11_383_427,
+    ("G", "resnet_9blocks", "none"): 11_372_931,
+    ("G", "unet_128", "batch"): 41_828_995,
+    ("D", "basic", "batch"): 2_765_633,
+    ("D", "basic", "none"): 2_763_841,
+    ("D", "pixel", "none"): 8_576,
 }
 
 
-def build(kind, arch, **kw):
+def build(kind: str, arch: str, **kwargs) -> nn.Module:
     if kind == "G":
-        return build_generator(arch, **kw)
+        return build_generator(arch, **kwargs)
     if arch == "n_layers4":
-        return build_discriminator("n_layers", n_layers=4, **kw)
-    return build_discriminator(arch, **kw)
+        return build_discriminator("n_layers", n_layers=4, **kwargs)
+    return build_discriminator(arch, **kwargs)
 
 
-@pytest.mark.parametrize("kind,arch", list(REFERENCE_COUNTS))
-def test_parameter_counts_equal_the_reference(kind, arch):
-    assert count_parameters(build(kind, arch)) == REFERENCE_COUNTS[(kind, arch)]
+@functools.cache
+def default_net(kind: str, arch: str) -> nn.Module:
+    """Full-size nets at the reference defaults, built once per session (the U-Nets are ~50 M parameters)."""
+    torch.manual_seed(0)
+    return build(kind, arch)
 
 
-def test_resnet_keys_are_the_references():
-    state = build_generator("resnet_9blocks").state_dict()
-    # 3 convs + 2 transposed convs + 9 blocks x 2 convs + final conv, each with weight and bias.
-    assert len(state) == 2 * (3 + 2 + 18 + 1)
+def conv_pattern_keys(indices, suffixes=("weight", "bias")) -> set[str]:
+    return {f"{i}.{s}" for i in indices for s in suffixes}
+
+
+@pytest.mark.parametrize("kind,arch,norm", list(REFERENCE_COUNTS))
+def test_parameter_counts_equal_the_reference(kind, arch, norm):
+    net = default_net(kind, arch) if norm == "instance" else build(kind, arch, norm=norm)
+    assert count_parameters(net) == REFERENCE_COUNTS[(kind, arch, norm)]
+
+
+def test_resnet_9blocks_keys_and_shapes_are_the_references():
+    state = default_net("G", "resnet_9blocks").state_dict()
+    # Conv at 1, downsamplings at 4 and 7, blocks at 10..18 (convs at conv_block.1 and .5), transposed convs
+    # at 19 and 22, final conv at 26; parameter-free pads, norms and activations take the indices between.
+    expected = conv_pattern_keys(["model.1", "model.4", "model.7", "model.19", "model.22", "model.26"])
+    expected |= conv_pattern_keys([f"model.{b}.conv_block.{c}" for b in range(10, 19) for c in (1, 5)])
+    assert set(state) == expected and len(state) == 48
     assert state["model.1.weight"].shape == (64, 3, 7, 7)
     assert state["model.4.weight"].shape == (128, 64, 3, 3)
+    assert state["model.7.weight"].shape == (256, 128, 3, 3)
     assert state["model.10.conv_block.1.weight"].shape == (256, 256, 3, 3)
     assert state["model.18.conv_block.5.bias"].shape == (256,)
-    assert state["model.19.weight"].shape == (256, 128, 3, 3)  # ConvTranspose: (in, out, k, k)
+    assert state["model.19.weight"].shape == (256, 128, 3, 3)  # ConvTranspose2d weights are (in, out, k, k).
+    assert state["model.22.weight"].shape == (128, 64, 3, 3)
     assert state["model.26.weight"].shape == (3, 64, 7, 7) and state["model.26.bias"].shape == (3,)
-    six = build_generator("resnet_6blocks").state_dict()
-    assert "model.23.bias" in six and "model.26.bias" not in six
+
+
+def test_resnet_6blocks_keys_are_the_references():
+    state = default_net("G", "resnet_6blocks").state_dict()
+    expected = conv_pattern_keys(["model.1", "model.4", "model.7", "model.16", "model.19", "model.23"])
+    expected |= conv_pattern_keys([f"model.{b}.conv_block.{c}" for b in range(10, 16) for c in (1, 5)])
+    assert set(state) == expected
+    assert state["model.23.weight"].shape == (3, 64, 7, 7)
 
 
 def test_discriminator_keys_are_the_references():
-    keys = set(build_discriminator("basic").state_dict())
-    assert keys == {f"model.{i}.{p}" for i in (0, 2, 5, 8, 11) for p in ("weight", "bias")}
-    assert set(build_discriminator("pixel").state_dict()) == {f"net.{i}.{p}" for i in (0, 2, 5)
-                                                              for p in ("weight", "bias")}
+    basic = default_net("D", "basic").state_dict()
+    assert set(basic) == conv_pattern_keys([f"model.{i}" for i in (0, 2, 5, 8, 11)])
+    assert basic["model.0.weight"].shape == (64, 3, 4, 4)
+    assert basic["model.8.weight"].shape == (512, 256, 4, 4)
+    assert basic["model.11.weight"].shape == (1, 512, 4, 4)
+    deeper = default_net("D", "n_layers4").state_dict()
+    assert set(deeper) == conv_pattern_keys([f"model.{i}" for i in (0, 2, 5, 8, 11, 14)])
+    assert deeper["model.11.weight"].shape == (512, 512, 4, 4)
+    pixel = default_net("D", "pixel").state_dict()
+    assert set(pixel) == conv_pattern_keys([f"net.{i}" for i in (0, 2, 5)])
+    assert pixel["net.5.weight"].shape == (1, 128, 1, 1)
 
 
-def test_unet_keys_are_the_references():
-    state = build_generator("unet_256").state_dict()
+def test_unet_keys_and_shapes_are_the_references():
+    state = default_net("G", "unet_256").state_dict()
+    assert all(k.startswith("model.model.") for k in state) and len(state) == 32  # 8 levels x 2 convs x 2.
+    # Outermost level: [downconv, submodule, relu, upconv, tanh].
     assert state["model.model.0.weight"].shape == (64, 3, 4, 4)
-    assert state["model.model.3.weight"].shape == (128, 3, 4, 4)  # outermost ConvTranspose
+    assert state["model.model.3.weight"].shape == (128, 3, 4, 4) and state["model.model.3.bias"].shape == (3,)
+    # Middle levels: [lrelu, downconv, norm, submodule, relu, upconv, norm], so the next level sits at .3.
     assert state["model.model.1.model.1.weight"].shape == (128, 64, 4, 4)
-    assert "model.model.1.model.3.model.3.model.3.model.3.model.3.model.3.model.1.weight" in state  # innermost
+    assert state["model.model.1.model.5.weight"].shape == (256, 64, 4, 4)
+    assert "model.model.1.model.3.model.1.weight" in state
+    assert "model.model.1.model.3.weight" not in state  # .3 is a submodule, not a layer.
+    # Innermost level (the 8th): [lrelu, downconv, relu, upconv, norm].
+    innermost = "model.model.1" + ".model.3" * 6
+    assert state[innermost + ".model.1.weight"].shape == (512, 512, 4, 4)
+    assert state[innermost + ".model.3.weight"].shape == (512, 512, 4, 4)
+    assert len(default_net("G", "unet_128").state_dict()) == 28
 
 
-def test_d_output_is_30x30_at_256_and_14x14_at_128():
-    D = build_discriminator("basic", ndf=8)
+def test_dropout_shifts_keys_as_in_the_reference():
+    net = build_generator("resnet_6blocks", ngf=8, use_dropout=True)
+    assert "model.10.conv_block.6.weight" in net.state_dict()
+    unet = build_generator("unet_128", ngf=8, use_dropout=True)
+    assert any(isinstance(m, nn.Dropout) for m in unet.modules())
+    assert count_parameters(net) == count_parameters(build_generator("resnet_6blocks", ngf=8))
+
+
+def test_patchgan_output_is_30x30_at_256_and_14x14_at_128():
+    D = default_net("D", "basic")
     with torch.no_grad():
-        assert D(torch.zeros(1, 3, 256, 256)).shape == (1, 1, 30, 30)
-        assert D(torch.zeros(1, 3, 128, 128)).shape == (1, 1, 14, 14)
-        assert build_discriminator("pixel", ndf=8)(torch.zeros(1, 3, 16, 16)).shape == (1, 1, 16, 16)
+        assert D(torch.randn(1, 3, 256, 256)).shape == (1, 1, 30, 30)
+        assert D(torch.randn(1, 3, 128, 128)).shape == (1, 1, 14, 14)
+        assert default_net("D", "pixel")(torch.randn(1, 3, 16, 16)).shape == (1, 1, 16, 16)
 
 
-@pytest.mark.parametrize("arch,size", [("resnet_9blocks", 64), ("resnet_6blocks", 44), ("unet_128", 128)])
-def test_generator_output_matches_input_and_lies_in_range(arch, size):
-    G = build_generator(arch, ngf=8)
+@pytest.mark.parametrize("arch,size", [("resnet_9blocks", 64), ("resnet_6blocks", 44), ("unet_256", 256),
+                                       ("unet_128", 128)])
+def test_generator_output_has_the_input_shape_and_lies_in_range(arch, size):
+    G = default_net("G", arch)
     with torch.no_grad():
-        y = G(torch.randn(2, 3, size, size))
-    assert y.shape == (2, 3, size, size) and y.abs().max() <= 1.0
+        y = G(torch.randn(1, 3, size, size))
+    assert y.shape == (1, 3, size, size)
+    assert y.abs().max() <= 1.0 and y.std() > 0
 
 
-def test_state_dict_round_trip_strict(tmp_path):
-    torch.manual_seed(0)
-    G = build_generator("resnet_6blocks", ngf=8)
-    torch.save(G.state_dict(), tmp_path / "latest_net_G_A.pth")
-    H = build_generator("resnet_6blocks", ngf=8)
-    H.load_state_dict(torch.load(tmp_path / "latest_net_G_A.pth", weights_only=True), strict=True)
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(G(x), H(x))
-
-
-def test_norms_buffers_and_bias_rule():
-    assert not list(build_generator("resnet_6blocks", ngf=8).buffers())  # instance norm has no statistics
-    assert list(build_generator("resnet_6blocks", ngf=8, norm="batch").buffers())
-    # Bias in front of InstanceNorm, none in front of BatchNorm (the reference's use_bias rule).
-    assert build_generator("resnet_6blocks", ngf=8).model[1].bias is not None
-    assert build_generator("resnet_6blocks", ngf=8, norm="batch").model[1].bias is None
-
-
-def test_init_types():
-    torch.manual_seed(0)
-    D = build_discriminator("basic")
-    weight = D.model[8].weight
-    assert abs(weight.std().item() - 0.02) < 0.001 and D.model[8].bias.abs().sum() == 0
-    for init_type in INIT_TYPES:
-        build_discriminator("basic", ndf=8, init_type=init_type)
+@pytest.mark.parametrize("kind,arch,kwargs,size", [
+    ("G", "resnet_9blocks", {}, 32),  # A reference-size file: ~45 MB.
+    ("G", "unet_128", {"ngf": 8, "norm": "batch"}, 128),  # Buffers travel too.
+    ("D", "basic", {"norm": "none"}, 64),
+    ("D", "pixel", {}, 16),
+])
+def test_saved_state_dict_loads_strictly_and_gives_identical_outputs(tmp_path, kind, arch, kwargs, size):
     torch.manual_seed(1)
-    a = build_generator("resnet_6blocks", ngf=8).state_dict()
-    torch.manual_seed(1)
-    b = build_generator("resnet_6blocks", ngf=8).state_dict()
+    net = build(kind, arch, **kwargs)
+    torch.save(net.state_dict(), tmp_path / "latest_net_G_A.pth")
+    torch.manual_seed(2)
+    fresh = build(kind, arch, **kwargs)
+    assert not torch.equal(next(fresh.parameters()), next(net.parameters()))
+    fresh.load_state_dict(torch.load(tmp_path / "latest_net_G_A.pth", weights_only=True), strict=True)
+    net.eval()
+    fresh.eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(net(x), fresh(x))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_norms_buffers_and_the_references_bias_rule(norm):
+    G = build_generator("resnet_6blocks", ngf=8, norm=norm)
+    D = build_discriminator("basic", ndf=8, norm=norm)
+    has_buffers = norm == "batch"  # InstanceNorm keeps no running statistics.
+    assert bool(list(G.buffers())) == has_buffers and bool(list(D.buffers())) == has_buffers
+    # Convolutions in front of a norm are biased only for instance norm (off for 'none', as in the reference).
+    assert (G.model[1].bias is not None) == (norm == "instance")
+    assert (G.model[10].conv_block[5].bias is not None) == (norm == "instance")
+    assert (D.model[2].bias is not None) == (norm == "instance")
+    # Layers followed by no norm are always biased.
+    assert G.model[23].bias is not None and D.model[0].bias is not None and D.model[11].bias is not None
+    norms = [m for m in G.modules() if isinstance(m, (nn.InstanceNorm2d, nn.BatchNorm2d))]
+    assert len(norms) == {"instance": 17, "batch": 17, "none": 0}[norm]
+
+
+def test_instance_norm_has_no_affine_parameters_and_batch_norm_tracks_statistics():
+    inorm = next(m for m in build_generator("resnet_6blocks", ngf=8).modules()
+                 if isinstance(m, nn.InstanceNorm2d))
+    assert not inorm.affine and not inorm.track_running_stats
+    bnorm = next(m for m in build_generator("resnet_6blocks", ngf=8, norm="batch").modules()
+                 if isinstance(m, nn.BatchNorm2d))
+    assert bnorm.affine and bnorm.track_running_stats
+
+
+@pytest.mark.parametrize("init_type", INIT_TYPES)
+def test_init_types_draw_the_references_distributions(init_type):
+    torch.manual_seed(0)
+    D = build_discriminator("basic", init_type=init_type)
+    w = D.model[8].weight.detach()  # (512, 256, 4, 4): fan_in 4096, fan_out 8192; 2 M values.
+    fan_in, fan_out = 256 * 16, 512 * 16
+    expected_std = {
+        "normal": 0.02,
+        "xavier": 0.02 * math.sqrt(2.0 / (fan_in + fan_out)),
+        "kaiming": math.sqrt(2.0 / fan_in),  # The reference ignores the gain here.
+        "orthogonal": 0.02 / math.sqrt(fan_in),
+    }[init_type]
+    assert w.std().item() == pytest.approx(expected_std, rel=0.01)
+    assert abs(w.mean().item()) < 0.01 * expected_std
+    if init_type == "orthogonal":
+        rows = w.flatten(1)
+        assert torch.allclose(rows @ rows.T, 0.02**2 * torch.eye(512), atol=1e-6)
+    assert all(D.model[i].bias.abs().sum() == 0 for i in (0, 2, 5, 8, 11))
+    # BatchNorm weights are N(1, gain), biases 0; every generator builds with every init.
+    G = build_generator("resnet_6blocks", ngf=8, norm="batch", init_type=init_type)
+    bn = G.model[2]
+    assert bn.weight.mean().item() == pytest.approx(1.0, abs=0.03) and bn.bias.abs().sum() == 0
+    assert build_generator("unet_128", ngf=8, init_type=init_type) is not None
+
+
+def test_init_is_reproducible_from_torchs_global_seed():
+    def snapshot(seed):
+        torch.manual_seed(seed)
+        return build_generator("resnet_6blocks", ngf=8).state_dict()
+
+    a, b, c = snapshot(1), snapshot(1), snapshot(2)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.1.weight"], c["model.1.weight"])
 
 
-@pytest.mark.parametrize("fn,arg,bad", [(build_generator, "arch", "resnet_7blocks"),
-                                        (build_discriminator, "arch", "patch"),
-                                        (build_generator, "norm", "layer"),
-                                        (build_generator, "init_type", "uniform")])
-def test_unknown_choices_are_named(fn, arg, bad):
-    kwargs = {"arch": GENERATOR_ARCHS[1] if fn is build_generator else DISCRIMINATOR_ARCHS[0]}
-    kwargs[arg] = bad
-    with pytest.raises(ValueError, match=bad):
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    G = build_generator("resnet_6blocks", ngf=4)
+    D = build_discriminator("basic", ndf=4)
+    D(G(torch.randn(2, 3, 32, 32))).square().mean().backward()
+    for net in (G, D):
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("fn,kwargs,bad", [
+    (build_generator, {"arch": "resnet_7blocks"}, "resnet_7blocks"),
+    (build_discriminator, {"arch": "patch"}, "patch"),
+    (build_generator, {"arch": "resnet_9blocks", "norm": "layer"}, "layer"),
+    (build_discriminator, {"arch": "basic", "norm": "group"}, "group"),
+    (build_generator, {"arch": "unet_256", "init_type": "uniform"}, "uniform"),
+    (build_discriminator, {"arch": "pixel", "init_type": "he"}, "he"),
+])
+def test_unknown_choices_raise_value_error_naming_them(fn, kwargs, bad):
+    with pytest.raises(ValueError, match=f"'{bad}'") as info:
         fn(**kwargs)
+    valid = {"arch": GENERATOR_ARCHS if fn is build_generator else DISCRIMINATOR_ARCHS, "norm": NORMS,
+             "init_type": INIT_TYPES}[next(k for k, v in kwargs.items() if v == bad)]
+    assert all(choice in str(info.value) for choice in valid)
 
 
 def test_a_tiny_generator_learns_a_fixed_colour_map(synthetic):
