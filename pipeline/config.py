@@ -151,6 +151,10 @@ class TrackingConfig:
     """MLflow run name; empty uses the run directory's name."""
     log_checkpoints: str = "last"
     """Checkpoints uploaded as MLflow artifacts: all, last (the final one) or none."""
+    log_model: bool = True
+    """At the end, log both generators as MLflow PyTorch models with a signature and an input example."""
+    flush_timeout_s: float = 120.0
+    """At the end, how long to wait for records buffered during a tracking-server outage."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ class NullRecorder:
     def save_samples(self, make_grid: Callable[[], np.ndarray], step: int) -> None: ...
     def save_checkpoint(self, state: dict[str, Any], step: int, final: bool = False) -> None: ...
     def log_result(self, name: str, values: dict[str, float], step: int) -> None: ...
+    def log_generators(self, generators: dict[str, Any], example: np.ndarray) -> None: ...
     def finish(self, status: str) -> None: ...
 
 
@@ -57,14 +59,15 @@ class Recorder(NullRecorder):
         self.info = info
         if cfg.tracking.enabled:
             name = cfg.tracking.run_name or self.run_dir.name
-            self.tracker = MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, name, run_id)
+            self.tracker = MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, name, run_id,
+                                         flush_timeout_s=cfg.tracking.flush_timeout_s)
         else:
             self.tracker = NullTracker()
         self._metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         self._t0 = time.perf_counter()
         self._start_step = 0
         self._total = 0
-        self._logged_through = 0
+        self._logged_through = -1  # Highest step already in the record (a resume sets it).
 
     def start(self, start_step: int, total_steps: int) -> None:
         self._start_step, self._total = start_step, total_steps
@@ -85,6 +88,8 @@ class Recorder(NullRecorder):
                 "torch_version": torch.__version__,
                 "cuda_version": str(torch.version.cuda),
                 "precision": self.cfg.train.precision,
+                "slurm_job_id": os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "")),
+                "run_dir": str(self.run_dir.resolve()),
             }
         )
         where = f"resuming at step {start_step}" if start_step else "starting"
@@ -132,6 +137,10 @@ class Recorder(NullRecorder):
     def log_result(self, name: str, values: dict[str, float], step: int) -> None:
         (self.run_dir / f"{name}.json").write_text(json.dumps({"step": step, **values}, indent=2) + "\n")
         self.tracker.log_metrics({f"{name}/{k}": v for k, v in values.items()}, step)
+
+    def log_generators(self, generators: dict[str, Any], example: np.ndarray) -> None:
+        if self.cfg.tracking.log_model:
+            self.tracker.log_generators(generators, example)
 
     def finish(self, status: str) -> None:
         self._metrics_file.close()

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _shard_files(folder: Path, split: str) -> list[Path]:
 
 def _write_split(folder: Path, dest: Path, split: str, maxcount: int, maxsize: int,
                  skipped: list[dict[str, str]]) -> dict[str, Any]:
-    """Shard one split folder into `dest`; skipped files go to `skipped` unreadable files to `skipped`."""
+    """Shard one split folder into `dest`; unreadable files are appended to `skipped`."""
     dest.mkdir(parents=True, exist_ok=True)
     for stale in _shard_files(dest, split):
         if stale.suffix == ".tmp":
@@ -198,8 +198,11 @@ def _write_split(folder: Path, dest: Path, split: str, maxcount: int, maxsize: i
                 data = path.read_bytes()
                 ext = _verify_image(data) or EXTENSIONS[path.suffix.lower()]
             except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...).
-                reason = "file name is not valid UTF-8" if isinstance(err, UnicodeEncodeError) else (
-                    f"{type(err).__name__}: {err}")
+                reason = f"{type(err).__name__}: {err}"
+                if isinstance(err, UnicodeEncodeError):
+                    reason = "file name is not valid UTF-8"
+                elif isinstance(err, UnidentifiedImageError):  # Its message holds a BytesIO address.
+                    reason = "UnidentifiedImageError: not an image format PIL can read"
                 log.warning("skipping unreadable image %s (%s)", path, reason)
                 skipped.append({"split": split, "path": f"{split}/{relative}", "reason": reason})
                 continue
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated split folders")
     parser.add_argument("--overwrite", action="store_true", help="replace shards and manifest already in OUT")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     try:
         manifest = write_shards(args.src, args.out, splits, args.maxcount, args.maxsize, args.overwrite)

@@ -1,13 +1,21 @@
 """Experiment tracking: MLflow on rank 0, a no-op tracker elsewhere.
 
-Tracking is never the reason training dies: every MLflow call is guarded, and a failure becomes a warning that
-says what was dropped.
+Tracking is never the reason training dies or waits. Records go into a queue that a background thread sends
+in order; while the server is unreachable they stay queued and are retried with backoff, and at the end the
+run waits up to `tracking.flush_timeout_s` for them to arrive. What could not be delivered is counted and
+reported as dropped. A request the server rejects (a 4xx answer) is dropped at once, with a warning.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,7 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, image: np.ndarray, key: str, step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_generators(self, generators: dict[str, Any], example: np.ndarray) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
     def last_step(self, key: str) -> int:
@@ -41,62 +50,170 @@ class NullTracker:
         return 0
 
 
+def _rejected(err: Exception) -> bool:
+    """A request the server understood and refused: sending it again cannot help."""
+    status = getattr(err, "get_http_status_code", lambda: None)()
+    return isinstance(status, int) and 400 <= status < 500 and "RESOURCE_DOES_NOT_EXIST" not in str(err)
+
+
 class MLflowTracker(NullTracker):
     """An MLflow run: created, or continued when `run_id` names an earlier one (a resume)."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None) -> None:
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None,
+                 flush_timeout_s: float = 120.0, max_queued: int = 100_000) -> None:
+        # The client's own retries block for minutes; the queue below retries without blocking training.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         import mlflow  # Imported here: 1.4 s and 170 MB that other ranks do not need.
 
         self._mlflow = mlflow
         self.uri = resolve_uri(uri)
-        mlflow.set_tracking_uri(self.uri)
         self.client = mlflow.MlflowClient(self.uri)
-        if run_id:
-            run = self.client.get_run(run_id)
-            if run.info.status != "RUNNING":
-                self.client.update_run(run_id, status="RUNNING")
-            self.run_id = run_id
-            log.info("continuing MLflow run %s at %s", run_id, self.uri)
-        else:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-            self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
-            log.info("MLflow run %s in experiment '%s' at %s", self.run_id, experiment, self.uri)
+        self.run_id = self._open_run(experiment, run_name, run_id)
+        self.flush_timeout_s = flush_timeout_s
+        self.max_queued = max_queued
         self.dropped = 0
+        self._queue: collections.deque[tuple[str, Callable[[], Any]]] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._deadline = float("inf")
+        self._outage_since: float | None = None
+        self._staging = Path(tempfile.mkdtemp(prefix="mlflow-upload-"))
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+        self._thread.start()
 
-    def _guard(self, what: str, fn, *args, **kwargs) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - any tracking failure must not stop training
-            self.dropped += 1
-            log.warning("MLflow: dropped %s (%s: %s)", what, type(err).__name__, str(err).splitlines()[0][:200])
+    def _open_run(self, experiment: str, run_name: str, run_id: str | None) -> str:
+        """Create or reopen the run, retrying for a while: without a run id nothing can be recorded."""
+        for attempt in range(5):
+            try:
+                if run_id:
+                    if self.client.get_run(run_id).info.status != "RUNNING":
+                        self.client.update_run(run_id, status="RUNNING")
+                    log.info("continuing MLflow run %s at %s", run_id, self.uri)
+                    return run_id
+                exp = self.client.get_experiment_by_name(experiment)
+                exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+                new_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+                log.info("MLflow run %s in experiment '%s' at %s", new_id, experiment, self.uri)
+                return new_id
+            except Exception as err:  # noqa: BLE001 - any failure: retry, then give up loudly
+                if attempt == 4:
+                    raise
+                log.warning("MLflow at %s not reachable (%s); retrying", self.uri, str(err).splitlines()[0][:200])
+                time.sleep(2.0 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    # Sending.
+
+    def _submit(self, what: str, send: Callable[[], Any]) -> None:
+        with self._cond:
+            if len(self._queue) >= self.max_queued:
+                self._queue.popleft()
+                self.dropped += 1
+                log.warning("MLflow: queue full (%d records); dropped the oldest", self.max_queued)
+            self._queue.append((what, send))
+            self._cond.notify()
+
+    def _send_loop(self) -> None:
+        backoff = 1.0
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                what, send = self._queue[0]
+            try:
+                send()
+            except Exception as err:  # noqa: BLE001 - classified below
+                reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                if _rejected(err):
+                    with self._cond:
+                        self._queue.popleft()
+                        self.dropped += 1
+                    log.warning("MLflow: dropped %s, rejected by the server (%s)", what, reason)
+                    continue
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    log.warning("MLflow unreachable (%s); buffering records and retrying", reason)
+                with self._cond:
+                    if self._closing and time.monotonic() > self._deadline:
+                        return
+                    self._cond.wait(timeout=backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            with self._cond:
+                self._queue.popleft()
+            if self._outage_since is not None:
+                log.warning("MLflow reachable again after %.0f s; sending buffered records",
+                            time.monotonic() - self._outage_since)
+                self._outage_since = None
+            backoff = 1.0
+
+    # Records.
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch.
-            self._guard("params", self.client.log_batch, self.run_id, params=items[i : i + 100])
+            chunk = items[i : i + 100]
+            self._submit("params", lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self._guard("tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._submit("tags", lambda: self.client.log_batch(self.run_id, tags=items))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._guard(f"{len(batch)} metrics of step {step}", self.client.log_batch, self.run_id, metrics=batch)
+        self._submit(f"metrics of step {step}", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
-        self._guard(f"image '{key}' of step {step}", self.client.log_image, self.run_id, image, key=key, step=step)
+        image = image.copy()
+        self._submit(f"image '{key}' of step {step}",
+                     lambda: self.client.log_image(self.run_id, image, key=key, step=step))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._guard(f"artifact {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
+        """Upload a file; a hard link (or copy) keeps it even if retention deletes the original first."""
+        staged = self._staging / f"{len(os.listdir(self._staging))}" / Path(path).name
+        staged.parent.mkdir()
+        try:
+            os.link(path, staged)
+        except OSError:
+            shutil.copy2(path, staged)
+
+        def send() -> None:
+            self.client.log_artifact(self.run_id, str(staged), artifact_path)
+            shutil.rmtree(staged.parent, ignore_errors=True)
+
+        self._submit(f"artifact {Path(path).name}", send)
+
+    def log_generators(self, generators: dict[str, Any], example: np.ndarray) -> None:
+        """Log each generator as an MLflow PyTorch model with a signature and an input example."""
+        import copy
+
+        nets = {name: copy.deepcopy(net).cpu().eval() for name, net in generators.items()}
+
+        def send(name: str, net: Any) -> None:
+            import mlflow.pytorch
+            import torch
+            from mlflow.models import infer_signature
+
+            with torch.no_grad():
+                output = net(torch.from_numpy(example)).numpy()
+            pip = [f"torch=={torch.__version__.split('+')[0]}"]
+            self._mlflow.set_tracking_uri(self.uri)
+            with self._mlflow.start_run(run_id=self.run_id):
+                mlflow.pytorch.log_model(net, name=name, signature=infer_signature(example, output),
+                                         input_example=example, pip_requirements=pip)
+
+        for name, net in nets.items():
+            self._submit(f"model {name}", lambda name=name, net=net: send(name, net))
 
     def last_step(self, key: str) -> int:
         try:
@@ -106,4 +223,20 @@ class MLflowTracker(NullTracker):
             return 0
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._guard(f"run status {status}", self.client.set_terminated, self.run_id, status)
+        """Mark the run, then wait up to flush_timeout_s for everything queued to arrive."""
+        self._submit(f"run status {status}", lambda: self.client.set_terminated(self.run_id, status))
+        with self._cond:
+            self._deadline = time.monotonic() + self.flush_timeout_s
+            self._closing = True
+            self._cond.notify_all()
+            pending = len(self._queue)
+        if pending > 1:
+            log.info("MLflow: sending %d queued records (waiting up to %.0f s)", pending, self.flush_timeout_s)
+        self._thread.join(timeout=self.flush_timeout_s + 30)
+        with self._cond:
+            left = len(self._queue)
+            self._queue.clear()
+        self.dropped += left
+        if left:
+            log.warning("MLflow: %d records could not be delivered to %s and were dropped", left, self.uri)
+        shutil.rmtree(self._staging, ignore_errors=True)

@@ -52,6 +52,15 @@ class RunResult:
     """A signal stopped the run after `step` (checkpointed); resuming continues it."""
 
 
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak accelerator memory (allocator statistics: no device sync), else the host's peak RSS."""
+    if device.type == "cuda":
+        return {"perf/peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"perf/peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def _find_resume(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
     if cfg.checkpoint.resume == "never":
         return None
@@ -209,6 +218,8 @@ def run(cfg: DictConfig) -> RunResult:
     status = "FAILED"
     stopped_at = 0
     recorder.start(start_step, total)
+    if has_samples and start_step == 0:
+        recorder.save_samples(grid, 0)  # The untrained translation: the UI's slider starts here.
     batches = iter(loader)
     stop_flag = StopFlag().install()
     try:
@@ -246,6 +257,7 @@ def run(cfg: DictConfig) -> RunResult:
                 metrics.update({"lr": lr, "images_seen": float(images_seen), "nonfinite_steps": float(nonfinite_total),
                                 "fp16_skipped_steps": step_fn.scaler_skips.item()})
                 metrics["perf/images_per_s"] = metrics["perf/steps_per_s"] * global_batch
+                metrics.update(peak_memory(device))
                 recorder.log_metrics(metrics, step)
             if has_samples and (step % cfg.train.sample_every_steps == 0 or step == total):
                 recorder.save_samples(grid, step)
@@ -259,6 +271,9 @@ def run(cfg: DictConfig) -> RunResult:
                 log.warning("stopped after step %d (%s); checkpoint written, exiting with code %d", step,
                             "signal" if stop_flag else "train.stop_after_steps", EXIT_STOPPED)
                 break
+        if not stopped_at:
+            example = torch.zeros(1, 3, cfg.data.crop_size, cfg.data.crop_size).numpy()
+            recorder.log_generators({"G_ab": gens.G_ab, "G_ba": gens.G_ba}, example)
         status = "KILLED" if stopped_at else "FINISHED"
     finally:
         stop_flag.uninstall()

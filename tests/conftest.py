@@ -60,6 +60,7 @@ def tiny_overrides(shards: dict[str, str], default_run_dir: Path, **extra) -> li
         "checkpoint.every_steps": 3,
         "tracking.uri": f"sqlite:///{default_run_dir.parent / 'mlflow.db'}",
         "tracking.experiment": "tests",
+        "tracking.log_model": False,  # Serialising models costs seconds; the MLflow server test turns it on.
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

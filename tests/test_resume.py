@@ -12,11 +12,10 @@ import time
 import mlflow
 import pytest
 import torch
+from conftest import ROOT, tiny_overrides
 
 from pipeline.checkpoint import list_checkpoints, load_checkpoint
 from pipeline.preemption import EXIT_STOPPED
-
-from conftest import ROOT, tiny_overrides
 
 pytestmark = pytest.mark.slow
 

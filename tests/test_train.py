@@ -22,7 +22,8 @@ def test_short_run_writes_checkpoints_samples_and_mlflow_records(tiny, tmp_path)
     result = run(load_config([], tiny()))
     run_dir = tmp_path / "run"
     assert [step for step, _ in list_checkpoints(run_dir)] == [3, 6]
-    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-000000003.png", "step-000000006.png"]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-000000000.png", "step-000000003.png",
+                                                                     "step-000000006.png"]
     assert load_config([run_dir / "config.yaml"]).train.steps == 6
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [2, 4, 6]
