@@ -20,6 +20,7 @@ demo: $(STAMP)
 	@echo "Run directory: runs/quickstart (samples/, ckpt-*.pt, metrics.jsonl). MLflow UI: make ui"
 
 test: $(STAMP)
+	bash ci/install-system-deps.sh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

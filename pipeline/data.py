@@ -227,6 +227,9 @@ def train_loader(
         pin_memory=pin_memory,
         prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None,
         persistent_workers=False,
+        # Its own generator: drawing worker seeds from the global RNG would make a resumed process's RNG
+        # state differ from an uninterrupted one's (our streams are seeded independently of it anyway).
+        generator=torch.Generator().manual_seed(seed * 1000 + rank),
     )
 
 

@@ -56,8 +56,18 @@ def init_process_group(info: DistInfo, device: torch.device, timeout_s: float = 
     if info.world_size == 1 or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None:
+        # After torchrun restarts a failed group, the new workers found the old workers' gloo addresses in the
+        # agent's store and failed to connect ("Connection refused"): give each attempt its own key space.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                              is_master=info.rank == 0 and not agent_store, timeout=timeout)
+        kwargs.update(store=dist.PrefixStore(f"/pipeline/attempt_{restart}", store), rank=info.rank,
+                      world_size=info.world_size)
+    dist.init_process_group(backend, timeout=timeout, **kwargs)
     log.info("rank %d/%d joined the %s process group", info.rank, info.world_size, backend)
 
 

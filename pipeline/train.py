@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
 import time
@@ -278,6 +279,9 @@ def run(cfg: DictConfig) -> RunResult:
     finally:
         stop_flag.uninstall()
         recorder.finish(status)
+    # Ranks leave together: under torchrun the first rank to exit gets the others SIGTERMed, which would cut
+    # rank 0's final MLflow flush short.
+    dist.barrier()
     return RunResult(stopped_at or total, metrics, evaluation, recorder.run_id, stopped=bool(stopped_at))
 
 
@@ -308,7 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         dist.destroy_process_group()
     if result.stopped:
-        return EXIT_STOPPED
+        # torchrun counts any non-zero exit as a crash (it restarts the group or reports a failure), so under
+        # torchrun a clean stop exits 0; its log line says where it stopped.
+        return 0 if os.environ.get("TORCHELASTIC_RUN_ID") else EXIT_STOPPED
     if result.evaluation and info.is_main:
         ev = result.evaluation
         print(f"held-out A->B L1 error over {int(ev['pairs'])} pairs: G_ab {ev['l1_translation']:.4f} vs identity "

@@ -58,7 +58,8 @@ def test_new_process_resume_equals_a_straight_run_bitwise(shards, tmp_path, npro
     chunked = tiny_overrides(shards, tmp_path / "chunked", **common, **{"train.stop_after_steps": 4})
     assert subprocess.run(train_cmd(nproc, straight), env=env(), cwd=tmp_path, capture_output=True).returncode == 0
     first = subprocess.run(train_cmd(nproc, chunked), env=env(), cwd=tmp_path, capture_output=True, text=True)
-    assert first.returncode == EXIT_STOPPED, first.stderr[-3000:]
+    assert first.returncode == (0 if nproc else EXIT_STOPPED), first.stderr[-3000:]
+    assert "stopped after step 4 (train.stop_after_steps)" in first.stderr
     assert [s for s, _ in list_checkpoints(tmp_path / "chunked")] == [4]
     second = subprocess.run(train_cmd(nproc, chunked), env=env(), cwd=tmp_path, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -127,7 +128,7 @@ def test_world_size_change_resumes_with_a_warning(shards, tmp_path):
     overrides = tiny_overrides(shards, tmp_path / "run", **{"train.steps": 6, "checkpoint.every_steps": 3,
                                                             "train.stop_after_steps": 3})
     first = subprocess.run(train_cmd(2, overrides), env=env(), cwd=tmp_path, capture_output=True, text=True)
-    assert first.returncode == EXIT_STOPPED, first.stderr[-3000:]
+    assert first.returncode == 0, first.stderr[-3000:]  # Under torchrun a clean stop exits 0.
     finish = [o for o in overrides if not o.startswith("train.stop_after_steps")]
     second = subprocess.run(train_cmd(0, finish), env=env(), cwd=tmp_path, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
