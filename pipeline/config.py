@@ -105,6 +105,8 @@ class TrainConfig:
     """Arithmetic of the forward passes: fp32, bf16 (autocast) or fp16 (autocast + GradScaler)."""
     device: str = "auto"
     """auto (CUDA when available), cpu or cuda."""
+    fused_calls: bool = True
+    """Batch each generator's translation and identity inputs, and each D's real and fake, into one call."""
     channels_last: bool = False
     """NHWC activations (tensor cores like them; on CPU InstanceNorm copies layouts and it is slower)."""
     compile: bool = False

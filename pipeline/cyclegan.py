@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from pipeline.losses import GANLoss, cycle_loss, identity_loss
@@ -18,14 +19,26 @@ REFERENCE_NAMES = {"G_ab": "G_A", "G_ba": "G_B", "D_b": "D_A", "D_a": "D_B"}
 
 
 class Generators(nn.Module):
-    """Both generators in one module, so one DDP wrapper averages their gradients in one pass."""
+    """Both generators in one module, so one DDP wrapper averages their gradients in one pass.
 
-    def __init__(self, G_ab: nn.Module, G_ba: nn.Module) -> None:
+    With `fused`, each generator translates its input and its identity input in one batched call (4 calls
+    instead of 6). InstanceNorm keeps samples independent, so only the floating-point summation order changes;
+    batch norm would mix them, so fusing is refused with it.
+    """
+
+    def __init__(self, G_ab: nn.Module, G_ba: nn.Module, fused: bool = False) -> None:
         super().__init__()
         self.G_ab = G_ab
         self.G_ba = G_ba
+        self.fused = fused
 
     def forward(self, real_a: Tensor, real_b: Tensor, identity: bool) -> dict[str, Tensor]:
+        if self.fused and identity:
+            n = real_a.shape[0]
+            fake_b, idt_b = self.G_ab(torch.cat([real_a, real_b])).split([n, real_b.shape[0]])
+            fake_a, idt_a = self.G_ba(torch.cat([real_b, real_a])).split([real_b.shape[0], n])
+            return {"fake_b": fake_b, "rec_a": self.G_ba(fake_b), "fake_a": fake_a, "rec_b": self.G_ab(fake_a),
+                    "idt_b": idt_b, "idt_a": idt_a}
         fake_b = self.G_ab(real_a)
         rec_a = self.G_ba(fake_b)
         fake_a = self.G_ba(real_b)
@@ -43,12 +56,17 @@ class Discriminators(nn.Module):
     Two separate backward passes through one DDP wrapper raise "Expected to have finished reduction".
     """
 
-    def __init__(self, D_a: nn.Module, D_b: nn.Module) -> None:
+    def __init__(self, D_a: nn.Module, D_b: nn.Module, fused: bool = False) -> None:
         super().__init__()
         self.D_a = D_a
         self.D_b = D_b
+        self.fused = fused
 
     def forward(self, real_a: Tensor, fake_a: Tensor, real_b: Tensor, fake_b: Tensor) -> dict[str, Tensor]:
+        if self.fused:  # Real and pooled fake in one batch per discriminator.
+            pred_real_a, pred_fake_a = self.D_a(torch.cat([real_a, fake_a])).split([len(real_a), len(fake_a)])
+            pred_real_b, pred_fake_b = self.D_b(torch.cat([real_b, fake_b])).split([len(real_b), len(fake_b)])
+            return {"real_a": pred_real_a, "fake_a": pred_fake_a, "real_b": pred_real_b, "fake_b": pred_fake_b}
         return {
             "real_a": self.D_a(real_a),
             "fake_a": self.D_a(fake_a),
@@ -92,8 +110,11 @@ class Objective:
         }
 
 
-def build_networks(model_cfg) -> tuple[Generators, Discriminators]:
+def build_networks(model_cfg, fused: bool = False) -> tuple[Generators, Discriminators]:
     """The four networks of a `ModelConfig`, initialised from torch's global RNG."""
+    if fused and model_cfg.norm == "batch":
+        raise ValueError("train.fused_calls batches different images through one norm layer; with "
+                         "model.norm=batch that changes the maths: set train.fused_calls=false")
     def gen() -> nn.Module:
         return build_generator(
             model_cfg.generator, ngf=model_cfg.ngf, norm=model_cfg.norm,
@@ -108,7 +129,7 @@ def build_networks(model_cfg) -> tuple[Generators, Discriminators]:
 
     G_ab, G_ba = gen(), gen()
     D_a, D_b = disc(), disc()
-    return Generators(G_ab, G_ba), Discriminators(D_a, D_b)
+    return Generators(G_ab, G_ba, fused), Discriminators(D_a, D_b, fused)
 
 
 def build_objective(loss_cfg) -> Objective:

@@ -53,7 +53,7 @@ def reference(steps: int, dtype: torch.dtype, world: int, batches) -> dict:
     try:
         cfg = load_config([], TINY)
         torch.manual_seed(cfg.train.seed)
-        gens, discs = build_networks(cfg.model)
+        gens, discs = build_networks(cfg.model, fused=cfg.train.fused_calls)  # as the workers
         objective = build_objective(cfg.loss)
         opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
         opt_d = build_adam(discs.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)

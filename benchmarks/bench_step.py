@@ -1,0 +1,154 @@
+"""Train-step throughput: our step against the reference-style step, in one run, per setting.
+
+    python benchmarks/bench_step.py [--cases quickstart,res6_128,res9_256] [--precisions fp32,bf16]
+        [--batches 1,4] [--channels-last off,on] [--compile off,on] [--iters 3] [--json out.json] [--smoke]
+
+Prints a table (ms/iteration after warm-up, iterations/s, images/s, model TFLOP per iteration, achieved
+TFLOP/s and, on a GPU with a known peak, MFU) and writes it as JSON. The reference-style row of each case is
+the same maths written as the reference implementation writes it (pipeline/reference_step.py: one call per
+term, fp32, eager), so "speedup" is a ratio measured in the same process, minutes apart at most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.cyclegan import build_objective  # noqa: E402
+from pipeline.dist import DistInfo  # noqa: E402
+from pipeline.reference_step import ReferenceStyleStep, reference_adam  # noqa: E402
+from pipeline.train import build_components  # noqa: E402
+
+CASES = {
+    "quickstart": (["model.generator=resnet_6blocks", "model.ngf=16", "model.ndf=16", "loss.lambda_idt=0"], 64),
+    "res6_128": (["model.generator=resnet_6blocks"], 128),
+    "res9_256": (["model.generator=resnet_9blocks"], 256),
+    "smoke": (["model.generator=resnet_6blocks", "model.ngf=4", "model.ndf=4"], 32),
+}
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) of GPUs whose MFU we report.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(case: str, impl: str, precision: str, channels_last: bool, compiled: bool, device: torch.device):
+    overrides, crop = CASES[case]
+    overrides = [*overrides, f"train.precision={precision}", f"train.channels_last={channels_last}",
+                 f"train.compile={compiled}", f"train.device={device.type}"]
+    if impl == "reference":
+        overrides.append("train.fused_calls=false")
+    cfg = load_config([], overrides)
+    parts = build_components(cfg, DistInfo(), device)
+    if impl == "reference":
+        gens, discs = parts.gens, parts.discs
+        return ReferenceStyleStep(gens, discs, build_objective(cfg.loss), reference_adam(gens.parameters()),
+                                  reference_adam(discs.parameters()), parts.step.pool_a, parts.step.pool_b), crop
+    return parts.step, crop
+
+
+def measure(step, crop: int, batch: int, device: torch.device, iters: int, warmup: int) -> tuple[float, float]:
+    """(seconds per iteration, model FLOPs per iteration)."""
+    g = torch.Generator().manual_seed(0)
+    real_a = (torch.rand(batch, 3, crop, crop, generator=g) * 2 - 1).to(device)
+    real_b = (torch.rand(batch, 3, crop, crop, generator=g) * 2 - 1).to(device)
+    with FlopCounterMode(display=False) as counter:
+        step(real_a, real_b)
+    for _ in range(warmup):
+        step(real_a, real_b)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step(real_a, real_b)
+    sync(device)
+    return (time.perf_counter() - t0) / iters, float(counter.get_total_flops())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="quickstart,res6_128,res9_256")
+    parser.add_argument("--precisions", default="fp32")
+    parser.add_argument("--batches", default="1")
+    parser.add_argument("--channels-last", default="off")
+    parser.add_argument("--compile", default="off")
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference-style rows")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/step.json"))
+    parser.add_argument("--smoke", action="store_true", help="a tiny case, 1 iteration: checks the script runs")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.cases, args.iters, args.warmup = "smoke", 1, 0
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          (args.device if args.device != "auto" else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    onoff = {"off": [False], "on": [True], "both": [False, True]}
+    peak = peak_tflops(device)
+    rows = []
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
+          f", torch {torch.__version__}, {torch.get_num_threads()} threads")
+    header = f"{'case':<11}{'impl':<10}{'prec':<6}{'batch':>5}{'NHWC':>6}{'comp':>6}{'ms/it':>10}{'it/s':>8}" \
+             f"{'img/s':>8}{'TFLOP/it':>10}{'TFLOP/s':>9}{'MFU':>7}{'speedup':>9}"
+    print(header)
+    for case in args.cases.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            baseline = None
+            if not args.no_reference:
+                step, crop = make_step(case, "reference", "fp32", False, False, device)
+                seconds, flops = measure(step, crop, batch, device, args.iters, args.warmup)
+                baseline = seconds
+                rows.append(dict(case=case, impl="reference", precision="fp32", batch=batch, channels_last=False,
+                                 compile=False, seconds=seconds, flops=flops))
+            for precision, nhwc, comp in itertools.product(args.precisions.split(","), onoff[args.channels_last],
+                                                           onoff[args.compile]):
+                step, crop = make_step(case, "ours", precision, nhwc, comp, device)
+                seconds, flops = measure(step, crop, batch, device, args.iters, args.warmup + 2 * comp)
+                rows.append(dict(case=case, impl="ours", precision=precision, batch=batch, channels_last=nhwc,
+                                 compile=comp, seconds=seconds, flops=flops,
+                                 speedup=baseline / seconds if baseline else None))
+            for row in rows:
+                if row.get("printed"):
+                    continue
+                row["printed"] = True
+                row["tflops_per_s"] = row["flops"] / row["seconds"] / 1e12
+                row["mfu"] = row["tflops_per_s"] / peak if peak else None
+                mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+                speed = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
+                print(f"{row['case']:<11}{row['impl']:<10}{row['precision']:<6}{row['batch']:>5}"
+                      f"{'on' if row['channels_last'] else 'off':>6}{'on' if row['compile'] else 'off':>6}"
+                      f"{row['seconds'] * 1e3:>10.1f}{1 / row['seconds']:>8.2f}"
+                      f"{2 * row['batch'] / row['seconds']:>8.1f}"
+                      f"{row['flops'] / 1e12:>10.3f}{row['tflops_per_s']:>9.3f}{mfu:>7}{speed:>9}", flush=True)
+    for row in rows:
+        row.pop("printed", None)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"device": str(device), "torch": torch.__version__,
+                                     "threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
