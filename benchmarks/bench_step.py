@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 seconds, flops = measure(step, crop, batch, device, args.iters, args.warmup)
                 baseline = seconds
                 rows.append(dict(case=case, impl="reference", precision="fp32", batch=batch, channels_last=False,
-                                 compile=False, seconds=seconds, flops=flops))
+                                 compile=False, seconds=seconds, flops=flops, speedup=1.0))
             for precision, nhwc, comp in itertools.product(args.precisions.split(","), onoff[args.channels_last],
                                                            onoff[args.compile]):
                 step, crop = make_step(case, "ours", precision, nhwc, comp, device)

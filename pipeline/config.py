@@ -123,6 +123,8 @@ class TrainConfig:
     """Held-out images per domain in each sample grid."""
     stop_after_steps: int = 0
     """Stop (checkpoint, exit code 3) after this many steps of this process, for chained jobs; 0: run to the end."""
+    data_wait_warn_share: float = 0.2
+    """Warn (with a worker count that would help) when steps spend more than this share waiting for data."""
     max_nonfinite_steps: int = 10
     """Consecutive steps with a NaN/inf loss that are skipped before training stops with an error."""
 

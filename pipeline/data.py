@@ -80,7 +80,8 @@ class Augment:
     flip: bool = True
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
-        if self.preprocess == "resize_and_crop":
+        if self.preprocess == "resize_and_crop" and img.size != (self.load_size, self.load_size):
+            # Shards written with --resize LOAD_SIZE skip this, the costliest step of the transform.
             img = img.resize((self.load_size, self.load_size), Image.BICUBIC)
         elif self.preprocess == "scale_width_and_crop" and img.width != self.load_size:
             height = max(self.crop_size, round(img.height * self.load_size / img.width))

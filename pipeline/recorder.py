@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -40,6 +41,19 @@ class NullRecorder:
 
     def start(self, start_step: int, total_steps: int) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def _warn_if_data_bound(self, share: float) -> None:
+        """Steps that wait for data waste accelerators: say so, with the worker count that would feed them.
+
+        With k workers each needing L seconds per batch and a step computing for C seconds, the wait share is
+        w = 1 - C / (L / k); no wait needs k' = ceil(k / (1 - w)) workers (k = 0 decodes in the step itself).
+        """
+        if share <= self.cfg.train.data_wait_warn_share or share >= 1.0:
+            return
+        workers = self.cfg.data.workers
+        needed = math.ceil(workers / (1 - share)) if workers else max(1, math.ceil(share / (1 - share)))
+        log.warning("data-bound: %.0f%% of step time waits for data with data.workers=%d; data.workers=%d "
+                    "would feed the step (or shard with --resize to decode less)", 100 * share, workers, needed)
+
     def save_samples(self, make_grid: Callable[[], np.ndarray], step: int) -> None: ...
     def save_checkpoint(self, state: dict[str, Any], step: int, final: bool = False) -> None: ...
     def log_result(self, name: str, values: dict[str, float], step: int) -> None: ...
@@ -110,8 +124,22 @@ class Recorder(NullRecorder):
         done = step - self._start_step
         eta = elapsed / max(done, 1) * (self._total - step)
         losses = " ".join(f"{k.removeprefix('loss/')}={v:.3f}" for k, v in metrics.items() if k.startswith("loss/"))
+        self._warn_if_data_bound(metrics.get("perf/data_wait_share", 0.0))
         log.info("step %d/%d | %.1f img/s | ETA %s | %s", step, self._total, metrics.get("perf/images_per_s", 0.0),
                  _duration(eta), losses)
+
+    def _warn_if_data_bound(self, share: float) -> None:
+        """Steps that wait for data waste accelerators: say so, with the worker count that would feed them.
+
+        With k workers each needing L seconds per batch and a step computing for C seconds, the wait share is
+        w = 1 - C / (L / k); no wait needs k' = ceil(k / (1 - w)) workers (k = 0 decodes in the step itself).
+        """
+        if share <= self.cfg.train.data_wait_warn_share or share >= 1.0:
+            return
+        workers = self.cfg.data.workers
+        needed = math.ceil(workers / (1 - share)) if workers else max(1, math.ceil(share / (1 - share)))
+        log.warning("data-bound: %.0f%% of step time waits for data with data.workers=%d; data.workers=%d "
+                    "would feed the step (or shard with --resize to decode less)", 100 * share, workers, needed)
 
     def save_samples(self, make_grid: Callable[[], np.ndarray], step: int) -> None:
         """Render the grid (only rank 0 spends the forward passes) and record it."""

@@ -131,3 +131,19 @@ def test_reference_weights_initialise_a_new_run(tiny, tmp_path):
     state = load_checkpoint(tmp_path / "run" / "ckpt-000000001.pt")
     for name, net in ref.items():
         assert all(torch.equal(state["nets"][name][k], v) for k, v in net.state_dict().items())
+
+
+def test_data_bound_runs_are_told_how_many_workers_would_help(tiny, caplog):
+    import logging
+
+    from pipeline.dist import DistInfo
+    from pipeline.recorder import Recorder
+
+    cfg = load_config([], tiny(**{"tracking.enabled": False, "data.workers": 2}))
+    recorder = Recorder(cfg, DistInfo(), None)
+    with caplog.at_level(logging.WARNING):
+        recorder.log_metrics({"perf/data_wait_share": 0.1}, 1)
+        assert "data-bound" not in caplog.text
+        recorder.log_metrics({"perf/data_wait_share": 0.5}, 2)  # half the time waiting: twice the workers
+    assert "data-bound: 50% of step time" in caplog.text and "data.workers=4 would feed" in caplog.text
+    recorder.finish("FINISHED")
