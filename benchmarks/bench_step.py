@@ -4,7 +4,9 @@
         [--batches 1,4] [--channels-last off,on] [--compile off,on] [--iters 3] [--json out.json] [--smoke]
 
 Prints a table (ms/iteration after warm-up, iterations/s, images/s, model TFLOP per iteration, achieved
-TFLOP/s and, on a GPU with a known peak, MFU) and writes it as JSON. The reference-style row of each case is
+TFLOP/s and, on a GPU with a known peak, MFU) and writes it as JSON. Shared machines are noisy: every
+iteration is timed on its own, the table shows the fastest (the least disturbed) and the median, and speedups
+are ratios of the fastest iterations. The reference-style row of each case is
 the same maths written as the reference implementation writes it (pipeline/reference_step.py: one call per
 term, fp32, eager), so "speedup" is a ratio measured in the same process, minutes apart at most.
 """
@@ -15,6 +17,7 @@ import argparse
 import itertools
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,8 +70,8 @@ def make_step(case: str, impl: str, precision: str, channels_last: bool, compile
     return parts.step, crop
 
 
-def measure(step, crop: int, batch: int, device: torch.device, iters: int, warmup: int) -> tuple[float, float]:
-    """(seconds per iteration, model FLOPs per iteration)."""
+def measure(step, crop: int, batch: int, device: torch.device, iters: int, warmup: int) -> tuple[list[float], float]:
+    """(seconds of each timed iteration, model FLOPs per iteration)."""
     g = torch.Generator().manual_seed(0)
     real_a = (torch.rand(batch, 3, crop, crop, generator=g) * 2 - 1).to(device)
     real_b = (torch.rand(batch, 3, crop, crop, generator=g) * 2 - 1).to(device)
@@ -76,12 +79,14 @@ def measure(step, crop: int, batch: int, device: torch.device, iters: int, warmu
         step(real_a, real_b)
     for _ in range(warmup):
         step(real_a, real_b)
-    sync(device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
         step(real_a, real_b)
-    sync(device)
-    return (time.perf_counter() - t0) / iters, float(counter.get_total_flops())
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times, float(counter.get_total_flops())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,24 +115,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
           f", torch {torch.__version__}, {torch.get_num_threads()} threads")
     header = f"{'case':<11}{'impl':<10}{'prec':<6}{'batch':>5}{'NHWC':>6}{'comp':>6}{'ms/it':>10}{'it/s':>8}" \
-             f"{'img/s':>8}{'TFLOP/it':>10}{'TFLOP/s':>9}{'MFU':>7}{'speedup':>9}"
+             f"{'img/s':>8}{'median':>9}{'TFLOP/it':>10}{'TFLOP/s':>9}{'MFU':>7}{'speedup':>9}"
     print(header)
     for case in args.cases.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             baseline = None
             if not args.no_reference:
                 step, crop = make_step(case, "reference", "fp32", False, False, device)
-                seconds, flops = measure(step, crop, batch, device, args.iters, args.warmup)
-                baseline = seconds
+                times, flops = measure(step, crop, batch, device, args.iters, args.warmup)
+                baseline = min(times)
                 rows.append(dict(case=case, impl="reference", precision="fp32", batch=batch, channels_last=False,
-                                 compile=False, seconds=seconds, flops=flops, speedup=1.0))
+                                 compile=False, seconds=min(times), median_s=statistics.median(times), flops=flops,
+                                 speedup=1.0))
             for precision, nhwc, comp in itertools.product(args.precisions.split(","), onoff[args.channels_last],
                                                            onoff[args.compile]):
                 step, crop = make_step(case, "ours", precision, nhwc, comp, device)
-                seconds, flops = measure(step, crop, batch, device, args.iters, args.warmup + 2 * comp)
+                times, flops = measure(step, crop, batch, device, args.iters, args.warmup + 2 * comp)
                 rows.append(dict(case=case, impl="ours", precision=precision, batch=batch, channels_last=nhwc,
-                                 compile=comp, seconds=seconds, flops=flops,
-                                 speedup=baseline / seconds if baseline else None))
+                                 compile=comp, seconds=min(times), median_s=statistics.median(times), flops=flops,
+                                 speedup=baseline / min(times) if baseline else None))
             for row in rows:
                 if row.get("printed"):
                     continue
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{row['case']:<11}{row['impl']:<10}{row['precision']:<6}{row['batch']:>5}"
                       f"{'on' if row['channels_last'] else 'off':>6}{'on' if row['compile'] else 'off':>6}"
                       f"{row['seconds'] * 1e3:>10.1f}{1 / row['seconds']:>8.2f}"
-                      f"{2 * row['batch'] / row['seconds']:>8.1f}"
+                      f"{2 * row['batch'] / row['seconds']:>8.1f}{row['median_s'] * 1e3:>9.0f}"
                       f"{row['flops'] / 1e12:>10.3f}{row['tflops_per_s']:>9.3f}{mfu:>7}{speed:>9}", flush=True)
     for row in rows:
         row.pop("printed", None)
