@@ -97,7 +97,17 @@ class Augment:
             img = img.crop((0, 0, img.width - img.width % 4, img.height - img.height % 4))
         if self.flip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(img)
+        return to_uint8_tensor(img)
+
+
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> uint8 CHW tensor: what workers send (4x less to copy than float32)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [-1, 1], on whatever device the batch is on (the accelerator, in training)."""
+    return batch.float().div_(127.5).sub_(1.0)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -163,7 +173,7 @@ class DomainStream:
 
 
 class UnpairedBatches(IterableDataset):
-    """Zips the A and B streams of this rank and worker into (batch_a, batch_b) pairs.
+    """Zips the A and B streams of this rank and worker into (batch_a, batch_b) uint8 pairs.
 
     `start_batch` is the number of batches this rank has already consumed (the resumed step): DataLoader hands
     out worker batches round-robin, so worker w of W has produced ceil((start_batch - w) / W) of them.

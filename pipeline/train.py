@@ -25,8 +25,8 @@ from pipeline import dist
 from pipeline.checkpoint import CheckpointError, find_latest_loadable, load_checkpoint
 from pipeline.config import ConfigError, load_config
 from pipeline.cyclegan import Discriminators, Generators, build_networks, build_objective
-from pipeline.data import DataError, held_out, train_loader
-from pipeline.evaluate import paired_l1
+from pipeline.data import DataError, held_out, normalize, train_loader
+from pipeline.evaluate import held_out_eval
 from pipeline.image_pool import ImagePool
 from pipeline.interop import load_reference_dir
 from pipeline.optim import build_adam, lr_factor, set_lr
@@ -148,8 +148,14 @@ def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device)
     return Components(gens, discs, step)
 
 
-def run(cfg: DictConfig) -> RunResult:
-    """Train as configured on this process's rank; returns the last logged metrics and evaluation."""
+def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
+    """Train as configured on this process's rank; returns the last logged metrics and evaluation.
+
+    Args:
+        cfg: the run's config (`load_config`).
+        stop_flag: an installed StopFlag owned by the caller (a launcher that must not lose a stop signal that
+            arrives while the run starts); by default run() installs its own around the loop.
+    """
     # Initialize.
     info = dist.read_env()
     device = dist.select_device(cfg.train.device, info)
@@ -198,7 +204,7 @@ def run(cfg: DictConfig) -> RunResult:
         return sample_grid(gens, held["a"], held["b"])
 
     def evaluate() -> dict[str, float]:
-        return paired_l1(gens.G_ab, cfg.data.test_a, cfg.data.test_b, cfg.data.crop_size, device)
+        return held_out_eval(gens.G_ab, gens.G_ba, cfg, device)
 
     def checkpoint(step: int, final: bool = False) -> None:
         ranks = dist.gather_to_main(rank_state(pool_a, pool_b, device))
@@ -213,7 +219,7 @@ def run(cfg: DictConfig) -> RunResult:
     total = cfg.train.steps
     global_batch = cfg.data.batch_per_rank * info.world_size
     has_samples = bool(cfg.data.test_a and cfg.data.test_b and cfg.train.sample_every_steps > 0)
-    paired_eval = bool(cfg.eval.paired and cfg.data.test_a and cfg.data.test_b)
+    paired_eval = bool((cfg.eval.paired or cfg.eval.features) and cfg.data.test_a and cfg.data.test_b)
     meter = MetricMeter(device)
     metrics: dict[str, float] = {}
     evaluation: dict[str, float] = {}
@@ -224,13 +230,14 @@ def run(cfg: DictConfig) -> RunResult:
     if has_samples and start_step == 0:
         recorder.save_samples(grid, 0)  # The untrained translation: the UI's slider starts here.
     batches = iter(loader)
-    stop_flag = StopFlag().install()
+    own_flag = stop_flag is None
+    stop_flag = StopFlag().install() if stop_flag is None else stop_flag
     try:
         for step in range(start_step + 1, total + 1):
             t_data = time.perf_counter()
             real_a, real_b = next(batches)
-            real_a = real_a.to(device, non_blocking=True)
-            real_b = real_b.to(device, non_blocking=True)
+            real_a = normalize(real_a.to(device, non_blocking=True))
+            real_b = normalize(real_b.to(device, non_blocking=True))
             data_s = time.perf_counter() - t_data
 
             lr = cfg.optim.lr * lr_factor(step - 1, total, cfg.optim.decay_start_frac)
@@ -279,7 +286,8 @@ def run(cfg: DictConfig) -> RunResult:
             recorder.log_generators({"G_ab": gens.G_ab, "G_ba": gens.G_ba}, example)
         status = "KILLED" if stopped_at else "FINISHED"
     finally:
-        stop_flag.uninstall()
+        if own_flag:
+            stop_flag.uninstall()
         recorder.finish(status)
     # Ranks leave together: under torchrun the first rank to exit gets the others SIGTERMed, which would cut
     # rank 0's final MLflow flush short.
@@ -317,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # torchrun counts any non-zero exit as a crash (it restarts the group or reports a failure), so under
         # torchrun a clean stop exits 0; its log line says where it stopped.
         return 0 if os.environ.get("TORCHELASTIC_RUN_ID") else EXIT_STOPPED
-    if result.evaluation and info.is_main:
+    if "l1_translation" in result.evaluation and info.is_main:
         ev = result.evaluation
         print(f"held-out A->B L1 error over {int(ev['pairs'])} pairs: G_ab {ev['l1_translation']:.4f} vs identity "
               f"{ev['l1_identity']:.4f} ({ev['l1_identity'] / max(ev['l1_translation'], 1e-12):.1f}x lower)")

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.data import Augment, DataError, expand_pattern, held_out, train_loader
+from pipeline.data import Augment, DataError, expand_pattern, held_out, normalize, train_loader
 
 
 def data_cfg(shards, **extra):
@@ -20,8 +20,10 @@ def take(loader, n):
 
 def test_batches_are_shaped_and_scaled(shards):
     a, b = take(train_loader(data_cfg(shards, workers=0), seed=0, rank=0), 1)[0]
-    assert a.shape == b.shape == (2, 3, 32, 32) and a.dtype == torch.float32
-    assert -1.0 <= a.min() and a.max() <= 1.0
+    assert a.shape == b.shape == (2, 3, 32, 32) and a.dtype == torch.uint8  # normalised on the device
+    x = normalize(a)
+    assert x.dtype == torch.float32 and -1.0 <= x.min() and x.max() <= 1.0
+    assert torch.equal(x, a.float() / 127.5 - 1)
     assert not torch.equal(a, b)
 
 
