@@ -167,6 +167,9 @@ class EvalConfig:
     """Held-out sets are paired by sample key (the synthetic set): report G_ab's L1 error against the truth."""
     every_steps: int = 0
     """Steps between evaluations during training; 0 evaluates only at the end."""
+    features: str = ""
+    """Local feature extractor file (Inception weights, see pipeline/metrics/features.py) for FID/KID of both
+    directions at each evaluation; empty: no FID/KID. Any evaluation also reports both cycle errors."""
 
 
 @dataclass

@@ -1,0 +1,88 @@
+"""Distances between two sets of image features: FID (Heusel et al. 2017) and KID (Binkowski et al. 2018).
+
+Both take features from any extractor (`pipeline.metrics.features`); published numbers use Inception-v3 pool3
+features (2048-d). Arithmetic is float64 numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (unbiased, N - 1) of (N, D) features, in float64."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors of shape (N, D), got {x.shape}")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix (eigenvalues below 0 from round-off are 0)."""
+    eigenvalues, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ vectors.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance of two Gaussians: |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+    tr((S1 S2)^(1/2)) is computed as the sum of the square roots of the eigenvalues of sqrt(S1) S2 sqrt(S1),
+    a symmetric PSD matrix with the same eigenvalues as S1 S2. Unlike a general matrix square root of the
+    non-symmetric S1 S2 (scipy.linalg.sqrtm, as pytorch-fid uses), this has no complex parts to discard and
+    stays accurate for the singular covariances of sets smaller than the feature dimension.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"feature dimensions differ: {mu1.shape} vs {mu2.shape}")
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
+    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    diff = mu1 - mu2
+    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt
+    return float(max(value, 0.0))  # Round-off can leave -1e-12 for identical sets.
+
+
+def fid(features1: np.ndarray, features2: np.ndarray) -> float:
+    """FID between two (N, D) feature sets."""
+    return frechet_distance(*feature_stats(features1), *feature_stats(features2))
+
+
+def _poly_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel k(a, b) = (a.b / D + 1)^3 (equal subset sizes)."""
+    m, dim = x.shape
+    k_xx = (x @ x.T / dim + 1) ** 3
+    k_yy = (y @ y.T / dim + 1) ** 3
+    k_xy = (x @ y.T / dim + 1) ** 3
+    # Diagonal terms k(x_i, x_i) are left out of the within-set means: that makes the estimate unbiased.
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2 * k_xy.mean())
+
+
+def kid(features1: np.ndarray, features2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """KID: mean and standard deviation of the unbiased polynomial-kernel MMD^2 over random subsets.
+
+    Each subset draws `subset_size` vectors without replacement from each set (fewer if a set is smaller),
+    as torch-fidelity and StyleGAN's metrics do. Unbiased: about 0 for two samples of one distribution,
+    negative values included.
+
+    Args:
+        features1, features2: (N1, D) and (N2, D) features.
+        subsets: number of subsets averaged.
+        subset_size: vectors per subset and set; at most min(N1, N2).
+        seed: seed of the subset draws.
+    """
+    x, y = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature dimensions differ: {x.shape[1]} vs {y.shape[1]}")
+    size = min(subset_size, len(x), len(y))
+    if size < 2:
+        raise ValueError(f"KID needs at least 2 feature vectors per set, got {len(x)} and {len(y)}")
+    rng = np.random.default_rng(seed)
+    values = np.array([
+        _poly_mmd2(x[rng.choice(len(x), size, replace=False)], y[rng.choice(len(y), size, replace=False)])
+        for _ in range(subsets)
+    ])
+    return float(values.mean()), float(values.std())
