@@ -41,19 +41,6 @@ class NullRecorder:
 
     def start(self, start_step: int, total_steps: int) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def _warn_if_data_bound(self, share: float) -> None:
-        """Steps that wait for data waste accelerators: say so, with the worker count that would feed them.
-
-        With k workers each needing L seconds per batch and a step computing for C seconds, the wait share is
-        w = 1 - C / (L / k); no wait needs k' = ceil(k / (1 - w)) workers (k = 0 decodes in the step itself).
-        """
-        if share <= self.cfg.train.data_wait_warn_share or share >= 1.0:
-            return
-        workers = self.cfg.data.workers
-        needed = math.ceil(workers / (1 - share)) if workers else max(1, math.ceil(share / (1 - share)))
-        log.warning("data-bound: %.0f%% of step time waits for data with data.workers=%d; data.workers=%d "
-                    "would feed the step (or shard with --resize to decode less)", 100 * share, workers, needed)
-
     def save_samples(self, make_grid: Callable[[], np.ndarray], step: int) -> None: ...
     def save_checkpoint(self, state: dict[str, Any], step: int, final: bool = False) -> None: ...
     def log_result(self, name: str, values: dict[str, float], step: int) -> None: ...
