@@ -16,6 +16,7 @@ import io
 import logging
 import math
 import random
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import base_plus_ext, tarfile_samples
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,55 @@ def expand_pattern(pattern: str) -> list[str]:
             "Check the path, or create shards with `python -m pipeline.shards SRC OUT`."
         )
     return urls
+
+
+def is_local(url: str) -> bool:
+    """Whether a shard URL (from expand_pattern) is a local file rather than a pipe: or network URL."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def count_local_samples(urls: list[str], at_least: int) -> int:
+    """Samples with an image member in the local shards among `urls`, counted up to `at_least`.
+
+    Reads tar headers only (members are skipped by seeking), and stops as soon as `at_least` is reached, so
+    the start-up check costs one header read for the usual batch of 1.
+    """
+    count = 0
+    for url in urls:
+        if not is_local(url):
+            continue
+        path = url[len("file:") :] if url.startswith("file:") else url
+        try:
+            with tarfile.open(path, "r:") as tar:
+                key = None
+                for info in tar:
+                    prefix, suffix = base_plus_ext(info.name) if info.isreg() else (None, None)
+                    if prefix is None or prefix == key or suffix.lower() not in IMAGE_KEYS:
+                        continue
+                    key = prefix
+                    count += 1
+                    if count >= at_least:
+                        return count
+        except (tarfile.TarError, OSError) as err:
+            raise DataError(f"shard '{url}' is not a readable tar ({err}); check it with "
+                            f"`python -m pipeline.shards inspect {url}`") from None
+    return count
+
+
+def check_enough_samples(pattern: str, urls: list[str], batch_per_rank: int, domain: str) -> None:
+    """Refuse local shards that hold fewer samples than one batch; remote ones are checked on their first pass.
+
+    Raises:
+        DataError: naming the pattern, the domain and data.batch_per_rank.
+    """
+    if not all(is_local(url) for url in urls):
+        return
+    count = count_local_samples(urls, batch_per_rank)
+    if count < batch_per_rank:
+        raise DataError(
+            f"domain {domain}: shard pattern '{pattern}' holds {count} sample(s), fewer than one batch "
+            f"(data.batch_per_rank={batch_per_rank}); point it at the full set or lower data.batch_per_rank"
+        )
 
 
 @dataclass(frozen=True)
@@ -125,9 +175,14 @@ def decode_image(sample: dict[str, Any]) -> Image.Image:
     raise DataError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has no image member {IMAGE_KEYS}")
 
 
-def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int) -> Iterator[dict[str, Any]]:
-    """Undecoded samples forever: shards in a new random order each pass, mixed through a shuffle buffer."""
+def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int, min_samples: int = 1,
+                label: str = "") -> Iterator[dict[str, Any]]:
+    """Undecoded samples forever: shards in a new random order each pass, mixed through a shuffle buffer.
+
+    A first pass with fewer than `min_samples` samples (one batch) raises DataError, naming `label`.
+    """
     buffer: list[dict[str, Any]] = []
+    first = True
     while True:
         order = list(urls)
         rng.shuffle(order)
@@ -140,23 +195,32 @@ def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int) -> Ite
             index = rng.randrange(len(buffer))
             buffer[index], sample = sample, buffer[index]
             yield sample
+        what = f"{label} holds" if label else f"shards {order[:3]}... hold"
         if produced == 0:
-            raise DataError(f"shards {order[:3]}... hold no samples")
+            raise DataError(f"{what} no samples")
+        if first and produced < min_samples:
+            raise DataError(f"{what} {produced} sample(s), fewer than one batch (data.batch_per_rank="
+                            f"{min_samples}); point it at the full set or lower data.batch_per_rank")
+        first = False
 
 
 class DomainStream:
     """An infinite stream of augmented images of one domain, a pure function of its seed."""
 
-    def __init__(self, urls: list[str], seed: str, augment: Augment, shuffle_buffer: int) -> None:
+    def __init__(self, urls: list[str], seed: str, augment: Augment, shuffle_buffer: int, min_samples: int = 1,
+                 label: str = "") -> None:
         self.urls = urls
         self.seed = seed
         self.augment = augment
         self.shuffle_buffer = shuffle_buffer
+        self.min_samples = min_samples
+        self.label = label
         self.bad_samples = 0
 
     def iterate(self, skip: int = 0) -> Iterator[torch.Tensor]:
         """Images from position `skip` on; skipped samples are read but not decoded."""
-        samples = raw_samples(self.urls, random.Random(f"{self.seed}:shards"), self.shuffle_buffer)
+        samples = raw_samples(self.urls, random.Random(f"{self.seed}:shards"), self.shuffle_buffer,
+                              self.min_samples, self.label)
         for index, sample in enumerate(samples):
             if index < skip:
                 continue
@@ -189,8 +253,10 @@ class UnpairedBatches(IterableDataset):
         rank: int,
         shuffle_buffer: int = 512,
         start_batch: int = 0,
+        patterns: tuple[str, str] = ("", ""),
     ) -> None:
         super().__init__()
+        self.patterns = patterns
         self.urls_a, self.urls_b = urls_a, urls_b
         self.augment = augment
         self.batch_size = batch_size
@@ -205,8 +271,9 @@ class UnpairedBatches(IterableDataset):
         done = max(0, math.ceil((self.start_batch - worker) / workers))
         skip = done * self.batch_size
         streams = [
-            DomainStream(urls, f"{self.seed}:{self.rank}:{worker}:{domain}", self.augment, self.shuffle_buffer)
-            for urls, domain in ((self.urls_a, "A"), (self.urls_b, "B"))
+            DomainStream(urls, f"{self.seed}:{self.rank}:{worker}:{domain}", self.augment, self.shuffle_buffer,
+                         self.batch_size, f"domain {domain}: shard pattern '{pattern}'" if pattern else "")
+            for urls, domain, pattern in ((self.urls_a, "A", self.patterns[0]), (self.urls_b, "B", self.patterns[1]))
         ]
         iter_a, iter_b = (stream.iterate(skip) for stream in streams)
         while True:
@@ -218,17 +285,27 @@ class UnpairedBatches(IterableDataset):
 def train_loader(
     data_cfg: Any, seed: int, rank: int, start_batch: int = 0, pin_memory: bool = False
 ) -> DataLoader:
-    """DataLoader of unpaired (A, B) batches for one rank, resumed at `start_batch`."""
+    """DataLoader of unpaired (A, B) batches for one rank, resumed at `start_batch`.
+
+    Raises:
+        DataError: a pattern matches nothing, or its local shards hold fewer samples than one batch (checked
+            here, before training starts; pipe: and http shards are checked on their first pass).
+    """
     augment = Augment(data_cfg.preprocess, data_cfg.load_size, data_cfg.crop_size, data_cfg.flip)
+    urls = {}
+    for domain, pattern in (("A", data_cfg.train_a), ("B", data_cfg.train_b)):
+        urls[domain] = expand_pattern(pattern)
+        check_enough_samples(pattern, urls[domain], data_cfg.batch_per_rank, domain)
     dataset = UnpairedBatches(
-        expand_pattern(data_cfg.train_a),
-        expand_pattern(data_cfg.train_b),
+        urls["A"],
+        urls["B"],
         augment,
         data_cfg.batch_per_rank,
         seed,
         rank,
         data_cfg.shuffle_buffer,
         start_batch,
+        patterns=(data_cfg.train_a, data_cfg.train_b),
     )
     workers = data_cfg.workers
     return DataLoader(

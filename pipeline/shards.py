@@ -1,14 +1,26 @@
 """Image folders in the reference layout -> WebDataset tar shards per split, plus a manifest.
 
 `python -m pipeline.shards SRC OUT [--maxcount N] [--maxsize BYTES] [--splits trainA,trainB,testA,testB]
-[--overwrite]` reads SRC/trainA, trainB, testA, testB (JPEG/PNG/WebP, subfolders allowed, sorted order)
-and writes OUT/<split>/<split>-000000.tar ... and OUT/manifest.json (counts, sizes, sha256 per shard, skipped
-files).
+[--workers N] [--resize SIDE] [--format jpeg|png|webp] [--quality Q] [--shuffle-seed S] [--overwrite]
+[--no-progress]` reads SRC/trainA, trainB, testA, testB (JPEG/PNG/WebP, subfolders allowed, sorted order)
+and writes OUT/<split>/<split>-000000.tar ... and OUT/manifest.json (counts, sizes, sha256 per shard, the
+encoding options, skipped files). `python -m pipeline.shards inspect PATTERN` checks shards (pipeline.shard_inspect).
 
 Every image is fully decoded once to prove it readable; unreadable files are skipped and listed, never fatal.
-The original bytes are stored unchanged, with the file's relative name in `<key>.name.txt`. Tars are
-byte-identical on every run (fixed order, mtime, owner, mode). Each shard is written under a temporary name
-and renamed when complete, and the manifest is written last, so a half-written output never looks complete.
+By default the original bytes are stored unchanged; `--resize SIDE` resizes to SIDE x SIDE (bicubic, as the
+training transform's resize to data.load_size, which then becomes a no-op) and `--format` re-encodes, so training
+decodes less. The file's relative name is kept in `<key>.name.txt`. `--workers N` reads, verifies and encodes in
+N processes while this process writes the tars in input order, so the output is byte-identical whatever N is.
+`--shuffle-seed S` writes each split in a seeded random order instead of sorted: every shard then holds a random
+subset, and training's shard-order shuffle plus its shuffle buffer come close to a full shuffle (with sorted
+files, similar neighbours share a shard). Tars are byte-identical on every run (fixed order, mtime, owner,
+mode). Each shard is written under a temporary name and renamed when complete, and the manifest is written last,
+so a half-written output never looks complete.
+
+OUT may be `pipe:COMMAND`, where COMMAND contains `{path}` (the shard's or manifest.json's path relative to the
+output, shell-quoted): each shard's bytes go to the command's standard input, e.g.
+`pipe:aws s3 cp - s3://bucket/horse2zebra/{path}`. The sha256 is computed while streaming, a command that fails
+is an error naming the shard, and manifest.json goes last.
 """
 
 from __future__ import annotations
@@ -18,13 +30,21 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
+import random
 import re
+import shlex
+import subprocess
 import sys
 import tarfile
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TextIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -33,10 +53,13 @@ log = logging.getLogger(__name__)
 SPLITS = ("trainA", "trainB", "testA", "testB")
 EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> member extension.
+FORMAT_NAMES = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}  # --format -> PIL format.
 MANIFEST = "manifest.json"
 VERSION = 1
 DEFAULT_MAXCOUNT = 1000
 DEFAULT_MAXSIZE = 10**9
+DEFAULT_QUALITY = 95
+PIPE = "pipe:"
 TAR_FORMAT = tarfile.PAX_FORMAT  # Long and non-ASCII names; deterministic for fixed metadata.
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -76,16 +99,289 @@ def _verify_image(data: bytes) -> str | None:
         return FORMATS.get(img.format or "")
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Makes a rename durable; not every platform can open a directory.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
+# --- Encoding (runs in the worker processes) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """What happens to an image's bytes at shard time."""
+
+    resize: int | None = None
+    """Side of the square the image is resized to (bicubic); None keeps its size."""
+    format: str | None = None
+    """PIL format to re-encode to (JPEG, PNG, WEBP); None keeps the source's format."""
+    quality: int = DEFAULT_QUALITY
+    """JPEG/WebP quality of re-encoded images."""
+
+    @property
+    def reencodes(self) -> bool:
+        return self.resize is not None or self.format is not None
+
+    def manifest_options(self, shuffle_seed: int | None) -> dict[str, Any]:
+        """The settings that decide the shards' bytes, as recorded in the manifest."""
+        return {"resize": self.resize, "format": self.format.lower() if self.format else None,
+                "quality": self.quality if self.reencodes else None, "shuffle_seed": shuffle_seed}
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, UnidentifiedImageError):  # Its message holds a BytesIO address.
+        return "UnidentifiedImageError: not an image format PIL can read"
+    return f"{type(err).__name__}: {err}"
+
+
+def _encode(path: str, encoding: Encoding) -> tuple[str, bytes]:
+    """Read, verify and (if asked) resize and re-encode one image; returns its member extension and bytes."""
+    data = Path(path).read_bytes()
+    if not encoding.reencodes:
+        return _verify_image(data) or EXTENSIONS[Path(path).suffix.lower()], data
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        source = img.format or ""
+        rgb = img.convert("RGB")
+    target = encoding.format or (source if source in FORMATS else "PNG")
+    side = encoding.resize
+    if (side is None or rgb.size == (side, side)) and target == source:
+        return FORMATS[source], data  # Already as asked: re-encoding a JPEG would only lose quality.
+    if side is not None and rgb.size != (side, side):
+        rgb = rgb.resize((side, side), Image.BICUBIC)
+    out = io.BytesIO()
+    if target == "PNG":
+        rgb.save(out, "PNG")
+    else:
+        rgb.save(out, target, quality=encoding.quality)
+    return FORMATS[target], out.getvalue()
+
+
+def _encode_chunk(tasks: list[tuple[str, Encoding]]) -> list[tuple[bool, str, bytes | None]]:
+    """Worker entry: (True, extension, bytes) per readable image, (False, reason, None) per unreadable one."""
+    results: list[tuple[bool, str, bytes | None]] = []
+    for path, encoding in tasks:
+        try:
+            ext, data = _encode(path, encoding)
+        except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...).
+            results.append((False, _reason(err), None))
+        else:
+            results.append((True, ext, data))
+    return results
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor | None:
+    """A pool of `workers` processes, or None for 1 (work in this process).
+
+    Workers start by forkserver, not fork: the caller may hold threads (a training process, a test runner with
+    torch loaded). Like any multiprocessing code, a script calling this needs an `if __name__ == "__main__":`
+    guard.
+    """
+    if workers <= 1:
+        return None
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+
+
+def _ordered_results(tasks: list[tuple[str, Encoding]], pool: ProcessPoolExecutor | None,
+                     workers: int) -> Iterator[tuple[bool, str, bytes | None]]:
+    """Results of `_encode_chunk` over `tasks` in input order.
+
+    In this process when there is no pool (lazily: an interruption leaves nothing done ahead). Otherwise in
+    chunks, with at most 2 x workers + 2 chunks in flight, so memory stays bounded when writing is slower
+    than encoding (a slow upload).
+    """
+    if pool is None:
+        for task in tasks:
+            yield from _encode_chunk([task])
         return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    chunksize = max(1, min(8, len(tasks) // (workers * 16)))
+    chunks = (tasks[i : i + chunksize] for i in range(0, len(tasks), chunksize))
+    pending: deque[Future] = deque()
+    for chunk in chunks:
+        pending.append(pool.submit(_encode_chunk, chunk))
+        if len(pending) >= 2 * workers + 2:
+            break
+    while pending:
+        results = pending.popleft().result()
+        chunk = next(chunks, None)
+        if chunk is not None:
+            pending.append(pool.submit(_encode_chunk, chunk))
+        yield from results
+
+
+# --- Progress ------------------------------------------------------------------------------------------------
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Done of total, rate and ETA on stderr: redrawn in place on a terminal, else a line every few seconds."""
+
+    def __init__(self, total: int | None, stream: TextIO | None = None, every_s: float | None = None,
+                 enabled: bool = True, unit: str = "files") -> None:
+        """Args:
+            total: files (or bytes) to do; None when unknown (no percentage or ETA).
+            stream: where to write (default sys.stderr).
+            every_s: seconds between updates (default 0.2 on a terminal, 5 otherwise).
+            enabled: False makes every call a no-op.
+            unit: "files", or "bytes" (shown in MB and MB/s).
+        """
+        self.total, self.done, self.enabled, self.unit = total, 0, enabled, unit
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every_s = every_s if every_s is not None else (0.2 if self.tty else 5.0)
+        self.t0 = self.last = time.monotonic()
+        self.label = ""
+
+    def line(self) -> str:
+        """The current progress line (no newline)."""
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        rate = self.done / elapsed
+        if self.unit == "bytes":
+            done, speed = f"{self.done / 1e6:,.1f}", f"{rate / 1e6:,.1f} MB/s"
+            total = f"{self.total / 1e6:,.1f} MB" if self.total else "? MB"
+        else:
+            done, speed = f"{self.done:,}", f"{rate:,.0f} files/s"
+            total = f"{self.total:,} files" if self.total else "? files"
+        if not self.total:
+            return f"{self.label}: {done}/{total}, {speed}"
+        eta = _clock(max(self.total - self.done, 0) / rate) if rate > 0 else "?"
+        return f"{self.label}: {done}/{total} ({100.0 * self.done / self.total:.0f}%), {speed}, ETA {eta}"
+
+    def update(self, n: int = 1, label: str | None = None) -> None:
+        """Count `n` more files (or bytes) done, under `label` (e.g. the split being written)."""
+        self.done += n
+        if label is not None:
+            self.label = label
+        now = time.monotonic()
+        if self.enabled and now - self.last >= self.every_s:
+            self.last = now
+            self._write()
+
+    def _write(self, end: str = "") -> None:
+        if self.tty:
+            self.stream.write("\r" + self.line() + "\x1b[K" + end)
+        else:
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Write the final line."""
+        if self.enabled and (self.total or self.done):
+            self._write(end="\n")
+
+
+# --- Outputs: a local folder or a pipe: command ----------------------------------------------------------------
+
+
+class _Upload:
+    """One file being written: bytes go to `raw` and through sha256; tarfile needs write() and tell()."""
+
+    def __init__(self, relative: str) -> None:
+        self.relative = relative
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._write(data)
+        self.digest.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def _write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        """Make the file complete and visible (rename, or the command's successful exit)."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Drop the file: nothing of it may look complete."""
+        raise NotImplementedError
+
+
+class _LocalUpload(_Upload):
+    def __init__(self, folder: Path, relative: str) -> None:
+        super().__init__(relative)
+        self.path = folder / relative
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Created with open(), not mkstemp, so the file gets the umask's mode rather than 0o600.
+        self.tmp = self.path.parent / f".{self.path.name}.{os.getpid()}.tmp"
+        self.file = open(self.tmp, "wb")
+
+    def _write(self, data: bytes) -> None:
+        self.file.write(data)
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class _PipeUpload(_Upload):
+    def __init__(self, template: str, relative: str) -> None:
+        super().__init__(relative)
+        self.command = template.replace("{path}", shlex.quote(relative))
+        self.proc = subprocess.Popen(self.command, shell=True, stdin=subprocess.PIPE)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.proc.stdin.write(data)
+        except BrokenPipeError:
+            code = self.proc.wait()
+            raise ShardError(f"the pipe command for {self.relative} stopped reading its input (exit code "
+                             f"{code}): {self.command}") from None
+
+    def commit(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        code = self.proc.wait()
+        if code != 0:
+            raise ShardError(f"the pipe command for {self.relative} exited with code {code}: {self.command}")
+
+    def abort(self) -> None:
+        # Killed before end of input, an upload such as `aws s3 cp -` is abandoned, not completed.
+        self.proc.kill()
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        self.proc.wait()
+
+
+class _Output:
+    """Where shards go: a local folder, or a `pipe:` command run once per file."""
+
+    def __init__(self, out: str | os.PathLike[str]) -> None:
+        text = os.fspath(out)
+        self.template = text[len(PIPE) :] if text.startswith(PIPE) else None
+        self.folder = None if self.template is not None else Path(text)
+        if self.template is not None and "{path}" not in self.template:
+            raise ShardError(f"the output command '{text}' has no {{path}}: every shard would go to the same place "
+                             "(e.g. pipe:aws s3 cp - s3://bucket/set/{path})")
+
+    @property
+    def is_pipe(self) -> bool:
+        return self.template is not None
+
+    def open(self, relative: str) -> _Upload:
+        if self.template is not None:
+            return _PipeUpload(self.template, relative)
+        return _LocalUpload(self.folder, relative)
+
+    def describe(self, relative: str) -> str:
+        if self.template is not None:
+            return self.template.replace("{path}", relative)
+        return str(self.folder / relative)
 
 
 def _tar_info(name: str, size: int) -> tarfile.TarInfo:
@@ -104,30 +400,25 @@ def _tar_size(member_bytes: int) -> int:
 
 
 class _ShardWriter:
-    """Writes the numbered shards of one split, each through a temporary file and an atomic rename.
+    """Writes the numbered shards of one split, each through a temporary file (or command) committed when complete.
 
     A shard closes before a sample that would take it past `maxcount` samples or `maxsize` bytes (its exact
     final size, record padding included); a sample larger than `maxsize` gets a shard of its own.
     """
 
-    def __init__(self, folder: Path, split: str, maxcount: int, maxsize: int) -> None:
-        self.folder, self.split = folder, split
+    def __init__(self, output: _Output, split: str, maxcount: int, maxsize: int) -> None:
+        self.output, self.split = output, split
         self.maxcount, self.maxsize = maxcount, maxsize
         self.shards: list[dict[str, Any]] = []
-        self._file: io.BufferedWriter | None = None
+        self._upload: _Upload | None = None
         self._tar: tarfile.TarFile | None = None
-        self._tmp: Path | None = None
         self._count = 0
         self._member_bytes = 0
 
-    def _path(self) -> Path:
-        return self.folder / f"{self.split}-{len(self.shards):06d}.tar"
-
     def _open(self) -> None:
-        # Created with open(), not mkstemp, so the shard gets the umask's mode rather than 0o600.
-        self._tmp = self.folder / f".{self._path().name}.{os.getpid()}.tmp"
-        self._file = open(self._tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=TAR_FORMAT, encoding="utf-8")
+        relative = f"{self.split}/{self.split}-{len(self.shards):06d}.tar"
+        self._upload = self.output.open(relative)
+        self._tar = tarfile.open(fileobj=self._upload, mode="w", format=TAR_FORMAT, encoding="utf-8")
         self._count, self._member_bytes = 0, 0
 
     def add(self, members: list[tuple[str, bytes]]) -> None:
@@ -152,26 +443,23 @@ class _ShardWriter:
         self._member_bytes += size
 
     def close(self) -> None:
-        """Finish the open shard (if any): flush, fsync, rename into place, record it."""
+        """Finish the open shard (if any): end the tar, commit the file, record it."""
         if self._tar is None:
             return
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        path = self._path()
-        os.replace(self._tmp, path)
-        self.shards.append({"path": f"{self.split}/{path.name}", "count": self._count,
-                            "bytes": path.stat().st_size, "sha256": sha256_file(path)})
-        log.info("wrote %s (%d samples, %.1f MB)", path, self._count, path.stat().st_size / 1e6)
-        self._tar = self._file = self._tmp = None
+        upload = self._upload
+        upload.commit()
+        self.shards.append({"path": upload.relative, "count": self._count, "bytes": upload.size,
+                            "sha256": upload.digest.hexdigest()})
+        log.info("wrote %s (%d samples, %.1f MB)", self.output.describe(upload.relative), self._count,
+                 upload.size / 1e6)
+        self._tar = self._upload = None
 
     def abort(self) -> None:
-        """Drop the open shard's temporary file; shards already renamed stay (the manifest is not written)."""
-        if self._file is not None:
-            self._file.close()
-            self._tmp.unlink(missing_ok=True)
-        self._tar = self._file = self._tmp = None
+        """Drop the open shard; shards already committed stay (the manifest is not written)."""
+        if self._upload is not None:
+            self._upload.abort()
+        self._tar = self._upload = None
 
 
 def _shard_files(folder: Path, split: str) -> list[Path]:
@@ -180,44 +468,74 @@ def _shard_files(folder: Path, split: str) -> list[Path]:
     return sorted(p for p in folder.glob("*") if names.fullmatch(p.name)) if folder.is_dir() else []
 
 
-def _write_split(folder: Path, dest: Path, split: str, maxcount: int, maxsize: int,
-                 skipped: list[dict[str, str]]) -> dict[str, Any]:
-    """Shard one split folder into `dest`; unreadable files are appended to `skipped`."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for stale in _shard_files(dest, split):
-        if stale.suffix == ".tmp":
-            stale.unlink()
-    writer = _ShardWriter(dest, split, maxcount, maxsize)
+@dataclass
+class _Entry:
+    path: Path
+    relative: str
+    name: bytes | None  # None: the file name is not valid UTF-8.
+    key: str = ""
+
+
+def _list_split(folder: Path, shuffle_seed: int | None, split: str) -> list[_Entry]:
+    """The split's files in the order they are written, each with its unique key.
+
+    Keys are given in sorted order, before any shuffle, so they do not depend on the seed.
+    """
+    entries = []
+    for path in list_images(folder):
+        relative = path.relative_to(folder).as_posix()
+        try:
+            name = relative.encode("utf-8")
+        except UnicodeEncodeError:
+            name = None
+        entries.append(_Entry(path, relative, name))
     used: set[str] = set()
+    for entry in entries:
+        if entry.name is None:
+            continue
+        key = base = sample_key(entry.relative)
+        suffix = 1
+        while key in used:  # a.png and a.jpg, or a.b.png and a_b.png, would share a key.
+            key, suffix = f"{base}_{suffix}", suffix + 1
+        if key != base:
+            log.warning("key %s of %s is taken; using %s", base, entry.path, key)
+        used.add(key)
+        entry.key = key
+    if shuffle_seed is not None:
+        random.Random(f"{shuffle_seed}:{split}").shuffle(entries)
+    return entries
+
+
+def _write_split(entries: list[_Entry], folder: Path, output: _Output, split: str, maxcount: int, maxsize: int,
+                 encoding: Encoding, pool: ProcessPoolExecutor | None, workers: int, progress: Progress,
+                 skipped: list[dict[str, str]]) -> dict[str, Any]:
+    """Shard one split's files; unreadable files are appended to `skipped`."""
+    if output.folder is not None:
+        dest = output.folder / split
+        dest.mkdir(parents=True, exist_ok=True)
+        for stale in _shard_files(dest, split):
+            if stale.suffix == ".tmp":
+                stale.unlink()
+    writer = _ShardWriter(output, split, maxcount, maxsize)
+    results = _ordered_results([(str(e.path), encoding) for e in entries if e.name is not None], pool, workers)
     count = 0
     try:
-        for path in list_images(folder):
-            relative = path.relative_to(folder).as_posix()
-            try:
-                name = relative.encode("utf-8")
-                data = path.read_bytes()
-                ext = _verify_image(data) or EXTENSIONS[path.suffix.lower()]
-            except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...).
-                reason = f"{type(err).__name__}: {err}"
-                if isinstance(err, UnicodeEncodeError):
-                    reason = "file name is not valid UTF-8"
-                elif isinstance(err, UnidentifiedImageError):  # Its message holds a BytesIO address.
-                    reason = "UnidentifiedImageError: not an image format PIL can read"
-                log.warning("skipping unreadable image %s (%s)", path, reason)
-                skipped.append({"split": split, "path": f"{split}/{relative}", "reason": reason})
+        for entry in entries:
+            progress.update(label=f"sharding {split}")
+            if entry.name is None:
+                ok, reason, data = False, "file name is not valid UTF-8", None
+            else:
+                ok, reason, data = next(results)
+            if not ok:
+                log.warning("skipping unreadable image %s (%s)", entry.path, reason)
+                skipped.append({"split": split, "path": f"{split}/{entry.relative}", "reason": reason})
                 continue
-            key = base = sample_key(relative)
-            suffix = 1
-            while key in used:  # a.png and a.jpg, or a.b.png and a_b.png, would share a key.
-                key, suffix = f"{base}_{suffix}", suffix + 1
-            if key != base:
-                log.warning("key %s of %s is taken; using %s", base, path, key)
-            used.add(key)
-            writer.add([(f"{key}.{ext}", data), (f"{key}.name.txt", name)])
+            writer.add([(f"{entry.key}.{reason}", data), (f"{entry.key}.name.txt", entry.name)])
             count += 1
         writer.close()
     except BaseException:
         writer.abort()
+        results.close()
         raise
     shards = writer.shards
     if not shards:
@@ -247,64 +565,146 @@ def _check_splits(splits: Sequence[str]) -> list[str]:
     return splits
 
 
+def make_encoding(resize: int | None = None, format: str | None = None, quality: int = DEFAULT_QUALITY) -> Encoding:
+    """Check and normalise the shard-time encoding options.
+
+    Args:
+        resize: side of the square images are resized to, or None.
+        format: jpeg (or jpg), png, webp, or None to keep each image's format.
+        quality: JPEG/WebP quality, 1-100.
+
+    Raises:
+        ShardError: a value out of range or an unknown format.
+    """
+    if resize is not None and resize < 1:
+        raise ShardError(f"resize must be a positive side in pixels, got {resize}")
+    if not 1 <= quality <= 100:
+        raise ShardError(f"quality must lie in 1..100, got {quality}")
+    name = None
+    if format is not None:
+        name = FORMAT_NAMES.get(format.lower())
+        if name is None:
+            raise ShardError(f"unknown format '{format}'; choose one of: jpeg, png, webp")
+    return Encoding(resize, name, quality)
+
+
+def _write_manifest(output: _Output, manifest: dict[str, Any]) -> None:
+    """The manifest goes last: its presence marks a complete output (atomically, locally)."""
+    text = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
+    upload = output.open(MANIFEST)
+    try:
+        upload.write(text)
+        upload.commit()
+    except BaseException:
+        upload.abort()
+        raise
+    if output.folder is not None:
+        _fsync_dir(output.folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes a rename durable; not every platform can open a directory.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_shards(src: str | os.PathLike[str], out: str | os.PathLike[str], splits: Sequence[str] = SPLITS,
-                 maxcount: int = DEFAULT_MAXCOUNT, maxsize: int = DEFAULT_MAXSIZE,
-                 overwrite: bool = False) -> dict[str, Any]:
-    """Shard the reference layout under `src` into `out`; returns the manifest (also out/manifest.json).
+                 maxcount: int = DEFAULT_MAXCOUNT, maxsize: int = DEFAULT_MAXSIZE, overwrite: bool = False,
+                 workers: int = 1, resize: int | None = None, format: str | None = None,
+                 quality: int = DEFAULT_QUALITY, shuffle_seed: int | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+    """Shard the reference layout under `src` into `out`; returns the manifest (also written to the output).
 
     Args:
         src: folder holding some of the split folders (trainA/, trainB/, testA/, testB/).
-        out: output folder; created if missing.
+        out: output folder (created if missing), or `pipe:COMMAND` with `{path}` in COMMAND: each shard and
+            finally manifest.json is streamed to the command's standard input.
         splits: split folders to shard; those missing under `src` are left out (at least one must exist).
         maxcount: samples per shard at most.
         maxsize: bytes per shard at most (a single larger sample still gets a shard of its own).
-        overwrite: allow an `out` that already holds a manifest or tars. The shards of the splits written
+        overwrite: allow a local `out` that already holds a manifest or tars. The shards of the splits written
             are removed first; other splits' entries in the previous manifest are kept if their files are
-            intact.
+            intact (and were written with the same encoding options).
+        workers: processes that read, verify and encode images (1: this process). The output does not
+            depend on it.
+        resize: resize every image to resize x resize (bicubic) before storing it.
+        format: re-encode every image as jpeg, png or webp (None: keep the source format).
+        quality: JPEG/WebP quality of re-encoded images.
+        shuffle_seed: write each split's files in a random order drawn from this seed (None: sorted order).
+        progress: report files/s and ETA on stderr.
 
     Raises:
-        ShardError: bad arguments, no split folder under `src`, or `out` holds shards or a manifest and
-            `overwrite` is False.
+        ShardError: bad arguments, no split folder under `src`, `out` holds shards or a manifest and
+            `overwrite` is False, or a pipe command failed.
     """
-    src, out = Path(src), Path(out)
+    src = Path(src)
+    output = _Output(out)
     splits = _check_splits(splits)
+    encoding = make_encoding(resize, format, quality)
     if maxcount < 1 or maxsize < 1:
         raise ShardError(f"maxcount and maxsize must be positive, got {maxcount} and {maxsize}")
+    if workers < 1:
+        raise ShardError(f"workers must be at least 1, got {workers}")
     present = [s for s in splits if (src / s).is_dir()]
     if not present:
         raise ShardError(f"'{src}' has none of the split folders {', '.join(splits)} (the reference layout)")
-    if out.exists() and not out.is_dir():
-        raise ShardError(f"output '{out}' exists and is not a folder")
+    options = encoding.manifest_options(shuffle_seed)
+    folder = output.folder
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise ShardError(f"output '{folder}' exists and is not a folder")
 
     # Refuse to mix with an earlier output unless asked; then remove what this run replaces, manifest first,
-    # so an interrupted overwrite never looks complete.
+    # so an interrupted overwrite never looks complete. (A pipe: output cannot be listed: it is the command's.)
     previous = None
-    if out.is_dir() and ((out / MANIFEST).exists() or any(out.rglob("*.tar"))):
+    if folder is not None and folder.is_dir() and ((folder / MANIFEST).exists() or any(folder.rglob("*.tar"))):
         if not overwrite:
-            raise ShardError(f"output folder '{out}' already holds shards or a {MANIFEST}; "
+            raise ShardError(f"output folder '{folder}' already holds shards or a {MANIFEST}; "
                              "pass --overwrite (overwrite=True) to replace them")
-        previous = _previous_manifest(out) if (out / MANIFEST).exists() else None
-        (out / MANIFEST).unlink(missing_ok=True)
+        previous = _previous_manifest(folder) if (folder / MANIFEST).exists() else None
+        kept = [s for s in (previous or {}).get("splits", {}) if s not in present]
+        before = (previous or {}).get("options", Encoding().manifest_options(None))
+        if kept and before != options:
+            raise ShardError(f"'{folder}' keeps split(s) {', '.join(kept)} written with {before}, and this run "
+                             f"uses {options}: shard those splits too (--splits) or write to a new folder")
+        (folder / MANIFEST).unlink(missing_ok=True)
         for split in present:
-            for old in _shard_files(out / split, split):
+            for old in _shard_files(folder / split, split):
                 old.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+
+    # List every split first: the progress total, and the deterministic order (sorted, or seeded shuffle).
+    listed = {split: _list_split(src / split, shuffle_seed, split) for split in present}
+    meter = Progress(sum(len(e) for e in listed.values()), enabled=progress)
 
     # Shard each split.
     entries: dict[str, Any] = {}
     skipped: list[dict[str, str]] = []
-    for split in splits:
-        if split not in present:
-            log.info("no folder %s: split %s not written", src / split, split)
-            continue
-        entries[split] = _write_split(src / split, out / split, split, maxcount, maxsize, skipped)
+    pool = process_pool(workers)
+    try:
+        for split in splits:
+            if split not in present:
+                log.info("no folder %s: split %s not written", src / split, split)
+                continue
+            entries[split] = _write_split(listed[split], src / split, output, split, maxcount, maxsize, encoding,
+                                          pool, workers, meter, skipped)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    meter.close()
 
     # Keep the previous manifest's entries of splits this run did not touch, where their shards are intact.
     if previous is not None:
         for split, entry in previous.get("splits", {}).items():
             if split in entries:
                 continue
-            if all((out / s["path"]).is_file() and (out / s["path"]).stat().st_size == s["bytes"]
+            if all((folder / s["path"]).is_file() and (folder / s["path"]).stat().st_size == s["bytes"]
                    for s in entry.get("shards", [])):
                 entries[split] = entry
                 skipped.extend(s for s in previous.get("skipped", []) if s.get("split") == split)
@@ -314,19 +714,11 @@ def write_shards(src: str | os.PathLike[str], out: str | os.PathLike[str], split
     manifest = {
         "version": VERSION,
         "source": str(src.resolve()),
+        "options": options,
         "splits": {s: entries[s] for s in sorted(entries, key=lambda s: (order.get(s, len(order)), s))},
         "skipped": skipped,
     }
-
-    # The manifest goes last, atomically: its presence marks a complete output.
-    tmp = out / f".{MANIFEST}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, out / MANIFEST)
-    _fsync_dir(out)
+    _write_manifest(output, manifest)
     return manifest
 
 
@@ -357,26 +749,52 @@ def split_pattern(out: str | os.PathLike[str], split: str) -> str:
     return str(Path(out).resolve() / entry["pattern"])
 
 
-def main(argv: list[str] | None = None) -> int:
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry; returns the exit code (2 for usage errors and an existing output)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.shards", description=__doc__.splitlines()[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["inspect"]:
+        from pipeline.shard_inspect import main as inspect_main
+
+        return inspect_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.shards", description=__doc__.splitlines()[0],
+                                     epilog="Check shards with: python -m pipeline.shards inspect PATTERN")
     parser.add_argument("src", type=Path, help="folder with trainA/ trainB/ testA/ testB/")
-    parser.add_argument("out", type=Path, help="output folder for the shards and manifest.json")
+    parser.add_argument("out", help="output folder for the shards and manifest.json, or pipe:COMMAND with {path}")
     parser.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="samples per shard at most")
     parser.add_argument("--maxsize", type=int, default=DEFAULT_MAXSIZE, help="bytes per shard at most (1 GB)")
     parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated split folders")
+    parser.add_argument("--workers", type=_positive_int, default=1,
+                        help="processes that read, verify and encode images (output does not depend on it)")
+    parser.add_argument("--resize", type=_positive_int, default=None, metavar="SIDE",
+                        help="resize to SIDE x SIDE, bicubic (use data.load_size: training's resize is then skipped)")
+    parser.add_argument("--format", choices=["jpeg", "jpg", "png", "webp"], default=None,
+                        help="re-encode images in this format (default: keep each image's format)")
+    parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG/WebP quality of re-encoded images")
+    parser.add_argument("--shuffle-seed", type=int, default=None, metavar="S",
+                        help="write files in a seeded random order, so each shard is a random subset")
     parser.add_argument("--overwrite", action="store_true", help="replace shards and manifest already in OUT")
+    parser.add_argument("--no-progress", action="store_true", help="no files/s and ETA on stderr")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     try:
-        manifest = write_shards(args.src, args.out, splits, args.maxcount, args.maxsize, args.overwrite)
+        manifest = write_shards(args.src, args.out, splits, args.maxcount, args.maxsize, args.overwrite,
+                                workers=args.workers, resize=args.resize, format=args.format, quality=args.quality,
+                                shuffle_seed=args.shuffle_seed, progress=not args.no_progress)
     except ShardError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    output = _Output(args.out)
     for split in splits:
         entry = manifest["splits"].get(split)
         if not (args.src / split).is_dir():
@@ -385,11 +803,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         size = sum(s["bytes"] for s in entry["shards"])
         bad = sum(s["split"] == split for s in manifest["skipped"])
-        where = args.out / entry["pattern"] if entry["pattern"] else "no shards"
+        where = output.describe(entry["pattern"]) if entry["pattern"] else "no shards"
         print(f"{split}: {entry['count']} images, {bad} skipped, {len(entry['shards'])} shard(s), "
               f"{size / 1e6:.1f} MB -> {where}")
     if manifest["skipped"]:
-        print(f"skipped {len(manifest['skipped'])} unreadable file(s): listed in {args.out / MANIFEST}")
+        print(f"skipped {len(manifest['skipped'])} unreadable file(s): listed in {output.describe(MANIFEST)}")
     return 0
 
 

@@ -75,3 +75,44 @@ def test_augment_crops_and_flips_deterministically():
 def test_held_out_is_in_shard_order(shards):
     keys, images = held_out(shards["testA"], 3, 32)
     assert keys == sorted(keys) and images.shape == (3, 3, 32, 32)
+
+
+@pytest.fixture
+def three_samples(tmp_path, synthetic):
+    """A domain of 3 images in one shard."""
+    from pipeline.shards import write_shards
+
+    synthetic.make_synthetic(tmp_path / "images", train=3, test=1, size=40, seed=5)
+    write_shards(tmp_path / "images", tmp_path / "shards", splits=["trainA"])
+    return str(tmp_path / "shards" / "trainA" / "*.tar")
+
+
+def test_local_domain_smaller_than_a_batch_is_refused_at_start_up(shards, three_samples):
+    cfg = data_cfg(shards, train_b=three_samples, batch_per_rank=4, workers=0)
+    with pytest.raises(DataError, match=r"domain B: shard pattern '.*trainA/\*\.tar' holds 3 sample\(s\), fewer than "
+                                         r"one batch \(data.batch_per_rank=4\)"):
+        train_loader(cfg, seed=0, rank=0)
+    take(train_loader(data_cfg(shards, train_b=three_samples, batch_per_rank=3, workers=0), seed=0, rank=0), 1)
+
+
+def test_remote_domain_smaller_than_a_batch_fails_on_its_first_pass(shards, three_samples):
+    import glob
+
+    remote = f"pipe:cat {glob.glob(three_samples)[0]}"
+    loader = train_loader(data_cfg(shards, train_a=remote, batch_per_rank=4, workers=0), seed=0, rank=0)
+    with pytest.raises(DataError, match=r"domain A: shard pattern 'pipe:cat .*' holds 3 sample\(s\), fewer than one "
+                                        r"batch \(data.batch_per_rank=4\)"):
+        next(iter(loader))
+    a, _ = take(train_loader(data_cfg(shards, train_a=remote, batch_per_rank=3, workers=0), seed=0, rank=0), 1)[0]
+    assert a.shape[0] == 3
+
+
+def test_trainer_refuses_a_small_domain_before_building_anything(shards, three_samples, tmp_path, capsys):
+    from pipeline.train import main
+
+    code = main([f"data.train_a={shards['trainA']}", f"data.train_b={three_samples}", "data.batch_per_rank=8",
+                 f"run_dir={tmp_path}/run", "tracking.enabled=false", "data.workers=0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"domain B: shard pattern '{three_samples}' holds 3 sample(s)" in err and "batch_per_rank=8" in err
+    assert not (tmp_path / "run").exists()

@@ -4,6 +4,7 @@ deterministic tars, shard limits, and outputs that are never mixed or left looki
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -263,3 +264,202 @@ def test_module_runs_from_the_command_line(tree, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("testA: 2 images, 0 skipped, 1 shard(s)")
     assert list(load_manifest(out)["splits"]) == ["testA"]
+
+
+# --- Large trees: parallel encoding, resize/re-encode, shuffling, pipe: output, progress ------------------------
+
+
+@pytest.fixture(scope="module")
+def big_tree(tmp_path_factory) -> Path:
+    """2,000 tiny PNGs (1,200 + 800) and one unreadable file: 'a few thousand images' at test speed."""
+    src = tmp_path_factory.mktemp("big") / "src"
+    rng = np.random.default_rng(7)
+    for split, n in (("trainA", 1200), ("trainB", 800)):
+        (src / split / "sub").mkdir(parents=True)
+        for i in range(n):
+            folder = src / split / ("sub" if i % 10 == 0 else "")
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    (src / "trainB" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return src
+
+
+def samples_of(out: Path) -> dict[str, set[tuple[str, bytes, bytes]]]:
+    return {split: {(s["__key__"], s["name.txt"], s.get("png", s.get("jpg"))) for s in read_split(out, split)}
+            for split in load_manifest(out)["splits"]}
+
+
+def test_two_workers_write_the_same_bytes_as_one(big_tree, tmp_path):
+    one = write_shards(big_tree, tmp_path / "one", maxcount=300, workers=1)
+    two = write_shards(big_tree, tmp_path / "two", maxcount=300, workers=2)
+    assert samples_of(tmp_path / "one") == samples_of(tmp_path / "two")
+    assert {s: len(v) for s, v in samples_of(tmp_path / "two").items()} == {"trainA": 1200, "trainB": 800}
+    # Not only the same samples: the same tars, byte for byte, and the same manifest.
+    assert tars(tmp_path / "one") == tars(tmp_path / "two")
+    assert one["splits"] == two["splits"] and one["skipped"] == two["skipped"]
+    assert [s["path"] for s in two["skipped"]] == ["trainB/zz_broken.png"]
+    # A re-run gives byte-identical shards.
+    again = write_shards(big_tree, tmp_path / "two", maxcount=300, workers=2, overwrite=True)
+    assert tars(tmp_path / "two") == tars(tmp_path / "one") and again == two
+
+
+def test_resize_and_reencode_at_shard_time(tree, tmp_path):
+    manifest = write_shards(tree, tmp_path / "out", splits=["trainA", "testB"], resize=12, format="jpeg", quality=90)
+    assert manifest["options"] == {"resize": 12, "format": "jpeg", "quality": 90, "shuffle_seed": None}
+    for split in ("trainA", "testB"):
+        samples = read_split(tmp_path / "out", split)
+        assert [s["name.txt"].decode() for s in samples] == sorted(LAYOUT[split])  # Original names kept.
+        for sample in samples:
+            assert set(sample) - {"__key__", "__url__", "__local_path__"} == {"jpg", "name.txt"}
+            with Image.open(io.BytesIO(sample["jpg"])) as img:
+                assert img.format == "JPEG" and img.size == (12, 12)
+            # Exactly the training transform's bicubic resize, then JPEG at the quality asked.
+            source = Image.open(tree / split / sample["name.txt"].decode()).convert("RGB")
+            expected = io.BytesIO()
+            source.resize((12, 12), Image.BICUBIC).save(expected, "JPEG", quality=90)
+            assert sample["jpg"] == expected.getvalue()
+    assert [s["path"] for s in manifest["skipped"]] == ["trainA/broken.jpg"]
+
+
+def test_resize_keeps_the_format_and_leaves_images_already_the_right_size(tmp_path):
+    src = tmp_path / "src"
+    make_image(src / "trainA" / "small.png", seed=1, size=(10, 10))
+    make_image(src / "trainA" / "wide.png", seed=2, size=(30, 20))
+    write_shards(src, tmp_path / "out", resize=10)
+    samples = {s["__key__"]: s for s in read_split(tmp_path / "out", "trainA")}
+    assert samples["small"]["png"] == (src / "trainA" / "small.png").read_bytes()  # Nothing to do: bytes kept.
+    with Image.open(io.BytesIO(samples["wide"]["png"])) as img:
+        assert (img.format, img.size) == ("PNG", (10, 10))
+
+
+def test_shuffle_seed_spreads_files_across_shards_deterministically(big_tree, tmp_path):
+    plain = write_shards(big_tree, tmp_path / "plain", splits=["trainA"], maxcount=100)
+    first = write_shards(big_tree, tmp_path / "s1", splits=["trainA"], maxcount=100, shuffle_seed=1, workers=2)
+    again = write_shards(big_tree, tmp_path / "s1b", splits=["trainA"], maxcount=100, shuffle_seed=1)
+    write_shards(big_tree, tmp_path / "s2", splits=["trainA"], maxcount=100, shuffle_seed=2)
+    assert first["options"]["shuffle_seed"] == 1 and plain["options"]["shuffle_seed"] is None
+    assert tars(tmp_path / "s1") == tars(tmp_path / "s1b") and first["splits"] == again["splits"]
+    order = {name: [s["name.txt"].decode() for s in read_split(tmp_path / name, "trainA")]
+             for name in ("plain", "s1", "s2")}
+    assert order["plain"] == sorted(order["plain"])
+    assert order["s1"] != order["plain"] and order["s2"] != order["s1"]
+    # The same samples under the same keys, whatever the seed.
+    assert samples_of(tmp_path / "plain") == samples_of(tmp_path / "s1") == samples_of(tmp_path / "s2")
+    # Each shard is a random subset: the first shard no longer holds only the first files.
+    first_shard = {s["name.txt"].decode() for s in wds.WebDataset(
+        str(tmp_path / "s1" / first["splits"]["trainA"]["shards"][0]["path"]), shardshuffle=False)}
+    assert len(first_shard & set(order["plain"][:100])) < 30
+
+
+def test_pipe_output_streams_shards_and_writes_the_manifest_last(tree, tmp_path):
+    local = write_shards(tree, tmp_path / "local", maxcount=2)
+    dest, log = tmp_path / "remote", tmp_path / "commands.log"
+    command = f"pipe:echo {{path}} >> {log} && mkdir -p {dest}/$(dirname {{path}}) && cat > {dest}/{{path}}"
+    piped = write_shards(tree, command, maxcount=2)
+    assert piped["splits"] == local["splits"]  # sha256 computed while streaming equals the local files'.
+    assert tars(dest) == tars(tmp_path / "local")
+    assert json.loads((dest / "manifest.json").read_text()) == piped
+    sent = log.read_text().split()
+    assert sent[-1] == "manifest.json" and sorted(sent[:-1]) == sorted(tars(dest))
+    assert main([str(tree), command.replace(str(dest), str(tmp_path / "cli")), "--splits", "testA"]) == 0
+    assert (tmp_path / "cli" / "testA" / "testA-000000.tar").is_file()
+
+
+def test_a_failing_pipe_command_names_the_shard_and_writes_no_manifest(tree, tmp_path, capsys):
+    log = tmp_path / "commands.log"
+    with pytest.raises(ShardError, match=r"trainA/trainA-000000\.tar exited with code 3"):
+        write_shards(tree, f"pipe:echo {{path}} >> {log}; cat > /dev/null; exit 3")
+    assert log.read_text().split() == ["trainA/trainA-000000.tar"]
+    assert main([str(tree), "pipe:cat > /dev/null"]) == 2
+    assert "has no {path}" in capsys.readouterr().err
+
+
+def test_progress_shows_files_per_second_and_eta(tree, tmp_path, capsys):
+    meter = shards.Progress(200, stream=io.StringIO(), every_s=0)
+    meter.update(50, label="trainA")
+    assert re.fullmatch(r"trainA: 50/200 files \(25%\), [\d,]+ files/s, ETA \d+:\d\d:\d\d", meter.line())
+    assert main([str(tree), str(tmp_path / "out"), "--workers", "2"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"sharding testB: 14/14 files \(100%\), [\d,]+ files/s, ETA 0:00:00", err)
+    assert main([str(tree), str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert "files/s" not in capsys.readouterr().err
+
+
+def test_bad_encoding_options_and_mixed_options_are_refused(tree, tmp_path):
+    with pytest.raises(ShardError, match="quality"):
+        write_shards(tree, tmp_path / "out", quality=0)
+    with pytest.raises(ShardError, match="unknown format 'gif'"):
+        write_shards(tree, tmp_path / "out", format="gif")
+    write_shards(tree, tmp_path / "out")
+    # Re-sharding only testA at another size would mix sizes in one output: refused, nothing removed.
+    before = tars(tmp_path / "out")
+    with pytest.raises(ShardError, match="keeps split"):
+        write_shards(tree, tmp_path / "out", splits=["testA"], resize=8, overwrite=True)
+    assert tars(tmp_path / "out") == before and load_manifest(tmp_path / "out")
+
+
+# --- inspect --------------------------------------------------------------------------------------------------
+
+
+def test_inspect_reports_counts_sizes_and_a_clean_manifest(tree, tmp_path, capsys):
+    from pipeline.shard_inspect import inspect_shards
+
+    out = tmp_path / "out"
+    manifest = write_shards(tree, out, maxcount=2)
+    report = inspect_shards(str(out / "trainA" / "*.tar"))
+    assert report.ok and report.manifest_path == str((out / "manifest.json").resolve())
+    assert [s.samples for s in report.shards] == [s["count"] for s in manifest["splits"]["trainA"]["shards"]]
+    assert all(s.manifest == "ok" and s.decoded == s.samples for s in report.shards)
+    assert report.skipped_at_sharding == 1
+    widths = [20 + 3 * i for i in range(5)]
+    assert report.size_stats()["width"] == (min(widths), 26, max(widths))
+    assert main(["inspect", str(out / "train{A,B}" / "*.tar"), "--workers", "2"]) == 0
+    stdout = capsys.readouterr().out
+    assert "5 shard(s), 9 samples" in stdout and "OK: no problems found" in stdout and "width 20 / " in stdout
+    # --sample decodes that many per shard; the counts still cover everything.
+    sampled = inspect_shards(f"{out}/trainA/trainA-{{000000..000002}}.tar", sample=1)
+    assert [s.decoded for s in sampled.shards] == [1, 1, 1] and sampled.samples == 5 and sampled.ok
+
+
+def test_inspect_finds_a_corrupt_member(tree, tmp_path, capsys):
+    good = (tree / "trainA" / "001.jpg").read_bytes()
+    path = tmp_path / "loose" / "bad-000000.tar"
+    path.parent.mkdir()
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("ok.jpg", good), ("ok.name.txt", b"ok.jpg"), ("cut.jpg", good[: len(good) // 2]),
+                           ("cut.name.txt", b"cut.jpg"), ("noimage.name.txt", b"?")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert main(["inspect", str(path)]) == 1
+    stdout = capsys.readouterr().out
+    assert "cut.jpg (key cut)" in stdout and "truncated" in stdout.lower()
+    assert "noimage" in stdout and "no image member" in stdout
+    assert "no manifest found" in stdout and "PROBLEMS (2)" in stdout
+
+
+def test_inspect_finds_shards_that_differ_from_the_manifest(tree, tmp_path, capsys):
+    from pipeline.shard_inspect import inspect_shards
+
+    out = tmp_path / "out"
+    manifest = write_shards(tree, out, maxcount=2)
+    # Change one byte of a name.txt member: the tar and its images stay valid, only the sha256 differs.
+    changed = out / manifest["splits"]["trainB"]["shards"][1]["path"]
+    data = bytearray(changed.read_bytes())
+    index = data.index(b"b2.webp", 1024)  # The member's content, not its header name.
+    data[index] = ord("c")
+    changed.write_bytes(bytes(data))
+    # And a shard the manifest does not list.
+    (out / "trainB" / "trainB-000099.tar").write_bytes((out / "trainB" / "trainB-000000.tar").read_bytes())
+    report = inspect_shards(str(out / "trainB" / "*.tar"))
+    assert [s.manifest for s in report.shards] == ["ok", "mismatch", "not listed"]
+    assert not report.corrupt and not report.ok
+    assert any("trainB-000001.tar: differs from" in p and "sha256" in p for p in report.problems)
+    assert main(["inspect", str(out / "trainB" / "*.tar"), "--json", str(tmp_path / "report.json")]) == 1
+    assert "mismatch" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert not saved["ok"] and len(saved["problems"]) == 2
+    # A truncated shard is unreadable, and a pattern that matches nothing is a usage error.
+    changed.write_bytes(bytes(data[:1500]))
+    assert any("unreadable" in p for p in inspect_shards(str(changed)).problems)
+    assert main(["inspect", str(tmp_path / "nothing" / "*.tar")]) == 2
+    assert "matches no file" in capsys.readouterr().err
