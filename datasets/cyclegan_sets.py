@@ -6,15 +6,20 @@
 
 For each set, in <root>/<name>/:
 1. <base-url>/<name>.zip is downloaded to <name>.zip.part. An interrupted download resumes with an HTTP Range
-   request (If-Range guards against a file that changed meanwhile); a server that answers 200 instead of 206,
-   or a Content-Range that does not start where the .part ends, restarts it from zero. The file is renamed to
-   <name>.zip only when its length equals the length the server announced and every member's CRC checks
-   (zipfile.testzip). A base URL that is a local folder (or file:) is read in place, without copying.
-2. The zip is extracted to a temporary folder, checked for the reference layout (<name>/trainA, trainB and
-   usually testA, testB; image counts reported and compared with the reference's where known) and renamed to
-   images/.
+   request (If-Range, with a strong ETag or else Last-Modified, guards against a file that changed meanwhile); a
+   server that answers 200 instead of 206, or a Content-Range that is unusable, does not start where the .part
+   ends or names another length than before, restarts it from zero. A .part that holds every byte announced is
+   verified without downloading anything. The file is renamed to <name>.zip only when its length equals the
+   length the server announced (a server that announces none: when it ends as a zip) and every member's CRC
+   checks (zipfile.testzip). A base URL that is a local folder (or file:) is read in place, without copying. A
+   <name>.zip already in <root>/<name>/ (yours, or kept by an earlier run) is verified and used; only a zip this
+   run downloaded is removed after extraction (unless --keep-zip).
+2. The zip is extracted to a temporary folder (removed if anything fails), checked for the reference layout
+   (<name>/trainA, trainB and usually testA, testB; image counts reported and compared with the reference's
+   where known) and renamed to images/.
 3. images/ is sharded with pipeline.shards (all its options: --workers, --resize, --format, --quality,
-   --shuffle-seed, --maxcount) into shards/; shards/manifest.json, written last, marks the set complete.
+   --shuffle-seed, --maxcount) into shards/; shards/manifest.json, written last, marks the set complete and
+   records the options.
 4. train.yaml is written: configs/<name>.yaml with these shards' absolute paths and train.steps = 200 epochs of
    the larger training domain as counted, so `python -m pipeline.train --config <root>/<name>/train.yaml` trains
    wherever the shards are. With --root data, run from the repository, configs/<name>.yaml works as it is.
@@ -44,6 +49,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -53,12 +59,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # A script, not a package: find pipeline/ from anywhere.
 
 from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.progress import Progress  # noqa: E402
 from pipeline.shards import (  # noqa: E402
     DEFAULT_MAXCOUNT,
+    DEFAULT_MAXSIZE,
     DEFAULT_QUALITY,
     MANIFEST,
     SPLITS,
-    Progress,
     ShardError,
     list_images,
     make_encoding,
@@ -139,52 +146,110 @@ def zip_url(base_url: str, name: str) -> str:
 # --- Download ----------------------------------------------------------------------------------------------------
 
 
-def _content_range(value: str | None) -> tuple[int, int | None]:
-    """(start, total) of a 'bytes START-END/TOTAL' header; total None for '*'."""
+def _content_range(value: str | None) -> tuple[int, int | None] | None:
+    """(start, total) of a 'bytes START-END/TOTAL' header (total None for '*'); None if it is not one."""
     match = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value or "")
     if not match:
-        raise _Incomplete(f"unusable Content-Range header {value!r}")
+        return None
     return int(match.group(1)), None if match.group(3) == "*" else int(match.group(3))
+
+
+def _unsatisfied_total(value: str | None) -> int | None:
+    """TOTAL of the 'bytes */TOTAL' header of a 416 answer; None if absent or unusable."""
+    match = re.fullmatch(r"\s*bytes\s+\*/(\d+)\s*", value or "")
+    return int(match.group(1)) if match else None
 
 
 def _meta_path(part: Path) -> Path:
     return part.with_name(part.name + ".json")
 
 
+def _read_meta(part: Path) -> dict[str, Any]:
+    """What the response that started `part` said (url, total, etag, last_modified); {} if unknown."""
+    try:
+        meta = json.loads(_meta_path(part).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # Missing or damaged: resume without validators.
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _write_meta(part: Path, meta: dict[str, Any]) -> None:
+    path = _meta_path(part)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(meta), encoding="utf-8")
+    os.replace(tmp, path)  # Never half-written.
+
+
+def _discard(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _meta_path(part).unlink(missing_ok=True)
+
+
+def _if_range(meta: dict[str, Any]) -> str | None:
+    """The validator to send in If-Range: a strong ETag, else Last-Modified (a weak ETag never matches)."""
+    etag = meta.get("etag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return meta.get("last_modified")
+
+
 def _fetch(url: str, part: Path, timeout: float, say: Any, progress: bool) -> None:
     """One request: resume `part` if it has bytes (and the server agrees), else download from zero.
 
+    Returns without a request when `part` already holds every byte the server announced.
+
     Raises:
-        _Incomplete: the response ended before its announced length (the bytes that came are kept).
+        _Incomplete: the response ended before its announced length, or without a length before the end of a
+            zip (the bytes that came are kept).
+        _Restart: `part` cannot be resumed (another file on the server, an unusable answer); it was removed.
         RecipeError: an HTTP error that retrying cannot fix (404 and the like).
     """
     have = part.stat().st_size if part.exists() else 0
-    meta_file = _meta_path(part)
-    meta = json.loads(meta_file.read_text()) if have and meta_file.is_file() else {}
+    meta = _read_meta(part) if have else {}
+    known = meta.get("total")
+    if have and known == have:
+        say(f"  {part.name} holds all {have:,} bytes already")
+        return
     headers = {"User-Agent": USER_AGENT}
     if have:
         headers["Range"] = f"bytes={have}-"
-        validator = meta.get("etag") or meta.get("last_modified")
+        validator = _if_range(meta)
         if validator:
             headers["If-Range"] = validator  # A changed file comes back whole (200), not as a bad splice.
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as err:
-        if err.code == 416 and have:  # Range not satisfiable: the .part is not a prefix of this file.
-            say(f"  {url}: the server cannot resume at byte {have} (HTTP 416); starting over")
-            part.unlink()
-            raise _Restart from None
-        if err.code in (408, 429) or err.code >= 500:
-            raise _Incomplete(f"HTTP {err.code} {err.reason}") from None
-        raise RecipeError(f"{url} answered HTTP {err.code} {err.reason}; check --base-url and the set name") from None
+        try:
+            if err.code == 416 and have:  # Range not satisfiable: the .part is complete, or not this file's.
+                total = _unsatisfied_total(err.headers.get("Content-Range"))
+                if total == have:
+                    say(f"  {part.name} holds all {have:,} bytes already (HTTP 416 names that length)")
+                    return
+                say(f"  {url}: the server cannot resume at byte {have:,} (HTTP 416); starting over")
+                _discard(part)
+                raise _Restart from None
+            if err.code in (408, 429) or err.code >= 500:
+                raise _Incomplete(f"HTTP {err.code} {err.reason}") from None
+            raise RecipeError(f"{url} answered HTTP {err.code} {err.reason}; check --base-url and the set name") \
+                from None
+        finally:
+            err.close()
     with response:
         if have and response.status == 206:
-            start, total = _content_range(response.headers.get("Content-Range"))
-            if start != have:
-                say(f"  {url}: the server resumed at byte {start}, not {have}; starting over")
-                part.unlink()
+            parsed = _content_range(response.headers.get("Content-Range"))
+            if parsed is None:
+                restart = f"its Content-Range {response.headers.get('Content-Range')!r} is unusable"
+            elif parsed[0] != have:
+                restart = f"the server resumed at byte {parsed[0]:,}, not {have:,}"
+            elif known is not None and parsed[1] is not None and parsed[1] != known:
+                restart = f"the file on the server changed ({parsed[1]:,} bytes now, {known:,} before)"
+            else:
+                restart = None
+            if restart:
+                say(f"  {url}: {restart}; starting over")
+                _discard(part)
                 raise _Restart
-            mode = "ab"
+            mode, total = "ab", parsed[1] if parsed[1] is not None else known
             say(f"  resuming {url} at byte {have:,}" + (f" of {total:,}" if total else ""))
         else:
             if have:
@@ -192,9 +257,8 @@ def _fetch(url: str, part: Path, timeout: float, say: Any, progress: bool) -> No
             have, mode = 0, "wb"
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-        meta = {"url": url, "total": total, "etag": response.headers.get("ETag"),
-                "last_modified": response.headers.get("Last-Modified")}
-        meta_file.write_text(json.dumps(meta))
+        _write_meta(part, {"url": url, "total": total, "etag": response.headers.get("ETag"),
+                           "last_modified": response.headers.get("Last-Modified")})
         meter = Progress(total - have if total is not None else None, unit="bytes", enabled=progress)
         meter.label = f"  {part.name[: -len('.part')]}" + (f" (from byte {have:,})" if have else "")
         with open(part, mode) as handle:
@@ -215,6 +279,8 @@ def _fetch(url: str, part: Path, timeout: float, say: Any, progress: bool) -> No
     if total is not None and size != total:
         raise _Incomplete(f"the connection closed after {size:,} of {total:,} bytes")
     if total is None:
+        if not zipfile.is_zipfile(part):  # No end of a zip yet: most likely cut short, so keep it to resume.
+            raise _Incomplete(f"the server announced no length and the {size:,} bytes so far do not end a zip")
         say(f"  {url}: the server announced no length; relying on the zip's own checks")
 
 
@@ -285,8 +351,7 @@ def download(url: str, dest: Path, retries: int = 3, timeout: float = 60.0, retr
     try:
         members = verify_zip(part, f"the download of {url} ({part})")
     except RecipeError as err:
-        part.unlink(missing_ok=True)
-        _meta_path(part).unlink(missing_ok=True)
+        _discard(part)
         raise RecipeError(f"{err}; it was removed: run again to download it afresh") from None
     os.replace(part, dest)
     _meta_path(part).unlink(missing_ok=True)
@@ -321,27 +386,32 @@ def count_layout(folder: Path, source: str) -> tuple[dict[str, int], list[str]]:
     return counts, extras
 
 
-def extract(zip_path: Path, set_dir: Path, name: str, say: Any = print) -> Path:
+def extract(zip_path: Path, set_dir: Path, name: str, say: Any = print) -> tuple[dict[str, int], list[str]]:
     """Unpack a set's zip into set_dir/images (the folder holding trainA ...), through a temporary folder.
 
+    Returns `count_layout` of images/. Nothing extracted is left behind when this fails.
+
     Raises:
-        RecipeError: unsafe member paths, or not the reference layout.
+        RecipeError: a damaged zip, unsafe member paths, or not the reference layout.
     """
     images, tmp = set_dir / "images", set_dir / ".images.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)  # Left by an interrupted extraction.
     say(f"  extracting {zip_path.name}")
-    with zipfile.ZipFile(zip_path) as archive:
-        _safe_members(archive, str(zip_path))
-        archive.extractall(tmp)
-    top = tmp / name if (tmp / name).is_dir() else tmp
-    count_layout(top, str(zip_path))
-    if top == tmp:
-        os.replace(tmp, images)
-    else:
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            _safe_members(archive, str(zip_path))
+            archive.extractall(tmp)
+        top = tmp / name if (tmp / name).is_dir() else tmp
+        layout = count_layout(top, str(zip_path))
         os.replace(top, images)
-        shutil.rmtree(tmp)
-    return images
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, (zipfile.BadZipFile, zlib.error, EOFError)):  # A CRC or format error while unpacking.
+            raise RecipeError(f"{zip_path} is a damaged zip: {err}") from None
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)  # What the zip held beside <name>/ (__MACOSX/).
+    return layout
 
 
 # --- The recipe --------------------------------------------------------------------------------------------------
@@ -408,6 +478,50 @@ def write_train_config(name: str, set_dir: Path, shards: Path, counts: dict[str,
     return path, warnings
 
 
+def _extract_set(name: str, base_url: str, set_dir: Path, retries: int, timeout: float, retry_wait_s: float,
+                 keep_zip: bool, progress: bool, say: Any) -> tuple[dict[str, int], list[str]]:
+    """Find or download the set's zip, verify it and extract it to set_dir/images; returns its `count_layout`.
+
+    Only a zip this call downloaded is removed (after extraction, unless `keep_zip`): a mirror's zip, or one
+    found in set_dir (put there by hand, or kept by an earlier run), stays where it is.
+    """
+    images, zip_path = set_dir / "images", set_dir / f"{name}.zip"
+    local = _local_base(base_url)
+    downloaded = False
+    if local is not None:
+        source = local / f"{name}.zip"
+        if not source.is_file():
+            raise RecipeError(f"{source} does not exist; --base-url {base_url} must hold {name}.zip")
+        verify_zip(source, str(source))
+        say(f"  verified {source} (read in place)")
+    elif zip_path.is_file():
+        source = zip_path
+        try:
+            verify_zip(zip_path, str(zip_path))
+        except RecipeError as err:
+            raise RecipeError(f"{err}; it was found in place and is left there: delete it to download the set "
+                              "again, or replace it with an intact copy") from None
+        say(f"  verified {zip_path} (found in place; not removed)")
+    elif name == "cityscapes" and base_url.rstrip("/") == DEFAULT_BASE_URL:
+        raise RecipeError(CITYSCAPES_HELP.format(images=images, zip=zip_path))
+    else:
+        source = download(zip_url(base_url, name), zip_path, retries, timeout, retry_wait_s, progress, say)
+        downloaded = True
+    try:
+        layout = extract(source, set_dir, name, say)
+    except RecipeError as err:
+        if source == zip_path:
+            hint = (f"{zip_path} is kept and reused by the next run: delete it to download it again (after fixing "
+                    "--base-url if it names the wrong file), or replace it")
+        else:
+            hint = f"{source} is read in place: fix it, or point --base-url elsewhere"
+        raise RecipeError(f"{err}; {hint}") from None
+    if downloaded and not keep_zip:
+        zip_path.unlink()
+        say(f"  removed {zip_path.name} (images/ holds its verified contents; --keep-zip keeps it)")
+    return layout
+
+
 def prepare(name: str, base_url: str = DEFAULT_BASE_URL, root: str | os.PathLike[str] = "data",
             workers: int = 1, resize: int | None = None, format: str | None = None,
             quality: int = DEFAULT_QUALITY, shuffle_seed: int | None = None, maxcount: int = DEFAULT_MAXCOUNT,
@@ -421,8 +535,9 @@ def prepare(name: str, base_url: str = DEFAULT_BASE_URL, root: str | os.PathLike
         root: folder of all sets; this one goes to root/<name>/ (images/, shards/, train.yaml).
         workers, resize, format, quality, shuffle_seed, maxcount: pipeline.shards.write_shards options.
         retries, timeout, retry_wait_s: download behaviour (see `download`).
-        keep_zip: keep the downloaded zip after extraction (a local base URL's zip is never removed).
-        force: redo the shards even if complete with the same options.
+        keep_zip: keep the zip this run downloaded after extraction (a local base URL's zip, and one found in
+            root/<name>/, are never removed).
+        force: redo the shards even if complete with the same options (encoding, shuffle seed, maxcount).
         progress: show download and sharding progress on stderr.
         say: where progress lines go.
 
@@ -431,9 +546,9 @@ def prepare(name: str, base_url: str = DEFAULT_BASE_URL, root: str | os.PathLike
         ShardError: sharding failed.
     """
     encoding = make_encoding(resize, format, quality)
-    options = encoding.manifest_options(shuffle_seed)
+    options = encoding.manifest_options(shuffle_seed, maxcount, DEFAULT_MAXSIZE)  # As write_shards records them.
     set_dir = Path(root) / name
-    images, shards, zip_path = set_dir / "images", set_dir / "shards", set_dir / f"{name}.zip"
+    images, shards = set_dir / "images", set_dir / "shards"
     result = SetResult(name, expected=EXPECTED_TRAIN.get(name))
     say(f"{name}:")
 
@@ -441,39 +556,22 @@ def prepare(name: str, base_url: str = DEFAULT_BASE_URL, root: str | os.PathLike
     if manifest is not None:
         result.already_complete = True
         say(f"  already complete: {shards / MANIFEST}")
+        counts, extras = count_layout(images, str(images)) if images.is_dir() else ({}, [])
     else:
-        # Download (or find) the zip, unless the images are already extracted.
-        if not images.is_dir():
-            local = _local_base(base_url)
-            if local is not None:
-                source = local / f"{name}.zip"
-                if not source.is_file():
-                    raise RecipeError(f"{source} does not exist; --base-url {base_url} must hold {name}.zip")
-                verify_zip(source, str(source))
-                say(f"  verified {source} (read in place)")
-            elif zip_path.is_file():
-                source = zip_path  # Renamed into place only after it was verified.
-                say(f"  using {zip_path} (downloaded and verified earlier)")
-            elif name == "cityscapes" and base_url.rstrip("/") == DEFAULT_BASE_URL:
-                raise RecipeError(CITYSCAPES_HELP.format(images=images, zip=zip_path))
-            else:
-                source = download(zip_url(base_url, name), zip_path, retries, timeout, retry_wait_s, progress, say)
-            extract(source, set_dir, name, say)
-            if source == zip_path and not keep_zip:
-                zip_path.unlink()
-                say(f"  removed {zip_path.name} (images/ holds its verified contents; --keep-zip keeps it)")
-        counts, extras = count_layout(images, str(images))
+        # Download (or find) and extract the zip, unless the images are already extracted.
+        if images.is_dir():
+            counts, extras = count_layout(images, str(images))
+        else:
+            counts, extras = _extract_set(name, base_url, set_dir, retries, timeout, retry_wait_s, keep_zip, progress,
+                                          say)
         say("  layout ok: " + ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " images")
         # Shard; shards without a manifest are an interrupted run's: replaced.
         manifest = write_shards(images, shards, splits=[s for s in SPLITS if s in counts], maxcount=maxcount,
                                 overwrite=True, workers=workers, resize=resize, format=format, quality=quality,
                                 shuffle_seed=shuffle_seed, progress=progress)
-    if images.is_dir():
-        result.counts, result.extras = count_layout(images, str(images))
     result.skipped = len(manifest.get("skipped", []))
     sharded = {split: entry["count"] for split, entry in manifest["splits"].items()}
-    if not result.counts:
-        result.counts = sharded
+    result.counts, result.extras = counts or sharded, extras
     if result.extras:
         result.warnings.append(f"folders {', '.join(result.extras)} are not part of the unpaired layout: not sharded")
     if result.skipped:
@@ -513,6 +611,17 @@ def _report(result: SetResult, root: Path, say: Any) -> None:
         say(f"     or: python -m pipeline.train --config configs/{result.name}.yaml  (the same shards; {steps})")
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse counts that no run can use before anything is downloaded."""
+    for flag, value, least in (("--maxcount", args.maxcount, 1), ("--workers", args.workers, 1),
+                               ("--retries", args.retries, 0)):
+        if value < least:
+            raise RecipeError(f"{flag} must be at least {least}, got {value}")
+    if args.timeout <= 0 or args.retry_wait < 0:
+        raise RecipeError(f"--timeout must be positive and --retry-wait not negative, got {args.timeout} and "
+                          f"{args.retry_wait}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: 0 when every set is ready, 1 when one failed (the others are still done), 2 usage."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -542,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         names = resolve_names(args.names)
         make_encoding(args.resize, args.format, args.quality)
+        _check_numbers(args)
     except (RecipeError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -557,6 +667,11 @@ def main(argv: list[str] | None = None) -> int:
                              args.keep_zip, args.force, not args.no_progress, say)
         except (RecipeError, ShardError, ConfigError, OSError) as err:
             print(f"error: {name}: {err}", file=sys.stderr, flush=True)
+            failed.append(name)
+            continue
+        except (zipfile.BadZipFile, ValueError) as err:  # Named and explained by prepare where it can; a net.
+            print(f"error: {name}: {type(err).__name__}: {err}; a file under {args.root / name} is damaged: remove "
+                  "the file named (or that folder) and run again", file=sys.stderr, flush=True)
             failed.append(name)
             continue
         except KeyboardInterrupt:

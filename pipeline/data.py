@@ -38,30 +38,31 @@ class DataError(RuntimeError):
     """A shard pattern or shard that cannot feed training, with what to do about it."""
 
 
+def local_path(url: str) -> str | None:
+    """The file a shard URL names when it is local (a plain path or file:PATH); None for pipe: and network URLs."""
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    return url.removeprefix("file:")
+
+
 def expand_pattern(pattern: str) -> list[str]:
     """Shard URLs of a pattern (brace expansion, and glob for local paths; '::' joins several patterns).
 
-    Local paths (plain or file:) are checked here, so a typo fails at start-up, not in a worker.
+    Local paths (plain or file:) are globbed and checked here, so a typo fails at start-up, not in a worker.
     """
     if not pattern:
         raise DataError("empty shard pattern: set data.train_a / data.train_b to your shards")
     urls = []
     for url in wds.shardlists.expand_urls(pattern):
-        local = "://" not in url and not url.startswith(("pipe:", "file:"))
-        if local and any(ch in url for ch in "*?["):
-            matches = sorted(glob.glob(url))
+        path = local_path(url)
+        if path is not None and any(ch in path for ch in "*?["):
+            matches = sorted(glob.glob(path))
             if not matches:
                 raise DataError(f"shard pattern '{pattern}' matches no file ('{url}'); check the path")
             urls.extend(matches)
         else:
             urls.append(url)
-    missing = []
-    for url in urls:
-        path = url[len("file:") :] if url.startswith("file:") else url
-        if "://" in url or url.startswith("pipe:"):
-            continue
-        if not Path(path).is_file():
-            missing.append(path)
+    missing = [path for path in map(local_path, urls) if path is not None and not Path(path).is_file()]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise DataError(
@@ -71,22 +72,14 @@ def expand_pattern(pattern: str) -> list[str]:
     return urls
 
 
-def is_local(url: str) -> bool:
-    """Whether a shard URL (from expand_pattern) is a local file rather than a pipe: or network URL."""
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def count_local_samples(urls: list[str], at_least: int) -> int:
-    """Samples with an image member in the local shards among `urls`, counted up to `at_least`.
+def count_local_samples(paths: list[str], at_least: int) -> int:
+    """Samples with an image member in the local shard files `paths`, counted up to `at_least`.
 
     Reads tar headers only (members are skipped by seeking), and stops as soon as `at_least` is reached, so
     the start-up check costs one header read for the usual batch of 1.
     """
     count = 0
-    for url in urls:
-        if not is_local(url):
-            continue
-        path = url[len("file:") :] if url.startswith("file:") else url
+    for path in paths:
         try:
             with tarfile.open(path, "r:") as tar:
                 key = None
@@ -99,9 +92,19 @@ def count_local_samples(urls: list[str], at_least: int) -> int:
                     if count >= at_least:
                         return count
         except (tarfile.TarError, OSError) as err:
-            raise DataError(f"shard '{url}' is not a readable tar ({err}); check it with "
-                            f"`python -m pipeline.shards inspect {url}`") from None
+            raise DataError(f"shard '{path}' is not a readable tar ({err}); check it with "
+                            f"`python -m pipeline.shards inspect {path}`") from None
     return count
+
+
+def _domain_label(domain: str, pattern: str) -> str:
+    return f"domain {domain}: shard pattern '{pattern}'"
+
+
+def _fewer_than_a_batch(holders: str, count: int, batch_per_rank: int) -> DataError:
+    """The error for a domain smaller than one batch; `holders` is its subject and verb ("... holds")."""
+    return DataError(f"{holders} {count} sample(s), fewer than one batch (data.batch_per_rank={batch_per_rank}); "
+                     "point it at the full set or lower data.batch_per_rank")
 
 
 def check_enough_samples(pattern: str, urls: list[str], batch_per_rank: int, domain: str) -> None:
@@ -110,14 +113,12 @@ def check_enough_samples(pattern: str, urls: list[str], batch_per_rank: int, dom
     Raises:
         DataError: naming the pattern, the domain and data.batch_per_rank.
     """
-    if not all(is_local(url) for url in urls):
+    paths = [local_path(url) for url in urls]
+    if None in paths:
         return
-    count = count_local_samples(urls, batch_per_rank)
+    count = count_local_samples(paths, batch_per_rank)
     if count < batch_per_rank:
-        raise DataError(
-            f"domain {domain}: shard pattern '{pattern}' holds {count} sample(s), fewer than one batch "
-            f"(data.batch_per_rank={batch_per_rank}); point it at the full set or lower data.batch_per_rank"
-        )
+        raise _fewer_than_a_batch(f"{_domain_label(domain, pattern)} holds", count, batch_per_rank)
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,7 @@ def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int, min_sa
         if produced == 0:
             raise DataError(f"{what} no samples")
         if first and produced < min_samples:
-            raise DataError(f"{what} {produced} sample(s), fewer than one batch (data.batch_per_rank="
-                            f"{min_samples}); point it at the full set or lower data.batch_per_rank")
+            raise _fewer_than_a_batch(what, produced, min_samples)
         first = False
 
 
@@ -272,7 +272,7 @@ class UnpairedBatches(IterableDataset):
         skip = done * self.batch_size
         streams = [
             DomainStream(urls, f"{self.seed}:{self.rank}:{worker}:{domain}", self.augment, self.shuffle_buffer,
-                         self.batch_size, f"domain {domain}: shard pattern '{pattern}'" if pattern else "")
+                         self.batch_size, _domain_label(domain, pattern) if pattern else "")
             for urls, domain, pattern in ((self.urls_a, "A", self.patterns[0]), (self.urls_b, "B", self.patterns[1]))
         ]
         iter_a, iter_b = (stream.iterate(skip) for stream in streams)

@@ -24,6 +24,7 @@ from PIL import Image
 from pipeline.checkpoint import CheckpointError, CheckpointWriter
 from pipeline.config import flatten, to_yaml
 from pipeline.dist import DistInfo
+from pipeline.progress import format_duration
 from pipeline.tracking import MLflowTracker, NullTracker
 from pipeline.train_state import code_version
 
@@ -113,7 +114,7 @@ class Recorder(NullRecorder):
         losses = " ".join(f"{k.removeprefix('loss/')}={v:.3f}" for k, v in metrics.items() if k.startswith("loss/"))
         self._warn_if_data_bound(metrics.get("perf/data_wait_share", 0.0))
         log.info("step %d/%d | %.1f img/s | ETA %s | %s", step, self._total, metrics.get("perf/images_per_s", 0.0),
-                 _duration(eta), losses)
+                 format_duration(eta), losses)
 
     def _warn_if_data_bound(self, share: float) -> None:
         """Steps that wait for data waste accelerators: say so, with the worker count that would feed them.
@@ -166,8 +167,3 @@ class Recorder(NullRecorder):
 
 def make_recorder(cfg: DictConfig, info: DistInfo, run_id: str | None) -> NullRecorder:
     return Recorder(cfg, info, run_id) if info.is_main else NullRecorder()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

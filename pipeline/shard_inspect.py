@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
-from pipeline.shards import MANIFEST, ShardError, process_pool
+from pipeline.data import IMAGE_KEYS, DataError, expand_pattern, local_path
+from pipeline.shards import MANIFEST, ShardError, error_reason, process_pool, verify_image
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # As pipeline.data.IMAGE_KEYS: what training decodes.
-_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's base_plus_ext: key up to the first dot.
 
 
 @dataclass
@@ -132,37 +131,18 @@ class _HashingReader:
             pass
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def _local_path(url: str) -> str:
-    return url[len("file:") :] if url.startswith("file:") else url
-
-
 def _open(url: str) -> IO[bytes]:
-    if _is_local(url):
-        return open(_local_path(url), "rb")
+    path = local_path(url)
+    if path is not None:
+        return open(path, "rb")
     from webdataset.gopen import gopen  # curl for http(s), a shell for pipe:
 
     return gopen(url, "rb")
 
 
-def _decode(data: bytes) -> tuple[int, int]:
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        img.convert("RGB")  # As training does: palette and CMYK files must convert too.
-        return img.size
-
-
 def _header_size(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as img:  # Parses the header only.
         return img.size
-
-
-def _error(err: Exception) -> str:
-    text = str(err)
-    return f"{type(err).__name__}: {text}" if "BytesIO" not in text else f"{type(err).__name__}: not a readable image"
 
 
 def inspect_shard(url: str, sample: int | None = None, seed: int = 0) -> ShardReport:
@@ -182,13 +162,13 @@ def inspect_shard(url: str, sample: int | None = None, seed: int = 0) -> ShardRe
 
     def end_sample() -> None:
         if current_key is not None and not current_has_image:
-            missing = f"no image member ({', '.join(IMAGE_SUFFIXES)})"
+            missing = f"no image member ({', '.join(IMAGE_KEYS)})"
             report.corrupt.append(CorruptMember(url, current_key, "-", missing))
 
     try:
         stream = _open(url)
     except Exception as err:  # noqa: BLE001 - any failure to open is reported, not raised
-        report.problems.append(f"cannot open: {_error(err)}")
+        report.problems.append(f"cannot open: {error_reason(err)}")
         return report
     reader = _HashingReader(stream)
     try:
@@ -196,23 +176,23 @@ def inspect_shard(url: str, sample: int | None = None, seed: int = 0) -> ShardRe
             for info in tar:
                 if not info.isreg():
                     continue
-                match = _KEY.match(info.name)
-                if not match:
+                key, suffix = base_plus_ext(info.name)
+                if key is None:
                     continue
-                key, suffix = match.group(1), match.group(2).lower()
+                suffix = suffix.lower()
                 if key != current_key:
                     end_sample()
                     current_key, current_has_image = key, False
                     report.samples += 1
-                if suffix not in IMAGE_SUFFIXES or current_has_image:
+                if suffix not in IMAGE_KEYS or current_has_image:
                     continue
                 current_has_image = True
                 data = tar.extractfile(info).read()
                 report.sizes.append(len(data))
                 try:
-                    width, height = _decode(data) if sample is None else _header_size(data)
+                    width, height = verify_image(data)[1] if sample is None else _header_size(data)
                 except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
-                    report.corrupt.append(CorruptMember(url, key, info.name, _error(err)))
+                    report.corrupt.append(CorruptMember(url, key, info.name, error_reason(err)))
                     continue
                 report.widths.append(width)
                 report.heights.append(height)
@@ -229,18 +209,18 @@ def inspect_shard(url: str, sample: int | None = None, seed: int = 0) -> ShardRe
             end_sample()
         reader.drain()  # The end-of-archive blocks and padding count in the sha256 too.
     except Exception as err:  # noqa: BLE001 - truncated or garbled tars, failing pipe commands
-        report.problems.append(f"unreadable after {report.samples} sample(s): {_error(err)}")
+        report.problems.append(f"unreadable after {report.samples} sample(s): {error_reason(err)}")
     finally:
         try:
             stream.close()
         except Exception as err:  # noqa: BLE001 - webdataset's pipe raises here on a non-zero exit
-            report.problems.append(f"closing the stream failed: {_error(err)}")
+            report.problems.append(f"closing the stream failed: {error_reason(err)}")
     for key, member, data in chosen:
         try:
-            _decode(data)
+            verify_image(data)
             report.decoded += 1
         except Exception as err:  # noqa: BLE001
-            report.corrupt.append(CorruptMember(url, key, member, _error(err)))
+            report.corrupt.append(CorruptMember(url, key, member, error_reason(err)))
     report.bytes, report.sha256 = reader.size, reader.digest.hexdigest()
     return report
 
@@ -259,8 +239,9 @@ def find_manifest(urls: list[str], manifest: str | os.PathLike[str] | None = Non
             raise ShardError(f"manifest '{manifest}' does not exist")
         return path
     for url in urls:
-        if _is_local(url):
-            folder = Path(_local_path(url)).resolve().parent
+        path = local_path(url)
+        if path is not None:
+            folder = Path(path).resolve().parent
             for candidate in (folder.parent / MANIFEST, folder / MANIFEST):
                 if candidate.is_file():
                     return candidate
@@ -277,8 +258,9 @@ def _check_manifest(reports: list[ShardReport], path: Path) -> int:
         raise ShardError(f"'{path}' is not a shard manifest: {err}") from None
     by_path = {str((path.parent / rel).resolve()): entry for rel, entry in listed.items()}
     for report in reports:
-        if _is_local(report.url):
-            entry = by_path.get(str(Path(_local_path(report.url)).resolve()))
+        local = local_path(report.url)
+        if local is not None:
+            entry = by_path.get(str(Path(local).resolve()))
         else:
             # A URL or command names the shard somewhere inside it: match the manifest path as a whole word.
             entry = next((e for rel, e in listed.items()
@@ -318,8 +300,6 @@ def inspect_shards(pattern: str, sample: int | None = None, manifest: str | os.P
         pipeline.data.DataError: the pattern matches nothing.
         ShardError: an explicit manifest that does not exist or cannot be read.
     """
-    from pipeline.data import expand_pattern  # Imports torch: only when inspecting.
-
     if sample is not None and sample < 1:
         raise ShardError(f"--sample must be positive, got {sample}")
     urls = expand_pattern(pattern)
@@ -393,8 +373,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from pipeline.data import DataError
-
     try:
         report = inspect_shards(args.pattern, args.sample, args.manifest, args.workers, args.seed)
     except (DataError, ShardError) as err:

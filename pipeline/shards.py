@@ -4,7 +4,8 @@
 [--workers N] [--resize SIDE] [--format jpeg|png|webp] [--quality Q] [--shuffle-seed S] [--overwrite]
 [--no-progress]` reads SRC/trainA, trainB, testA, testB (JPEG/PNG/WebP, subfolders allowed, sorted order)
 and writes OUT/<split>/<split>-000000.tar ... and OUT/manifest.json (counts, sizes, sha256 per shard, the
-encoding options, skipped files). `python -m pipeline.shards inspect PATTERN` checks shards (pipeline.shard_inspect).
+encoding and shard-size options, skipped files). `python -m pipeline.shards inspect PATTERN` checks shards
+(pipeline.shard_inspect).
 
 Every image is fully decoded once to prove it readable; unreadable files are skipped and listed, never fatal.
 By default the original bytes are stored unchanged; `--resize SIDE` resizes to SIDE x SIDE (bicubic, as the
@@ -19,8 +20,11 @@ so a half-written output never looks complete.
 
 OUT may be `pipe:COMMAND`, where COMMAND contains `{path}` (the shard's or manifest.json's path relative to the
 output, shell-quoted): each shard's bytes go to the command's standard input, e.g.
-`pipe:aws s3 cp - s3://bucket/horse2zebra/{path}`. The sha256 is computed while streaming, a command that fails
-is an error naming the shard, and manifest.json goes last.
+`pipe:aws s3 cp - s3://bucket/horse2zebra/{path}`. The sha256 is computed while streaming; a command that fails,
+or exits while its input is still being written (a broken pipe, even with exit code 0), is an error naming the
+shard; manifest.json goes last. A run that
+stops partway kills every process of the open shard's command before its input ends, so no command sees a
+truncated shard end normally.
 """
 
 from __future__ import annotations
@@ -35,18 +39,20 @@ import os
 import random
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tarfile
-import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, TextIO
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,10 @@ _SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 class ShardError(RuntimeError):
     """The output cannot be written (or read) as asked; the message says what to do."""
+
+
+class PipeCommandError(ShardError):
+    """A `pipe:` output command failed or stopped reading: the shard it was sent is not complete."""
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -91,12 +101,24 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _verify_image(data: bytes) -> str | None:
-    """Decode `data` fully (raises if it is not a readable image); returns its member extension if known."""
+def verify_image(data: bytes) -> tuple[str | None, tuple[int, int]]:
+    """Decode `data` fully, as training does (raises if it is not a readable image).
+
+    Returns its member extension (None for a format shards do not store as is) and its (width, height).
+    """
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         img.convert("RGB")  # Palette and CMYK files must convert too; training calls this.
-        return FORMATS.get(img.format or "")
+        return FORMATS.get(img.format or ""), img.size
+
+
+def error_reason(err: Exception) -> str:
+    """One line for an error (an image that cannot be read, mostly): its type and message."""
+    text = str(err)
+    if "BytesIO" in text:  # PIL names the BytesIO object: an address, different on every run.
+        what = "not an image format PIL can read" if isinstance(err, UnidentifiedImageError) else "not a readable image"
+        return f"{type(err).__name__}: {what}"
+    return f"{type(err).__name__}: {text}"
 
 
 # --- Encoding (runs in the worker processes) ---------------------------------------------------------------
@@ -117,23 +139,25 @@ class Encoding:
     def reencodes(self) -> bool:
         return self.resize is not None or self.format is not None
 
-    def manifest_options(self, shuffle_seed: int | None) -> dict[str, Any]:
+    def manifest_options(self, shuffle_seed: int | None, maxcount: int = DEFAULT_MAXCOUNT,
+                         maxsize: int = DEFAULT_MAXSIZE) -> dict[str, Any]:
         """The settings that decide the shards' bytes, as recorded in the manifest."""
         return {"resize": self.resize, "format": self.format.lower() if self.format else None,
-                "quality": self.quality if self.reencodes else None, "shuffle_seed": shuffle_seed}
+                "quality": self.quality if self.reencodes else None, "shuffle_seed": shuffle_seed,
+                "maxcount": maxcount, "maxsize": maxsize}
 
 
-def _reason(err: Exception) -> str:
-    if isinstance(err, UnidentifiedImageError):  # Its message holds a BytesIO address.
-        return "UnidentifiedImageError: not an image format PIL can read"
-    return f"{type(err).__name__}: {err}"
+def _sample_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options that decide each sample's bytes and the order, not where shards are cut: splits that differ
+    only in maxcount or maxsize can share an output."""
+    return {k: v for k, v in options.items() if k not in ("maxcount", "maxsize")}
 
 
 def _encode(path: str, encoding: Encoding) -> tuple[str, bytes]:
     """Read, verify and (if asked) resize and re-encode one image; returns its member extension and bytes."""
     data = Path(path).read_bytes()
     if not encoding.reencodes:
-        return _verify_image(data) or EXTENSIONS[Path(path).suffix.lower()], data
+        return verify_image(data)[0] or EXTENSIONS[Path(path).suffix.lower()], data
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         source = img.format or ""
@@ -159,7 +183,7 @@ def _encode_chunk(tasks: list[tuple[str, Encoding]]) -> list[tuple[bool, str, by
         try:
             ext, data = _encode(path, encoding)
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...).
-            results.append((False, _reason(err), None))
+            results.append((False, error_reason(err), None))
         else:
             results.append((True, ext, data))
     return results
@@ -203,71 +227,6 @@ def _ordered_results(tasks: list[tuple[str, Encoding]], pool: ProcessPoolExecuto
         if chunk is not None:
             pending.append(pool.submit(_encode_chunk, chunk))
         yield from results
-
-
-# --- Progress ------------------------------------------------------------------------------------------------
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
-    """Done of total, rate and ETA on stderr: redrawn in place on a terminal, else a line every few seconds."""
-
-    def __init__(self, total: int | None, stream: TextIO | None = None, every_s: float | None = None,
-                 enabled: bool = True, unit: str = "files") -> None:
-        """Args:
-            total: files (or bytes) to do; None when unknown (no percentage or ETA).
-            stream: where to write (default sys.stderr).
-            every_s: seconds between updates (default 0.2 on a terminal, 5 otherwise).
-            enabled: False makes every call a no-op.
-            unit: "files", or "bytes" (shown in MB and MB/s).
-        """
-        self.total, self.done, self.enabled, self.unit = total, 0, enabled, unit
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.every_s = every_s if every_s is not None else (0.2 if self.tty else 5.0)
-        self.t0 = self.last = time.monotonic()
-        self.label = ""
-
-    def line(self) -> str:
-        """The current progress line (no newline)."""
-        elapsed = max(time.monotonic() - self.t0, 1e-9)
-        rate = self.done / elapsed
-        if self.unit == "bytes":
-            done, speed = f"{self.done / 1e6:,.1f}", f"{rate / 1e6:,.1f} MB/s"
-            total = f"{self.total / 1e6:,.1f} MB" if self.total else "? MB"
-        else:
-            done, speed = f"{self.done:,}", f"{rate:,.0f} files/s"
-            total = f"{self.total:,} files" if self.total else "? files"
-        if not self.total:
-            return f"{self.label}: {done}/{total}, {speed}"
-        eta = _clock(max(self.total - self.done, 0) / rate) if rate > 0 else "?"
-        return f"{self.label}: {done}/{total} ({100.0 * self.done / self.total:.0f}%), {speed}, ETA {eta}"
-
-    def update(self, n: int = 1, label: str | None = None) -> None:
-        """Count `n` more files (or bytes) done, under `label` (e.g. the split being written)."""
-        self.done += n
-        if label is not None:
-            self.label = label
-        now = time.monotonic()
-        if self.enabled and now - self.last >= self.every_s:
-            self.last = now
-            self._write()
-
-    def _write(self, end: str = "") -> None:
-        if self.tty:
-            self.stream.write("\r" + self.line() + "\x1b[K" + end)
-        else:
-            self.stream.write(self.line() + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        """Write the final line."""
-        if self.enabled and (self.total or self.done):
-            self._write(end="\n")
 
 
 # --- Outputs: a local folder or a pipe: command ----------------------------------------------------------------
@@ -319,6 +278,7 @@ class _LocalUpload(_Upload):
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)  # The rename too survives a crash.
 
     def abort(self) -> None:
         self.file.close()
@@ -329,28 +289,38 @@ class _PipeUpload(_Upload):
     def __init__(self, template: str, relative: str) -> None:
         super().__init__(relative)
         self.command = template.replace("{path}", shlex.quote(relative))
-        self.proc = subprocess.Popen(self.command, shell=True, stdin=subprocess.PIPE)
+        # A session (and process group) of its own: abort() can kill every process the command starts.
+        self.proc = subprocess.Popen(self.command, shell=True, stdin=subprocess.PIPE, start_new_session=True)
+
+    def _stopped_reading(self) -> PipeCommandError:
+        code = self.proc.wait()
+        return PipeCommandError(f"the pipe command for {self.relative} exited (code {code}) before reading all of "
+                                f"its input: {self.command}")
 
     def _write(self, data: bytes) -> None:
         try:
             self.proc.stdin.write(data)
         except BrokenPipeError:
-            code = self.proc.wait()
-            raise ShardError(f"the pipe command for {self.relative} stopped reading its input (exit code "
-                             f"{code}): {self.command}") from None
+            raise self._stopped_reading() from None
 
     def commit(self) -> None:
         try:
-            self.proc.stdin.close()
+            self.proc.stdin.close()  # Flushes the last bytes: the command may have gone by then.
         except BrokenPipeError:
-            pass
+            raise self._stopped_reading() from None
         code = self.proc.wait()
         if code != 0:
-            raise ShardError(f"the pipe command for {self.relative} exited with code {code}: {self.command}")
+            raise PipeCommandError(f"the pipe command for {self.relative} exited with code {code}: {self.command}")
 
     def abort(self) -> None:
-        # Killed before end of input, an upload such as `aws s3 cp -` is abandoned, not completed.
-        self.proc.kill()
+        # Every process of the command dies before its input ends: one that saw end of input would take the
+        # truncated file as complete (`aws s3 cp -` finishes the upload; `cat > f && mv f dest` renames it).
+        # Only while the shell is not reaped: until then its pid, the group's id, cannot name another group.
+        if self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # The whole group has exited already.
+                pass
         try:
             self.proc.stdin.close()
         except BrokenPipeError:
@@ -368,10 +338,6 @@ class _Output:
         if self.template is not None and "{path}" not in self.template:
             raise ShardError(f"the output command '{text}' has no {{path}}: every shard would go to the same place "
                              "(e.g. pipe:aws s3 cp - s3://bucket/set/{path})")
-
-    @property
-    def is_pipe(self) -> bool:
-        return self.template is not None
 
     def open(self, relative: str) -> _Upload:
         if self.template is not None:
@@ -598,8 +564,6 @@ def _write_manifest(output: _Output, manifest: dict[str, Any]) -> None:
     except BaseException:
         upload.abort()
         raise
-    if output.folder is not None:
-        _fsync_dir(output.folder)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -630,7 +594,8 @@ def write_shards(src: str | os.PathLike[str], out: str | os.PathLike[str], split
         maxsize: bytes per shard at most (a single larger sample still gets a shard of its own).
         overwrite: allow a local `out` that already holds a manifest or tars. The shards of the splits written
             are removed first; other splits' entries in the previous manifest are kept if their files are
-            intact (and were written with the same encoding options).
+            intact and were written with the same encoding options and shuffle seed (they keep the shards they
+            were cut into; the manifest's maxcount and maxsize are this run's).
         workers: processes that read, verify and encode images (1: this process). The output does not
             depend on it.
         resize: resize every image to resize x resize (bicubic) before storing it.
@@ -641,7 +606,8 @@ def write_shards(src: str | os.PathLike[str], out: str | os.PathLike[str], split
 
     Raises:
         ShardError: bad arguments, no split folder under `src`, `out` holds shards or a manifest and
-            `overwrite` is False, or a pipe command failed.
+            `overwrite` is False.
+        PipeCommandError: a pipe command failed or exited before reading all its input.
     """
     src = Path(src)
     output = _Output(out)
@@ -654,7 +620,7 @@ def write_shards(src: str | os.PathLike[str], out: str | os.PathLike[str], split
     present = [s for s in splits if (src / s).is_dir()]
     if not present:
         raise ShardError(f"'{src}' has none of the split folders {', '.join(splits)} (the reference layout)")
-    options = encoding.manifest_options(shuffle_seed)
+    options = encoding.manifest_options(shuffle_seed, maxcount, maxsize)
     folder = output.folder
     if folder is not None and folder.exists() and not folder.is_dir():
         raise ShardError(f"output '{folder}' exists and is not a folder")
@@ -669,7 +635,7 @@ def write_shards(src: str | os.PathLike[str], out: str | os.PathLike[str], split
         previous = _previous_manifest(folder) if (folder / MANIFEST).exists() else None
         kept = [s for s in (previous or {}).get("splits", {}) if s not in present]
         before = (previous or {}).get("options", Encoding().manifest_options(None))
-        if kept and before != options:
+        if kept and _sample_options(before) != _sample_options(options):
             raise ShardError(f"'{folder}' keeps split(s) {', '.join(kept)} written with {before}, and this run "
                              f"uses {options}: shard those splits too (--splits) or write to a new folder")
         (folder / MANIFEST).unlink(missing_ok=True)
@@ -695,9 +661,9 @@ def write_shards(src: str | os.PathLike[str], out: str | os.PathLike[str], split
             entries[split] = _write_split(listed[split], src / split, output, split, maxcount, maxsize, encoding,
                                           pool, workers, meter, skipped)
     finally:
+        meter.close()  # Ends the progress line, so an error message starts on a line of its own.
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    meter.close()
 
     # Keep the previous manifest's entries of splits this run did not touch, where their shards are intact.
     if previous is not None:
@@ -757,7 +723,8 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry; returns the exit code (2 for usage errors and an existing output)."""
+    """Command line entry; returns the exit code (1 when a pipe command or the file system fails, 2 for usage
+    errors and an existing output)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["inspect"]:
         from pipeline.shard_inspect import main as inspect_main
@@ -788,12 +755,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = write_shards(args.src, args.out, splits, args.maxcount, args.maxsize, args.overwrite,
                                 workers=args.workers, resize=args.resize, format=args.format, quality=args.quality,
                                 shuffle_seed=args.shuffle_seed, progress=not args.no_progress)
+    except (PipeCommandError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except ShardError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     output = _Output(args.out)
     for split in splits:
         entry = manifest["splits"].get(split)

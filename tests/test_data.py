@@ -95,6 +95,17 @@ def test_local_domain_smaller_than_a_batch_is_refused_at_start_up(shards, three_
     take(train_loader(data_cfg(shards, train_b=three_samples, batch_per_rank=3, workers=0), seed=0, rank=0), 1)
 
 
+def test_file_urls_are_local_paths_globbed_and_checked_at_start_up(shards, three_samples, tmp_path):
+    import glob
+
+    assert expand_pattern(f"file:{three_samples}") == sorted(glob.glob(three_samples))
+    with pytest.raises(DataError, match=r"missing file.*nope\.tar"):
+        expand_pattern(f"file:{tmp_path}/nope.tar")
+    cfg = data_cfg(shards, train_b=f"file:{three_samples}", batch_per_rank=4, workers=0)
+    with pytest.raises(DataError, match=r"domain B: shard pattern 'file:.*' holds 3 sample\(s\), fewer than one batch"):
+        train_loader(cfg, seed=0, rank=0)
+
+
 def test_remote_domain_smaller_than_a_batch_fails_on_its_first_pass(shards, three_samples):
     import glob
 

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -223,7 +224,7 @@ def test_source_without_split_folders_is_an_error(tmp_path, capsys):
 
 def test_interrupted_run_never_looks_complete(tree, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    calls, verify = [], shards._verify_image
+    calls, verify = [], shards.verify_image
 
     def failing(data):
         calls.append(1)
@@ -231,7 +232,7 @@ def test_interrupted_run_never_looks_complete(tree, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return verify(data)
 
-    monkeypatch.setattr(shards, "_verify_image", failing)
+    monkeypatch.setattr(shards, "verify_image", failing)
     with pytest.raises(KeyboardInterrupt):
         write_shards(tree, out, maxcount=2)
     # Complete shards only: no manifest, no temporary file.
@@ -239,7 +240,7 @@ def test_interrupted_run_never_looks_complete(tree, tmp_path, monkeypatch):
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["trainA-000000.tar"]
     with pytest.raises(ShardError):
         load_manifest(out)
-    monkeypatch.setattr(shards, "_verify_image", verify)
+    monkeypatch.setattr(shards, "verify_image", verify)
     assert main([str(tree), str(out)]) == 2
     assert main([str(tree), str(out), "--overwrite"]) == 0
 
@@ -302,9 +303,22 @@ def test_two_workers_write_the_same_bytes_as_one(big_tree, tmp_path):
     assert tars(tmp_path / "two") == tars(tmp_path / "one") and again == two
 
 
+def test_workers_write_the_same_bytes_when_re_encoding(big_tree, tmp_path):
+    options = dict(splits=["trainB"], maxcount=300, resize=8, format="jpeg")
+    one = write_shards(big_tree, tmp_path / "one", workers=1, **options)
+    two = write_shards(big_tree, tmp_path / "two", workers=2, **options)
+    assert tars(tmp_path / "one") == tars(tmp_path / "two") and len(tars(tmp_path / "two")) == 3
+    assert one["splits"] == two["splits"] and one["skipped"] == two["skipped"]
+    assert [s["path"] for s in two["skipped"]] == ["trainB/zz_broken.png"]
+    sample = next(iter(wds.WebDataset(split_pattern(tmp_path / "two", "trainB"), shardshuffle=False)))
+    with Image.open(io.BytesIO(sample["jpg"])) as img:
+        assert (img.format, img.size) == ("JPEG", (8, 8))
+
+
 def test_resize_and_reencode_at_shard_time(tree, tmp_path):
     manifest = write_shards(tree, tmp_path / "out", splits=["trainA", "testB"], resize=12, format="jpeg", quality=90)
-    assert manifest["options"] == {"resize": 12, "format": "jpeg", "quality": 90, "shuffle_seed": None}
+    assert manifest["options"] == {"resize": 12, "format": "jpeg", "quality": 90, "shuffle_seed": None,
+                                   "maxcount": 1000, "maxsize": 10**9}
     for split in ("trainA", "testB"):
         samples = read_split(tmp_path / "out", split)
         assert [s["name.txt"].decode() for s in samples] == sorted(LAYOUT[split])  # Original names kept.
@@ -366,11 +380,57 @@ def test_pipe_output_streams_shards_and_writes_the_manifest_last(tree, tmp_path)
 
 def test_a_failing_pipe_command_names_the_shard_and_writes_no_manifest(tree, tmp_path, capsys):
     log = tmp_path / "commands.log"
+    command = f"pipe:echo {{path}} >> {log}; cat > /dev/null; exit 3"
     with pytest.raises(ShardError, match=r"trainA/trainA-000000\.tar exited with code 3"):
-        write_shards(tree, f"pipe:echo {{path}} >> {log}; cat > /dev/null; exit 3")
+        write_shards(tree, command)
     assert log.read_text().split() == ["trainA/trainA-000000.tar"]
+    capsys.readouterr()
+    assert main([str(tree), command]) == 1  # A failure, not a usage error.
+    assert "exited with code 3" in capsys.readouterr().err
     assert main([str(tree), "pipe:cat > /dev/null"]) == 2
     assert "has no {path}" in capsys.readouterr().err
+
+
+@pytest.fixture
+def large_image(tmp_path) -> Path:
+    """One noise PNG of about 480 kB: several times what a pipe and its write buffer hold."""
+    src = tmp_path / "large"
+    (src / "trainA").mkdir(parents=True)
+    pixels = np.random.default_rng(3).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(src / "trainA" / "noise.png")
+    return src
+
+
+@pytest.mark.parametrize("early_exit", ["exit 0", "head -c 1 > /dev/null"])
+def test_a_pipe_command_that_exits_0_without_reading_everything_is_an_error(large_image, tmp_path, capsys,
+                                                                            early_exit):
+    log = tmp_path / "commands.log"
+    command = f"pipe:echo {{path}} >> {log}; {early_exit}"
+    with pytest.raises(ShardError, match=r"trainA/trainA-000000\.tar exited \(code 0\) before reading all of its "
+                                         rf"input: echo trainA/trainA-000000\.tar >> .*; {re.escape(early_exit)}$"):
+        write_shards(large_image, command, progress=True)
+    assert log.read_text().split() == ["trainA/trainA-000000.tar"]  # Neither recorded as sent nor a manifest.
+    assert "sharding trainA: 1/1 files" in capsys.readouterr().err  # The progress line is ended on failure too.
+
+
+def test_an_interrupted_pipe_upload_is_killed_whole_and_never_completed(large_image, tmp_path):
+    # A compound command whose last process renames the upload into place when its input ends, as `aws s3 cp -`
+    # completes one. After 512 bytes it interrupts the shard writer (its parent) and reads on.
+    dest = tmp_path / "remote"
+    final = f"{shlex.quote(str(dest))}/{{path}}"
+    command = (f"pipe:mkdir -p $(dirname {final}) && {{ head -c 512; kill -INT $PPID; cat; }} | "
+               f"{{ cat > {final}.part && mv {final}.part {final}; }}")
+    code = ("import signal, sys\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)  # Even if SIGINT is ignored by the caller.\n"
+            "from pipeline.shards import main\n"
+            f"sys.exit(main([{str(large_image)!r}, {command!r}, '--no-progress']))\n")
+    # Read until every process holding the output has exited: the command's ones too, if any outlive the writer.
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and "KeyboardInterrupt" in result.stdout
+    assert (dest / "trainA" / "trainA-000000.tar.part").is_file()  # It had started...
+    assert not (dest / "trainA" / "trainA-000000.tar").exists()  # ...and was killed before it could finish.
+    assert not (dest / "manifest.json").exists()
 
 
 def test_progress_shows_files_per_second_and_eta(tree, tmp_path, capsys):
