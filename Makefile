@@ -19,6 +19,10 @@ demo: $(STAMP)
 	$(BIN)/python -m pipeline.train --config configs/quickstart.yaml $(ARGS)
 	@echo "Run directory: runs/quickstart (samples/, ckpt-*.pt, metrics.jsonl). MLflow UI: make ui"
 
+# Two pytest workers: much of the suite waits on process start-up, servers and Slurm, so two overlap well on
+# two cores. Tests that share a server or the Slurm cluster stay on one worker (xdist_group).
+PYTEST_ARGS ?= -n 2 --dist loadgroup
+
 test: $(STAMP)
 	bash ci/install-system-deps.sh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

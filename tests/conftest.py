@@ -79,3 +79,11 @@ def _quiet_env(monkeypatch):
                 "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # Parallel pytest workers share the cores: one intra-op thread each, or they oversubscribe them.
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)

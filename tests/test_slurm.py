@@ -26,7 +26,8 @@ from launch import slurm as launch_slurm
 from launch import sweep as launch_sweep
 from pipeline.checkpoint import list_checkpoints
 
-pytestmark = pytest.mark.slow
+# One cluster for the session: every test that uses it runs on the same pytest worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 BAD_END = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
