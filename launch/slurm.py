@@ -24,6 +24,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -335,6 +336,17 @@ class JobResult:
     evaluation: dict[str, float]
 
 
+def master_port(job_id: str, attempt: int) -> int:
+    """The rendezvous port of one attempt of a job: the same on every task, agreed without communication.
+
+    Submitit draws it from 20000-60000 by job id alone. Linux hands out outgoing connections' ports from 32768 up,
+    so such a port can already be taken on rank 0's node (seen: EADDRINUSE with two jobs' traffic on one node),
+    and a requeued attempt would reuse the port of the attempt before it. This range lies below Linux's
+    default ephemeral range, and the port changes with each attempt.
+    """
+    return 20000 + zlib.crc32(f"{job_id}:{attempt}".encode()) % 12000
+
+
 def resume_auto(config_yaml: str) -> str:
     """The same config with checkpoint.resume=auto: a requeued job continues from its own newest checkpoint."""
     cfg = OmegaConf.create(config_yaml)
@@ -382,6 +394,8 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def _train(self, config_yaml: str, stop: Any) -> JobResult:
         env = submitit.JobEnvironment()
+        os.environ.setdefault("MASTER_PORT", str(master_port(env.job_id, int(os.environ.get("SLURM_RESTART_COUNT",
+                                                                                           "0")))))
         # Every GPU of the node stays visible: pipeline.dist picks cuda:LOCAL_RANK.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         import torch

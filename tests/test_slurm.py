@@ -308,3 +308,11 @@ def test_grid_parsing_and_element_names():
     assert launch_sweep.parse_grid("loss.gan_mode=lsgan,hinge") == ("loss.gan_mode", ["lsgan", "hinge"])
     assert launch_sweep.element_name(3, [("optim.lr", "1e-4"), ("data.train_a", "a/b*.tar")]) == \
         "03_lr=1e-4_train_a=a-b-.tar"
+
+
+def test_master_port_is_below_the_ephemeral_range_and_new_for_each_attempt():
+    """Submitit's port (20000-60000 by job id) collided with an outgoing connection's port in CI (EADDRINUSE)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {launch_slurm.master_port(str(job), attempt) for job in range(1, 200) for attempt in range(3)}
+    assert max(ports) < min(low, 32768) and min(ports) >= 20000 and len(ports) > 500
+    assert launch_slurm.master_port("7", 0) == launch_slurm.master_port("7", 0) != launch_slurm.master_port("7", 1)
