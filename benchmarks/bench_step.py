@@ -4,11 +4,12 @@
         [--batches 1,4] [--channels-last off,on] [--compile off,on] [--iters 3] [--json out.json] [--smoke]
 
 Prints a table (ms/iteration after warm-up, iterations/s, images/s, model TFLOP per iteration, achieved
-TFLOP/s and, on a GPU with a known peak, MFU) and writes it as JSON. Shared machines are noisy: every
-iteration is timed on its own, the table shows the fastest (the least disturbed) and the median, and speedups
-are ratios of the fastest iterations. The reference-style row of each case is
-the same maths written as the reference implementation writes it (pipeline/reference_step.py: one call per
-term, fp32, eager), so "speedup" is a ratio measured in the same process, minutes apart at most.
+TFLOP/s and, on a GPU with a known peak, MFU) and writes it as JSON. The reference-style row of each case is the
+same maths written as the reference implementation writes it (pipeline/reference_step.py: one call per term,
+torch's InstanceNorm kernel, fp32, eager). Shared machines are noisy: the iterations of all rows of a case are
+interleaved in one process, each is timed on its own, and the table shows the fastest (the least disturbed)
+and the median; "speedup" is the ratio of the fastest iterations and "paired" the median over rounds of the
+ratio within a round.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def make_step(case: str, impl: str, precision: str, channels_last: bool, compile
     overrides = [*overrides, f"train.precision={precision}", f"train.channels_last={channels_last}",
                  f"train.compile={compiled}", f"train.device={device.type}"]
     if impl == "reference":
-        overrides.append("train.fused_calls=false")
+        overrides += ["train.fused_calls=false", "train.instance_norm_kernel=instance_norm"]
     cfg = load_config([], overrides)
     parts = build_components(cfg, DistInfo(), device)
     if impl == "reference":
@@ -70,23 +71,32 @@ def make_step(case: str, impl: str, precision: str, channels_last: bool, compile
     return parts.step, crop
 
 
-def measure(step, crop: int, batch: int, device: torch.device, iters: int, warmup: int) -> tuple[list[float], float]:
-    """(seconds of each timed iteration, model FLOPs per iteration)."""
+def measure(steps: list, crop: int, batch: int, device: torch.device, iters: int,
+            warmups: list[int]) -> list[tuple[list[float], float]]:
+    """(seconds of each timed iteration, model FLOPs per iteration) of each step.
+
+    The steps' iterations are interleaved (round i times every step once, starting at step i mod n), so a
+    neighbour's load on a shared machine slows all of them alike instead of whichever ran during it.
+    """
     g = torch.Generator().manual_seed(0)
     real_a = (torch.rand(batch, 3, crop, crop, generator=g) * 2 - 1).to(device)
     real_b = (torch.rand(batch, 3, crop, crop, generator=g) * 2 - 1).to(device)
-    with FlopCounterMode(display=False) as counter:
-        step(real_a, real_b)
-    for _ in range(warmup):
-        step(real_a, real_b)
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        step(real_a, real_b)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times, float(counter.get_total_flops())
+    flops = []
+    for step, warmup in zip(steps, warmups):
+        with FlopCounterMode(display=False) as counter:
+            step(real_a, real_b)
+        flops.append(float(counter.get_total_flops()))
+        for _ in range(warmup):
+            step(real_a, real_b)
+    times: list[list[float]] = [[] for _ in steps]
+    for i in range(iters):
+        for j in [(i + k) % len(steps) for k in range(len(steps))]:
+            sync(device)
+            t0 = time.perf_counter()
+            steps[j](real_a, real_b)
+            sync(device)
+            times[j].append(time.perf_counter() - t0)
+    return list(zip(times, flops))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,25 +125,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
           f", torch {torch.__version__}, {torch.get_num_threads()} threads")
     header = f"{'case':<11}{'impl':<10}{'prec':<6}{'batch':>5}{'NHWC':>6}{'comp':>6}{'ms/it':>10}{'it/s':>8}" \
-             f"{'img/s':>8}{'median':>9}{'TFLOP/it':>10}{'TFLOP/s':>9}{'MFU':>7}{'speedup':>9}"
+             f"{'img/s':>8}{'median':>9}{'TFLOP/it':>10}{'TFLOP/s':>9}{'MFU':>7}{'speedup':>9}{'paired':>8}"
     print(header)
     for case in args.cases.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            baseline = None
-            if not args.no_reference:
-                step, crop = make_step(case, "reference", "fp32", False, False, device)
-                times, flops = measure(step, crop, batch, device, args.iters, args.warmup)
-                baseline = min(times)
-                rows.append(dict(case=case, impl="reference", precision="fp32", batch=batch, channels_last=False,
-                                 compile=False, seconds=min(times), median_s=statistics.median(times), flops=flops,
-                                 speedup=1.0))
-            for precision, nhwc, comp in itertools.product(args.precisions.split(","), onoff[args.channels_last],
-                                                           onoff[args.compile]):
-                step, crop = make_step(case, "ours", precision, nhwc, comp, device)
-                times, flops = measure(step, crop, batch, device, args.iters, args.warmup + 2 * comp)
-                rows.append(dict(case=case, impl="ours", precision=precision, batch=batch, channels_last=nhwc,
+            variants = [] if args.no_reference else [("reference", "fp32", False, False)]
+            variants += [("ours", *v) for v in itertools.product(args.precisions.split(","),
+                                                                 onoff[args.channels_last], onoff[args.compile])]
+            built = [make_step(case, impl, precision, nhwc, comp, device) for impl, precision, nhwc, comp in variants]
+            crop = built[0][1]
+            warmups = [args.warmup + 2 * comp for *_, comp in variants]
+            measured = measure([step for step, _ in built], crop, batch, device, args.iters, warmups)
+            baseline = min(measured[0][0]) if not args.no_reference else None
+            for (impl, precision, nhwc, comp), (times, flops) in zip(variants, measured):
+                # The median of per-round ratios pairs iterations run seconds apart: the steadiest estimate.
+                paired = statistics.median(r / t for r, t in zip(measured[0][0], times)) if baseline else None
+                rows.append(dict(case=case, impl=impl, precision=precision, batch=batch, channels_last=nhwc,
                                  compile=comp, seconds=min(times), median_s=statistics.median(times), flops=flops,
-                                 speedup=baseline / min(times) if baseline else None))
+                                 speedup=baseline / min(times) if baseline else None, paired_speedup=paired))
+            del built
             for row in rows:
                 if row.get("printed"):
                     continue
@@ -142,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                 row["mfu"] = row["tflops_per_s"] / peak if peak else None
                 mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
                 speed = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
+                paired = f"{row['paired_speedup']:.2f}x" if row.get("paired_speedup") else "-"
                 print(f"{row['case']:<11}{row['impl']:<10}{row['precision']:<6}{row['batch']:>5}"
                       f"{'on' if row['channels_last'] else 'off':>6}{'on' if row['compile'] else 'off':>6}"
                       f"{row['seconds'] * 1e3:>10.1f}{1 / row['seconds']:>8.2f}"
                       f"{2 * row['batch'] / row['seconds']:>8.1f}{row['median_s'] * 1e3:>9.0f}"
-                      f"{row['flops'] / 1e12:>10.3f}{row['tflops_per_s']:>9.3f}{mfu:>7}{speed:>9}", flush=True)
+                      f"{row['flops'] / 1e12:>10.3f}{row['tflops_per_s']:>9.3f}{mfu:>7}{speed:>9}{paired:>8}",
+                      flush=True)
     for row in rows:
         row.pop("printed", None)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,9 @@ class TrainConfig:
     """auto (CUDA when available), cpu or cuda."""
     fused_calls: bool = True
     """Batch each generator's translation and identity inputs, and each D's real and fake, into one call."""
+    instance_norm_kernel: str = "auto"
+    """group_norm (the same statistics through GroupNorm's kernel: 1.7-2.8x faster on CPU), instance_norm
+    (torch's own, as the reference), or auto: group_norm on CPU, instance_norm on CUDA (not yet measured there)."""
     channels_last: bool = False
     """NHWC activations (tensor cores like them; on CPU InstanceNorm copies layouts and it is slower)."""
     compile: bool = False
@@ -196,6 +199,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.preprocess": ("resize_and_crop", "crop", "scale_width_and_crop", "none"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.instance_norm_kernel": ("auto", "group_norm", "instance_norm"),
     "tracking.log_checkpoints": ("all", "last", "none"),
 }
 

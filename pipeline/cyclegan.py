@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.losses import GANLoss, cycle_loss, identity_loss
-from pipeline.models import build_discriminator, build_generator
+from pipeline.models import build_discriminator, build_generator, use_group_kernel_instance_norm
 
 # Our network name -> the reference implementation's (file `<epoch>_net_<name>.pth`, loss suffix).
 REFERENCE_NAMES = {"G_ab": "G_A", "G_ba": "G_B", "D_b": "D_A", "D_a": "D_B"}
@@ -110,8 +110,14 @@ class Objective:
         }
 
 
-def build_networks(model_cfg, fused: bool = False) -> tuple[Generators, Discriminators]:
-    """The four networks of a `ModelConfig`, initialised from torch's global RNG."""
+def build_networks(model_cfg, fused: bool = False,
+                   group_kernel_norm: bool = False) -> tuple[Generators, Discriminators]:
+    """The four networks of a `ModelConfig`, initialised from torch's global RNG.
+
+    Args:
+        fused: batch each generator's and discriminator's inputs into one call (see `Generators`).
+        group_kernel_norm: instance norms computed by GroupNorm's faster kernel (`GroupKernelInstanceNorm2d`).
+    """
     if fused and model_cfg.norm == "batch":
         raise ValueError("train.fused_calls batches different images through one norm layer; with "
                          "model.norm=batch that changes the maths: set train.fused_calls=false")
@@ -129,6 +135,9 @@ def build_networks(model_cfg, fused: bool = False) -> tuple[Generators, Discrimi
 
     G_ab, G_ba = gen(), gen()
     D_a, D_b = disc(), disc()
+    if group_kernel_norm:
+        for net in (G_ab, G_ba, D_a, D_b):
+            use_group_kernel_instance_norm(net)
     return Generators(G_ab, G_ba, fused), Discriminators(D_a, D_b, fused)
 
 

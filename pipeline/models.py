@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
@@ -50,6 +51,29 @@ def _norm_layer(norm: str) -> tuple[NormLayer, bool]:
         return functools.partial(nn.BatchNorm2d, affine=True, track_running_stats=True), False
     # A parameter-free placeholder keeps the layer indices (and so the keys) of the normalised variants.
     return (lambda channels: nn.Identity()), False
+
+
+class GroupKernelInstanceNorm2d(nn.InstanceNorm2d):
+    """`nn.InstanceNorm2d(affine=False)` computed by GroupNorm's kernel with one channel per group.
+
+    The same statistics (per sample and channel, biased variance, the same eps), so the maths is unchanged and
+    outputs differ by rounding only (~1e-6). GroupNorm's fused kernels skip instance_norm's batch_norm over a
+    reshaped view: on CPU its forward + backward (with the in-place ReLU that follows it) is 1.7-2.8x faster at
+    CycleGAN's activation sizes, and its output is a fresh tensor, so that in-place ReLU needs no copy-back.
+    No parameters or buffers: state_dict keys are those of the module it replaces.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(x, x.shape[1], None, None, self.eps)
+
+
+def use_group_kernel_instance_norm(net: nn.Module) -> nn.Module:
+    """Replace, in place, every parameter-free InstanceNorm2d of `net` by `GroupKernelInstanceNorm2d`."""
+    for parent in list(net.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.InstanceNorm2d and not child.affine and not child.track_running_stats:
+                setattr(parent, name, GroupKernelInstanceNorm2d(child.num_features, eps=child.eps))
+    return net
 
 
 def init_weights(net: nn.Module, init_type: str = "normal", init_gain: float = 0.02) -> nn.Module:

@@ -113,6 +113,12 @@ class Components:
         return {"G_ab": self.gens.G_ab, "G_ba": self.gens.G_ba, "D_a": self.discs.D_a, "D_b": self.discs.D_b}
 
 
+def uses_group_kernel_norm(kernel: str, device: torch.device) -> bool:
+    """train.instance_norm_kernel resolved for a device: auto takes GroupNorm's kernel where it was measured
+    faster (CPU) and keeps torch's InstanceNorm kernel on CUDA, where no comparison has been run yet."""
+    return kernel == "group_norm" or (kernel == "auto" and device.type == "cpu")
+
+
 def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device) -> Components:
     """Networks (identical on every rank: seeded from train.seed), optimisers, this rank's pools, DDP."""
     if device.type == "cpu":
@@ -121,7 +127,8 @@ def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device)
     else:
         torch.backends.cudnn.benchmark = True  # Fixed crop sizes: pick the fastest convolution once.
     torch.manual_seed(cfg.train.seed)
-    gens, discs = build_networks(cfg.model, fused=cfg.train.fused_calls)
+    gens, discs = build_networks(cfg.model, fused=cfg.train.fused_calls,
+                                 group_kernel_norm=uses_group_kernel_norm(cfg.train.instance_norm_kernel, device))
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     gens.to(device, memory_format=memory_format)
     discs.to(device, memory_format=memory_format)

@@ -15,6 +15,7 @@ from pipeline.config import load_config
 from pipeline.cyclegan import build_networks, build_objective
 from pipeline.image_pool import ImagePool
 from pipeline.optim import build_adam
+from pipeline.train import uses_group_kernel_norm
 
 sys.path.insert(0, str(ROOT / "tests"))
 from ddp_worker import fixed_batch  # noqa: E402
@@ -53,7 +54,9 @@ def reference(steps: int, dtype: torch.dtype, world: int, batches) -> dict:
     try:
         cfg = load_config([], TINY)
         torch.manual_seed(cfg.train.seed)
-        gens, discs = build_networks(cfg.model, fused=cfg.train.fused_calls)  # as the workers
+        gens, discs = build_networks(cfg.model, fused=cfg.train.fused_calls,  # as the workers
+                                     group_kernel_norm=uses_group_kernel_norm(cfg.train.instance_norm_kernel,
+                                                                              torch.device("cpu")))
         objective = build_objective(cfg.loss)
         opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
         opt_d = build_adam(discs.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)

@@ -1,6 +1,7 @@
 """The networks equal the reference implementation's: parameter counts, state_dict keys and shapes, output
 sizes, norm and init behaviour, and strict round trips of saved weights."""
 
+import copy
 import functools
 import math
 
@@ -13,9 +14,11 @@ from pipeline.models import (
     GENERATOR_ARCHS,
     INIT_TYPES,
     NORMS,
+    GroupKernelInstanceNorm2d,
     build_discriminator,
     build_generator,
     count_parameters,
+    use_group_kernel_instance_norm,
 )
 
 # Parameter counts of the reference code (junyanz/pytorch-CycleGAN-and-pix2pix) at ngf = ndf = 64.
@@ -270,3 +273,26 @@ def test_a_tiny_generator_learns_a_fixed_colour_map(synthetic):
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-10:]) / 10 < 0.25 * losses[0], (losses[0], losses[-10:])
+
+
+@pytest.mark.parametrize("arch", ["resnet_6blocks", "unet_128"])
+def test_group_kernel_instance_norm_is_instance_norm_within_rounding(arch):
+    """The faster kernel keeps every key and computes the same statistics: float64 outputs and gradients agree."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        ref = build_generator(arch, ngf=4)
+        fast = copy.deepcopy(ref)
+        use_group_kernel_instance_norm(fast)
+        x = torch.rand(2, 3, 128, 128) * 2 - 1
+        out_ref, out_fast = ref(x), fast(x)
+        out_ref.square().mean().backward()
+        out_fast.square().mean().backward()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    swapped = [m for m in fast.modules() if isinstance(m, GroupKernelInstanceNorm2d)]
+    assert swapped and not [m for m in fast.modules() if type(m) is nn.InstanceNorm2d]
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    assert torch.allclose(out_fast, out_ref, rtol=0, atol=1e-12)
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), name

@@ -140,7 +140,9 @@ def test_default_step_stays_within_rounding_of_the_reference_style_step():
     torch.set_default_dtype(torch.float64)
     try:
         ours = components()  # defaults: fused calls, foreach Adam, one D backward
-        theirs = components("train.fused_calls=false")
+        theirs = components("train.fused_calls=false", "train.instance_norm_kernel=instance_norm")
+        assert type(ours.nets["G_ab"].model[2]).__name__ == "GroupKernelInstanceNorm2d"  # auto on CPU
+        assert type(theirs.nets["G_ab"].model[2]) is torch.nn.InstanceNorm2d
         cfg = load_config([], TINY)
         ref = ReferenceStyleStep(theirs.gens, theirs.discs, build_objective(cfg.loss),
                                  reference_adam(theirs.gens.parameters()), reference_adam(theirs.discs.parameters()),
