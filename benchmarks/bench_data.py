@@ -12,7 +12,6 @@ bench_step.py's JSON) prints the margin over what the training step consumes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import sys
@@ -26,15 +25,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipeline import dataset_scripts  # noqa: E402
 from pipeline.data import train_loader  # noqa: E402
 from pipeline.shards import write_shards  # noqa: E402
 
 
 def synthetic_module():
-    spec = importlib.util.spec_from_file_location("synthetic", ROOT / "datasets" / "synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return dataset_scripts.load("synthetic")
 
 
 def make_shards(root: Path, n: int, size: int, fmt: str) -> dict[str, str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -32,14 +31,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipeline import dataset_scripts  # noqa: E402
 from pipeline.shards import write_shards  # noqa: E402
 
 
 def _synthetic():
-    spec = importlib.util.spec_from_file_location("synthetic", ROOT / "datasets" / "synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return dataset_scripts.load("synthetic")  # Executed once, not per generated image.
 
 
 def _make_image(args: tuple[Path, int, int, int]) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_synthetic():
-    """datasets/ holds scripts, not a package (a package named `datasets` would shadow Hugging Face's)."""
-    spec = importlib.util.spec_from_file_location("synthetic", ROOT / "datasets" / "synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["synthetic"] = module
-    spec.loader.exec_module(module)
-    return module
+    from pipeline import dataset_scripts
+
+    return dataset_scripts.load("synthetic")
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,9 @@ reference layout, shards, a train.yaml that trains, and the shipped configs of e
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import re
-import sys
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, tiny_overrides
 
+from pipeline import dataset_scripts
 from pipeline.config import load_config
 from pipeline.shards import load_manifest
 
@@ -23,12 +22,7 @@ NAME = "horse2zebra"
 
 
 def load_recipe():
-    """datasets/ holds scripts, not a package: load the recipe by path."""
-    spec = importlib.util.spec_from_file_location("cyclegan_sets", ROOT / "datasets" / "cyclegan_sets.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cyclegan_sets"] = module
-    spec.loader.exec_module(module)
-    return module
+    return dataset_scripts.load("cyclegan_sets")
 
 
 @pytest.fixture(scope="module")
