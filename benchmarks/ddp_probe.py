@@ -36,6 +36,9 @@ def main(out: str, steps: int, crop: int, overrides: list[str]) -> None:
     if info.is_main:
         Path(out).write_text(json.dumps({"world_size": info.world_size, "seconds_per_step": seconds,
                                          "peak_rss_gb_per_rank": rss}))
+    # Ranks leave together, as the trainer's: a rank that tears gloo down while rank 0 still writes can make
+    # rank 0's teardown abort ("terminate called without an active exception", seen once in CI).
+    dist.barrier()
     dist.destroy_process_group()
 
 
