@@ -23,7 +23,6 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
@@ -79,19 +78,11 @@ def shard_rate(src: Path, out: Path, workers: int, **options) -> tuple[float, fl
 
 def decode_rate(shards: Path, load: int, crop: int, workers: int, seconds: float) -> float:
     """Augmented images/s out of the training loader (one A and one B image per batch)."""
-    from pipeline.data import train_loader
+    # Imported here: the image-generating pool's children re-import this module and need no torch.
+    from bench_data import throughput
 
-    cfg = SimpleNamespace(train_a=str(shards / "trainA" / "*.tar"), train_b=str(shards / "trainB" / "*.tar"),
-                          preprocess="resize_and_crop", load_size=load, crop_size=crop, flip=True, batch_per_rank=1,
-                          workers=workers, shuffle_buffer=64, prefetch_factor=8)
-    batches = iter(train_loader(cfg, seed=0, rank=0))
-    for _ in range(8 * max(workers, 1)):  # Warm-up: workers started, shuffle buffers filled.
-        next(batches)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a, b = next(batches)
-        n += a.shape[0] + b.shape[0]
-    return n / (time.perf_counter() - t0)
+    patterns = {split: str(shards / split / "*.tar") for split in ("trainA", "trainB")}
+    return throughput(patterns, workers, crop, load, seconds, shuffle_buffer=64)
 
 
 def main(argv: list[str] | None = None) -> int:
