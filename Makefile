@@ -20,8 +20,9 @@ demo: $(STAMP)
 	@echo "Run directory: runs/quickstart (samples/, ckpt-*.pt, metrics.jsonl). MLflow UI: make ui"
 
 # Two pytest workers: much of the suite waits on process start-up, servers and Slurm, so two overlap well on
-# two cores. Tests that share a server or the Slurm cluster stay on one worker (xdist_group).
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+# two cores. Whole files per worker (loadfile): the Slurm tests share one cluster (two would hand out the same
+# job ids, so their jobs' rendezvous ports collide) and the MLflow review tests one server.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 test: $(STAMP)
 	bash ci/install-system-deps.sh

@@ -340,9 +340,9 @@ def master_port(job_id: str, attempt: int) -> int:
     """The rendezvous port of one attempt of a job: the same on every task, agreed without communication.
 
     Submitit draws it from 20000-60000 by job id alone. Linux hands out outgoing connections' ports from 32768 up,
-    so such a port can already be taken on rank 0's node (seen: EADDRINUSE with two jobs' traffic on one node),
-    and a requeued attempt would reuse the port of the attempt before it. This range lies below Linux's
-    default ephemeral range, and the port changes with each attempt.
+    so such a port can already be taken on rank 0's node, and a requeued attempt would reuse the port of the
+    attempt before it. This range lies below Linux's default ephemeral range, and the port changes with each
+    attempt. Two jobs with the same id on one node (two clusters) still collide: nothing here can prevent that.
     """
     return 20000 + zlib.crc32(f"{job_id}:{attempt}".encode()) % 12000
 

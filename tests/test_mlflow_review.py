@@ -14,8 +14,8 @@ import pytest
 from conftest import ROOT, tiny_overrides
 from mlflow_server import MlflowServer
 
-# The module's server and two-rank run are shared: keep its tests on one pytest worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow_server")]
+# The module's server and two-rank run are shared: `make test` keeps a file on one worker (--dist loadfile).
+pytestmark = pytest.mark.slow
 
 LOSSES = ("loss/G_ab/gan", "loss/G_ab/cycle", "loss/G_ab/idt", "loss/D_b",
           "loss/G_ba/gan", "loss/G_ba/cycle", "loss/G_ba/idt", "loss/D_a")

@@ -26,8 +26,8 @@ from launch import slurm as launch_slurm
 from launch import sweep as launch_sweep
 from pipeline.checkpoint import list_checkpoints
 
-# One cluster for the session: every test that uses it runs on the same pytest worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+# One cluster for the session: `make test` runs whole files per pytest worker (--dist loadfile).
+pytestmark = pytest.mark.slow
 
 BAD_END = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
@@ -311,7 +311,7 @@ def test_grid_parsing_and_element_names():
 
 
 def test_master_port_is_below_the_ephemeral_range_and_new_for_each_attempt():
-    """Submitit's port (20000-60000 by job id) collided with an outgoing connection's port in CI (EADDRINUSE)."""
+    """Submitit's port (20000-60000 by job id) lies in Linux's ephemeral range and repeats on a requeue."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     ports = {launch_slurm.master_port(str(job), attempt) for job in range(1, 200) for attempt in range(3)}
     assert max(ports) < min(low, 32768) and min(ports) >= 20000 and len(ports) > 500
