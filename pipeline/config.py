@@ -173,6 +173,9 @@ class EvalConfig:
     features: str = ""
     """Local feature extractor file (Inception weights, see pipeline/metrics/features.py) for FID/KID of both
     directions at each evaluation; empty: no FID/KID. Any evaluation also reports both cycle errors."""
+    batch_size: int = 16
+    """Images per forward pass of the generators and the extractor, here and in `pipeline.evaluate` (its
+    default): the same batches make the command repeat the training's numbers exactly, not to rounding."""
 
 
 @dataclass

@@ -150,7 +150,8 @@ def evaluate_direction(
         kid_subsets, kid_subset_size: KID's subsets.
 
     Returns:
-        `images` and `real_images` (counts); `fid`, `kid`, `kid_std` with `features`; `pairs`, `l1`, `psnr`,
+        `images` and `real_images` (counts); `fid`, `kid`, `kid_subset_size` (0: whole sets) and `kid_std`
+        (only over subsets smaller than the sets: see `distribution.kid`) with `features`; `pairs`, `l1`, `psnr`,
         `ssim` and the same of the untranslated input (`*_identity`) when paired; `cycle_l1` with `reverse`.
     """
     modes = [(m, m.training) for m in (net, reverse, features) if m is not None]
@@ -204,8 +205,11 @@ def evaluate_direction(
     if features is not None:
         fake_features = fake.result()
         results["fid"] = distribution.fid(fake_features, real_features)
-        results["kid"], results["kid_std"] = distribution.kid(fake_features, real_features, kid_subsets,
-                                                              kid_subset_size)
+        kid = distribution.kid(fake_features, real_features, kid_subsets, kid_subset_size)
+        results["kid"] = kid.value
+        results["kid_subset_size"] = float(kid.subset_size)
+        if kid.std is not None:
+            results["kid_std"] = kid.std
     if paired_keys:
         pairs = len(per_image["l1"])
         if not pairs:
@@ -255,13 +259,13 @@ def held_out_eval(g_ab: nn.Module, g_ba: nn.Module, cfg: Any, device: torch.devi
     data, size = cfg.data, cfg.data.crop_size
     out: dict[str, float] = {}
     if cfg.eval.paired:
-        out.update(paired_l1(g_ab, data.test_a, data.test_b, size, device))
+        out.update(paired_l1(g_ab, data.test_a, data.test_b, size, device, cfg.eval.batch_size))
     features = cached_extractor(cfg.eval.features, device) if cfg.eval.features else None
     multiple = required_multiple(cfg.model.generator)
     for direction, net, reverse, source, target in (("AtoB", g_ab, g_ba, data.test_a, data.test_b),
                                                     ("BtoA", g_ba, g_ab, data.test_b, data.test_a)):
         result = evaluate_direction(net, reverse, multiple, source, target, device, features, size,
-                                    paired_keys=cfg.eval.paired)
+                                    paired_keys=cfg.eval.paired, batch_size=cfg.eval.batch_size)
         out.update({f"{direction}/{k}": v for k, v in result.items() if k not in ("images", "real_images")})
     return out
 
@@ -307,7 +311,11 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
     for direction, r in results.items():
         head = f"{direction}: {int(r['images'])} translated"
         if "fid" in r:
-            head += f" vs {int(r['real_images'])} real | FID {r['fid']:.2f} | KID {r['kid']:.4f} ± {r['kid_std']:.4f}"
+            head += f" vs {int(r['real_images'])} real | FID {r['fid']:.2f} | KID {r['kid']:.4f}"
+            if "kid_std" in r:
+                head += f" ± {r['kid_std']:.4f} (subsets of {int(r['kid_subset_size'])})"
+            else:
+                head += " (whole sets, no spread: no more images than --kid-subset-size)"
         lines.append(head)
         if "pairs" in r:
             lines.append(
@@ -333,9 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                               help="test sets are paired by sample key (default: the checkpoint's eval.paired)")
     paired_group.add_argument("--unpaired", dest="paired", action="store_false")
     parser.add_argument("--max-images", type=int, default=0, help="images per set at most (0: all)")
-    parser.add_argument("--kid-subsets", type=int, default=100)
-    parser.add_argument("--kid-subset-size", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--kid-subsets", type=int, default=100, help="KID's random subsets (default 100)")
+    parser.add_argument("--kid-subset-size", type=int, default=1000,
+                        help="images per KID subset (default 1000, as torch-fidelity); sets no larger than this "
+                             "are scored whole, once, with no spread")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per forward pass (default: the checkpoint's eval.batch_size, as in training)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
     parser.add_argument("--json", type=Path, help="output file (default: eval-<checkpoint name>.json beside it)")
@@ -389,9 +400,10 @@ def _run(args: argparse.Namespace) -> int:
     for direction, gens in loaded.items():
         source, target = (test["A"], test["B"]) if direction == "AtoB" else (test["B"], test["A"])
         log.info("evaluating %s: %s -> compared with %s", direction, source, target)
+        gens.to(device)
         results[direction] = evaluate_direction(
-            gens.net.to(device), gens.reverse.to(device) if gens.reverse is not None else None, gens.multiple,
-            source, target, device, features, size, is_paired, args.batch_size, args.precision, args.max_images,
+            gens.net, gens.reverse, gens.multiple, source, target, device, features, size, is_paired,
+            args.batch_size or cfg.eval.batch_size, args.precision, args.max_images,
             args.kid_subsets, args.kid_subset_size,
         )
     print(format_results(results))

@@ -67,6 +67,16 @@ class GroupKernelInstanceNorm2d(nn.InstanceNorm2d):
         return F.group_norm(x, x.shape[1], None, None, self.eps)
 
 
+def uses_group_kernel_norm(kernel: str, device: torch.device) -> bool:
+    """`train.instance_norm_kernel` resolved for a device: auto takes GroupNorm's kernel where it was measured
+    faster (CPU) and keeps torch's InstanceNorm kernel on CUDA, where no comparison has been run yet.
+
+    Training and inference (translate, evaluate) resolve it the same way, so a number computed during training
+    and again from its checkpoint is the same computation, not the same maths rounded differently.
+    """
+    return kernel == "group_norm" or (kernel == "auto" and device.type == "cpu")
+
+
 def use_group_kernel_instance_norm(net: nn.Module) -> nn.Module:
     """Replace, in place, every parameter-free InstanceNorm2d of `net` by `GroupKernelInstanceNorm2d`."""
     for parent in list(net.modules()):

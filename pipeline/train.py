@@ -29,6 +29,7 @@ from pipeline.data import DataError, held_out, normalize, train_loader
 from pipeline.evaluate import held_out_eval
 from pipeline.image_pool import ImagePool
 from pipeline.interop import load_reference_dir
+from pipeline.models import uses_group_kernel_norm
 from pipeline.optim import build_adam, lr_factor, set_lr
 from pipeline.preemption import EXIT_STOPPED, StopFlag
 from pipeline.recorder import make_recorder
@@ -111,12 +112,6 @@ class Components:
     @property
     def nets(self) -> dict[str, torch.nn.Module]:
         return {"G_ab": self.gens.G_ab, "G_ba": self.gens.G_ba, "D_a": self.discs.D_a, "D_b": self.discs.D_b}
-
-
-def uses_group_kernel_norm(kernel: str, device: torch.device) -> bool:
-    """train.instance_norm_kernel resolved for a device: auto takes GroupNorm's kernel where it was measured
-    faster (CPU) and keeps torch's InstanceNorm kernel on CUDA, where no comparison has been run yet."""
-    return kernel == "group_norm" or (kernel == "auto" and device.type == "cpu")
 
 
 def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device) -> Components:

@@ -36,7 +36,7 @@ from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.config import ConfigError, from_yaml, load_config
 from pipeline.data import DataError, decode_image, expand_pattern, to_tensor
 from pipeline.interop import load_into, read_state_dict
-from pipeline.models import build_generator
+from pipeline.models import build_generator, use_group_kernel_instance_norm, uses_group_kernel_norm
 from pipeline.shards import EXTENSIONS, list_images, sample_key
 
 log = logging.getLogger("pipeline.translate")
@@ -132,6 +132,20 @@ class Generators:
     @property
     def multiple(self) -> int:
         return required_multiple(self.model.generator)
+
+    def to(self, device: torch.device) -> Generators:
+        """Both generators on `device`, their instance norms on the kernel training would use there.
+
+        The kernel is the config's `train.instance_norm_kernel` resolved for `device` as training resolves it,
+        so evaluating a checkpoint repeats the computation of the evaluation during training bit for bit.
+        """
+        group_kernel = uses_group_kernel_norm(self.cfg.train.instance_norm_kernel, device)
+        for net in (self.net, self.reverse):
+            if net is not None:
+                if group_kernel:
+                    use_group_kernel_instance_norm(net)
+                net.to(device)
+        return self
 
 
 def _reference_files(path: Path, direction: str) -> tuple[Path, Path | None]:
@@ -452,7 +466,7 @@ def translate_source(gens: Generators, source: str, out: Path, device: torch.dev
                      sheet_rows: int = 16, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Translate every image of `source` into `out/images/`, write the results page; returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
-    net = gens.net.to(device).eval()
+    net = gens.to(device).net.eval()
     skipped: list[str] = []
     inputs: dict[str, InputImage] = {}
     files: list[dict[str, Any]] = []

@@ -15,7 +15,7 @@ from pipeline.config import load_config
 from pipeline.cyclegan import build_networks, build_objective
 from pipeline.image_pool import ImagePool
 from pipeline.optim import build_adam
-from pipeline.train import uses_group_kernel_norm
+from pipeline.models import uses_group_kernel_norm
 
 sys.path.insert(0, str(ROOT / "tests"))
 from ddp_worker import fixed_batch  # noqa: E402

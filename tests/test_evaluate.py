@@ -93,12 +93,38 @@ def test_fid_and_kid_with_a_small_extractor_on_synthetic_domains(domains):
     # grows as samples shrink).
     assert distribution.fid(half_a, b[1::2]) > 5 * distribution.fid(half_a, other_half_a)
 
-    kid_self, _ = distribution.kid(a, a, subsets=20, subset_size=16)
-    kid_ab, kid_std = distribution.kid(a, b, subsets=20, subset_size=16)
-    assert abs(kid_self) < 0.05 * kid_ab  # Unbiased: about 0 within a domain, either sign.
-    assert kid_ab > 5 * kid_std > 0
-    # The estimate is deterministic for a seed, and uses at most the smaller set's size.
-    assert distribution.kid(a, b, subsets=5, subset_size=1000) == distribution.kid(a, b, subsets=5, subset_size=32)
+    kid_self = distribution.kid(a, a, subsets=20, subset_size=16)
+    kid_ab = distribution.kid(a, b, subsets=20, subset_size=16)
+    assert abs(kid_self.value) < 0.05 * kid_ab.value  # Unbiased: about 0 within a domain, either sign.
+    assert kid_ab.value > 5 * kid_ab.std > 0 and kid_ab.subset_size == 16 and kid_ab.subsets == 20
+    # Deterministic for a seed.
+    assert distribution.kid(a, b, subsets=5, subset_size=16, seed=3) == distribution.kid(a, b, 5, 16, seed=3)
+
+
+def test_kid_of_sets_no_larger_than_a_subset_is_the_whole_set_estimate_with_no_spread(domains):
+    a, b = features_of(domains / "testA"), features_of(domains / "testB")  # 32 each.
+    whole = distribution.kid(a, b, subsets=5, subset_size=32)
+    # Every "subset" would be the whole set: one estimate, no spread (it printed as "± 0.0000"), and the same
+    # number whatever the subset count or a larger subset size.
+    assert whole.std is None and whole.subset_size == 0 and whole.subsets == 1
+    assert whole == distribution.kid(a, b, subsets=100, subset_size=1000)
+    # The whole-set estimate is the unbiased MMD^2 over all pairs, written out here with loops; unequal set
+    # sizes use each set's own (n (n - 1)) normaliser.
+    x, y = a[:32].astype(np.float64), b[:20].astype(np.float64)
+    dim = x.shape[1]
+
+    def k(u, v):
+        return (u @ v / dim + 1) ** 3
+
+    def within(s):
+        return sum(k(s[i], s[j]) for i in range(len(s)) for j in range(len(s)) if i != j) / (len(s) * (len(s) - 1))
+
+    cross = sum(k(u, v) for u in x for v in y) / (len(x) * len(y))
+    want = within(x) + within(y) - 2 * cross
+    # float64 sums of ~1,000 terms of size ~1 in another order: round-off ~1e-13, far below this tolerance.
+    assert distribution.kid(x, y).value == pytest.approx(want, rel=1e-9, abs=1e-12)
+    # Subsets smaller than the sets do give a spread.
+    assert distribution.kid(a, b, subsets=10, subset_size=8).std > 0
 
 
 # Paired metrics.
@@ -138,7 +164,8 @@ def test_evaluate_direction_scores_the_ground_truth_map_perfect(domains, synthet
     # The map rounds to 8 bits as the files do: off by at most one level.
     assert perfect["l1"] < 1.5 / 127.5 and perfect["psnr"] > 45 and perfect["ssim"] > 0.999
     assert perfect["fid"] < 1e-3 * nothing["fid"]
-    assert abs(perfect["kid"]) < 0.05 * nothing["kid"]  # Independent subsets of each set: noisy around 0.
+    assert abs(perfect["kid"]) < 0.05 * nothing["kid"]  # Unbiased: about 0 for the same distribution.
+    assert perfect["kid_subset_size"] == 0 and "kid_std" not in perfect  # 32 images: whole sets.
     assert perfect["cycle_l1"] < 2 / 127.5  # Inverse of the map: back to A up to rounding.
     # Returning the input: the same error as the "input" baseline; the cycle is exact.
     assert nothing["l1"] == pytest.approx(nothing["l1_identity"]) and nothing["l1"] > 0.2
@@ -226,19 +253,22 @@ def test_training_evaluates_periodically_and_the_command_logs_to_its_run(tiny, s
                           "--kid-subsets", "10", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "AtoB: 8 translated vs 8 real | FID" in printed and "cycle reconstruction L1" in printed
+    assert "(whole sets, no spread: no more images than --kid-subset-size)" in printed and "± 0.0000" not in printed
     assert "logged to MLflow run" in printed
     record = json.loads(out.read_text())
     assert record["step"] == 4 and record["paired"] is True and record["size"] == 32
     result = record["results"]["AtoB"]
-    # The same held-out set, size and extractor as the evaluation at the end of training.
-    assert result["fid"] == pytest.approx(during["AtoB/fid"], rel=1e-6)
-    assert result["cycle_l1"] == pytest.approx(during["AtoB/cycle_l1"], rel=1e-6)
+    # The same held-out set, size, extractor, norm kernel and batches as the evaluation at the end of training:
+    # the same computation, so the same bits (a 1.4e-6 relative difference here was GroupNorm's kernel in
+    # training vs InstanceNorm's in the command).
+    for key in ("fid", "kid", "cycle_l1", "l1", "psnr", "ssim"):
+        assert result[key] == during[f"AtoB/{key}"], key
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = load_checkpoint(ckpt)["mlflow_run_id"]
     history = client.get_metric_history(run_id, "eval/AtoB/fid")
     assert [m.step for m in history] == [2, 4, 4]  # Two during training, one from the command.
-    assert history[-1].value == pytest.approx(result["fid"])
+    assert history[-1].value == result["fid"]  # MLflow stores the double as it is.
     assert "evaluation" in [a.path for a in client.list_artifacts(run_id)]
 
     # Reference-implementation files of the same generators give the same numbers; a G_A file is A->B only.
@@ -248,7 +278,7 @@ def test_training_evaluates_periodically_and_the_command_logs_to_its_run(tiny, s
                           str(features), "--kid-subsets", "10", "--json", str(tmp_path / "ref.json")]) == 0
     from_reference = json.loads((tmp_path / "ref.json").read_text())["results"]
     assert list(from_reference) == ["AtoB"]
-    assert from_reference["AtoB"] == pytest.approx(result)
+    assert from_reference["AtoB"] == result  # Same weights, same kernel and batches: the same numbers.
     capsys.readouterr()
 
     # No weights anywhere: says how to provide them, and still reports everything else.

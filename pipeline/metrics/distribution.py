@@ -6,6 +6,8 @@ features (2048-d). Arithmetic is float64 numpy.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 
@@ -50,39 +52,57 @@ def fid(features1: np.ndarray, features2: np.ndarray) -> float:
 
 
 def _poly_mmd2(x: np.ndarray, y: np.ndarray) -> float:
-    """Unbiased MMD^2 with the cubic polynomial kernel k(a, b) = (a.b / D + 1)^3 (equal subset sizes)."""
+    """Unbiased MMD^2 with the cubic polynomial kernel k(a, b) = (a.b / D + 1)^3 (sets of any sizes >= 2)."""
     m, dim = x.shape
+    n = y.shape[0]
     k_xx = (x @ x.T / dim + 1) ** 3
     k_yy = (y @ y.T / dim + 1) ** 3
     k_xy = (x @ y.T / dim + 1) ** 3
     # Diagonal terms k(x_i, x_i) are left out of the within-set means: that makes the estimate unbiased.
-    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    within = (k_xx.sum() - np.trace(k_xx)) / (m * (m - 1)) + (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
     return float(within - 2 * k_xy.mean())
 
 
-def kid(features1: np.ndarray, features2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
-    """KID: mean and standard deviation of the unbiased polynomial-kernel MMD^2 over random subsets.
+class KID(NamedTuple):
+    value: float
+    """Mean MMD^2 over the subsets, or the MMD^2 of the whole sets."""
+    std: float | None
+    """Standard deviation over the subsets; None for whole sets (one estimate has no spread)."""
+    subset_size: int
+    """Vectors per subset and set; 0 when the whole sets were used."""
+    subsets: int
+    """Subsets averaged (1 for whole sets)."""
 
-    Each subset draws `subset_size` vectors without replacement from each set (fewer if a set is smaller),
-    as torch-fidelity and StyleGAN's metrics do. Unbiased: about 0 for two samples of one distribution,
-    negative values included.
+
+def kid(features1: np.ndarray, features2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> KID:
+    """KID: the unbiased polynomial-kernel MMD^2, averaged over random subsets as torch-fidelity and StyleGAN's
+    metrics do, with its spread.
+
+    Each subset draws `subset_size` vectors without replacement from each set. When a set has no more vectors
+    than `subset_size`, every subset would be that whole set, in another order: the spread would be round-off
+    (printed as 0.0000) and the mean would depend on `subsets` in its last bits. Then the MMD^2 of the whole
+    sets is returned, once, with no spread (`std` None). Unbiased: about 0 for two samples of one
+    distribution, negative values included.
 
     Args:
         features1, features2: (N1, D) and (N2, D) features.
         subsets: number of subsets averaged.
-        subset_size: vectors per subset and set; at most min(N1, N2).
+        subset_size: vectors per subset and set.
         seed: seed of the subset draws.
     """
     x, y = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"feature dimensions differ: {x.shape[1]} vs {y.shape[1]}")
-    size = min(subset_size, len(x), len(y))
-    if size < 2:
+    if min(len(x), len(y)) < 2:
         raise ValueError(f"KID needs at least 2 feature vectors per set, got {len(x)} and {len(y)}")
+    if subsets < 1 or subset_size < 2:
+        raise ValueError(f"KID needs at least 1 subset of at least 2 vectors, got {subsets} of {subset_size}")
+    if min(len(x), len(y)) <= subset_size:
+        return KID(_poly_mmd2(x, y), None, 0, 1)
     rng = np.random.default_rng(seed)
     values = np.array([
-        _poly_mmd2(x[rng.choice(len(x), size, replace=False)], y[rng.choice(len(y), size, replace=False)])
+        _poly_mmd2(x[rng.choice(len(x), subset_size, replace=False)], y[rng.choice(len(y), subset_size, replace=False)])
         for _ in range(subsets)
     ])
-    return float(values.mean()), float(values.std())
+    return KID(float(values.mean()), float(values.std()), subset_size, subsets)
