@@ -1,7 +1,7 @@
 """Download, verify and shard the standard CycleGAN datasets (the reference implementation's unpaired sets).
 
     python datasets/cyclegan_sets.py horse2zebra [more names | all] [--base-url URL] [--root data]
-        [--workers N] [--resize 286] [--format jpeg] [--quality 95] [--shuffle-seed S] [--maxcount N]
+        [--workers N] [--resize 286] [--format jpeg] [--quality 95] [--shuffle-seed S | --no-shuffle] [--maxcount N]
         [--retries 3] [--timeout 60] [--keep-zip] [--force]
 
 For each set, in <root>/<name>/:
@@ -64,6 +64,7 @@ from pipeline.shards import (  # noqa: E402
     DEFAULT_MAXCOUNT,
     DEFAULT_MAXSIZE,
     DEFAULT_QUALITY,
+    DEFAULT_SHUFFLE_SEED,
     MANIFEST,
     SPLITS,
     ShardError,
@@ -524,7 +525,8 @@ def _extract_set(name: str, base_url: str, set_dir: Path, retries: int, timeout:
 
 def prepare(name: str, base_url: str = DEFAULT_BASE_URL, root: str | os.PathLike[str] = "data",
             workers: int = 1, resize: int | None = None, format: str | None = None,
-            quality: int = DEFAULT_QUALITY, shuffle_seed: int | None = None, maxcount: int = DEFAULT_MAXCOUNT,
+            quality: int = DEFAULT_QUALITY, shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED,
+            maxcount: int = DEFAULT_MAXCOUNT,
             retries: int = 3, timeout: float = 60.0, retry_wait_s: float = 2.0, keep_zip: bool = False,
             force: bool = False, progress: bool = True, say: Any = print) -> SetResult:
     """Download (resuming), verify, extract and shard one set into root/<name>/, and write its train.yaml.
@@ -638,7 +640,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=["jpeg", "jpg", "png", "webp"], default=None,
                         help="re-encode at shard time (default: keep)")
     parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG/WebP quality when re-encoding")
-    parser.add_argument("--shuffle-seed", type=int, default=None, help="seeded file order across shards")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--shuffle-seed", type=int, default=DEFAULT_SHUFFLE_SEED,
+                       help=f"seed of the random file order across shards (default {DEFAULT_SHUFFLE_SEED})")
+    order.add_argument("--no-shuffle", dest="shuffle_seed", action="store_const", const=None,
+                       help="keep sorted file order")
     parser.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="samples per shard at most")
     parser.add_argument("--retries", type=int, default=3, help="download retries (each resumes)")
     parser.add_argument("--retry-wait", type=float, default=2.0, help="seconds before the first retry (doubles)")

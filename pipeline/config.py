@@ -129,17 +129,25 @@ class TrainConfig:
     data_wait_warn_share: float = 0.2
     """Warn (with a worker count that would help) when steps spend more than this share waiting for data."""
     max_nonfinite_steps: int = 10
-    """Consecutive steps with a NaN/inf loss that are skipped before training stops with an error."""
+    """Consecutive steps with a NaN/inf loss that are skipped before training stops with an error. 0 turns the
+    check off (no per-step check and its device sync): a NaN loss is then applied to the weights, and the start
+    of the run logs a warning saying so."""
+    threads: int = 0
+    """CPU threads of each rank's intra-op pool (torch.set_num_threads); 0 keeps torch's default (OMP_NUM_THREADS,
+    else one per core). Ranks x threads plus data.workers should not exceed the cores of a CPU machine."""
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 5000
-    """Steps between checkpoints; the final step is always saved."""
+    """Steps between checkpoints; the final step (and a stop by signal) is always saved. 0: only those."""
     keep_last: int = 3
     """Newest checkpoints kept."""
     keep_every_steps: int = 0
     """Also keep checkpoints whose step is a multiple of this (0: none)."""
+    min_free_mb: float = 100.0
+    """Space to leave free on the run directory's filesystem: a checkpoint that would leave less (judged by the
+    size of the last one) is not written, and the run says so, instead of filling the disk to its last byte."""
     resume: str = "auto"
     """auto (newest loadable checkpoint in run_dir, if any), never, or the path of a checkpoint file."""
     init_from: str = ""
@@ -276,8 +284,15 @@ def validate(cfg: DictConfig) -> None:
         )
     if not 0.0 <= cfg.optim.decay_start_frac <= 1.0:
         raise ConfigError(f"'optim.decay_start_frac' must lie in [0, 1], got {cfg.optim.decay_start_frac}")
-    if cfg.train.pool_size < 0 or cfg.data.workers < 0:
-        raise ConfigError("'train.pool_size' and 'data.workers' must be >= 0")
+    non_negative = ["train.pool_size", "data.workers", "checkpoint.every_steps", "checkpoint.keep_every_steps",
+                    "train.max_nonfinite_steps", "train.threads", "eval.every_steps", "train.sample_every_steps",
+                    "train.stop_after_steps", "checkpoint.min_free_mb"]
+    for key in non_negative:
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"'{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")
+    for key in ("checkpoint.keep_last", "eval.batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"'{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
 
 
 def load_config(yaml_paths: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> DictConfig:

@@ -45,10 +45,46 @@ def local_path(url: str) -> str | None:
     return url.removeprefix("file:")
 
 
-def expand_pattern(pattern: str) -> list[str]:
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def _folder_of_images(folder: Path, look_at: int = 2000) -> bool:
+    """Whether `folder` (subfolders included) holds image files; looks at a bounded number of entries."""
+    for i, path in enumerate(folder.rglob("*")):
+        if path.suffix.lower() in _IMAGE_SUFFIXES:
+            return True
+        if i >= look_at:
+            break
+    return False
+
+
+def _expand_folder(folder: Path, pattern: str, key: str) -> list[str]:
+    """A local folder named as a shard pattern: its shards (`DIR` means `DIR/*.tar`), or an error saying what
+    to run when it is a folder of images."""
+    shards = sorted(str(p) for p in folder.glob("*.tar"))
+    if shards:
+        return shards
+    named = f"{key}='{pattern}'" if key else f"'{pattern}'"
+    if _folder_of_images(folder):
+        out = folder.parent / "shards"
+        raise DataError(
+            f"{named} is a folder of images; training reads WebDataset shards. Shard it once with "
+            f"`python -m pipeline.shards {folder.parent} {out} --splits {folder.name}` and then set "
+            f"{key or 'the pattern'}='{out / folder.name}' (a folder of shards means its *.tar)"
+        )
+    raise DataError(f"{named} is a folder with no shards (*.tar) and no images in it; check the path")
+
+
+def expand_pattern(pattern: str, key: str = "") -> list[str]:
     """Shard URLs of a pattern (brace expansion, and glob for local paths; '::' joins several patterns).
 
     Local paths (plain or file:) are globbed and checked here, so a typo fails at start-up, not in a worker.
+    A local folder stands for the shards in it (`DIR` means `DIR/*.tar`); a folder of images is an error that
+    gives the `pipeline.shards` command to run.
+
+    Args:
+        pattern: the shard pattern.
+        key: the config key it came from (`data.train_a`), named in error messages.
     """
     if not pattern:
         raise DataError("empty shard pattern: set data.train_a / data.train_b to your shards")
@@ -60,6 +96,8 @@ def expand_pattern(pattern: str) -> list[str]:
             if not matches:
                 raise DataError(f"shard pattern '{pattern}' matches no file ('{url}'); check the path")
             urls.extend(matches)
+        elif path is not None and Path(path).is_dir():
+            urls.extend(_expand_folder(Path(path), pattern, key))
         else:
             urls.append(url)
     missing = [path for path in map(local_path, urls) if path is not None and not Path(path).is_file()]
@@ -294,7 +332,7 @@ def train_loader(
     augment = Augment(data_cfg.preprocess, data_cfg.load_size, data_cfg.crop_size, data_cfg.flip)
     urls = {}
     for domain, pattern in (("A", data_cfg.train_a), ("B", data_cfg.train_b)):
-        urls[domain] = expand_pattern(pattern)
+        urls[domain] = expand_pattern(pattern, f"data.train_{domain.lower()}")
         check_enough_samples(pattern, urls[domain], data_cfg.batch_per_rank, domain)
     dataset = UnpairedBatches(
         urls["A"],

@@ -43,7 +43,9 @@ class NullRecorder:
     def start(self, start_step: int, total_steps: int) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def save_samples(self, make_grid: Callable[[], np.ndarray], step: int) -> None: ...
-    def save_checkpoint(self, state: dict[str, Any], step: int, final: bool = False) -> None: ...
+    def save_checkpoint(self, state: dict[str, Any], step: int, final: bool = False) -> str | None:
+        return None
+
     def log_result(self, name: str, values: dict[str, float], step: int) -> None: ...
     def log_generators(self, generators: dict[str, Any], example: np.ndarray) -> None: ...
     def finish(self, status: str) -> None: ...
@@ -57,7 +59,8 @@ class Recorder(NullRecorder):
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.writer = CheckpointWriter(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps)
+        self.writer = CheckpointWriter(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps,
+                                       cfg.checkpoint.min_free_mb)
         self.info = info
         if cfg.tracking.enabled:
             name = cfg.tracking.run_name or self.run_dir.name
@@ -113,7 +116,9 @@ class Recorder(NullRecorder):
         eta = elapsed / max(done, 1) * (self._total - step)
         losses = " ".join(f"{k.removeprefix('loss/')}={v:.3f}" for k, v in metrics.items() if k.startswith("loss/"))
         self._warn_if_data_bound(metrics.get("perf/data_wait_share", 0.0))
-        log.info("step %d/%d | %.1f img/s | ETA %s | %s", step, self._total, metrics.get("perf/images_per_s", 0.0),
+        # images_per_s counts images of each domain (A-B pairs), as images_seen and data.batch_per_rank do.
+        log.info("step %d/%d | %.1f img/s per domain, %.2f steps/s | ETA %s | %s", step, self._total,
+                 metrics.get("perf/images_per_s", 0.0), metrics.get("perf/steps_per_s", 0.0),
                  format_duration(eta), losses)
 
     def _warn_if_data_bound(self, share: float) -> None:
@@ -138,14 +143,20 @@ class Recorder(NullRecorder):
         if step > self._logged_through:
             self.tracker.log_image(grid, key="samples", step=step)
 
-    def save_checkpoint(self, state: dict[str, Any], step: int, final: bool = False) -> None:
+    def save_checkpoint(self, state: dict[str, Any], step: int, final: bool = False) -> str | None:
+        """Write the checkpoint of `step`; returns None, or why it was not written (one line).
+
+        A failure before the last checkpoint is logged here and training goes on (the next checkpoint tries
+        again); the failure of a final one (the last step, or a stop) is returned for the loop to end the run.
+        """
         try:
             path = self.writer.save(state, step)
         except CheckpointError as err:
             if final:
-                raise
-            log.error("%s; training continues and will try again at the next checkpoint", err)
-            return
+                return (f"{err}. This was the run's last checkpoint (step {step}): make room, then run the same "
+                        "command again; checkpoint.resume=auto continues from the newest checkpoint")
+            log.error("%s. Training continues and tries again at the next checkpoint", err)
+            return str(err)
         log.info("checkpoint %s", path)
         if self.cfg.tracking.log_checkpoints == "all" or (final and self.cfg.tracking.log_checkpoints == "last"):
             self.tracker.log_artifact(path, "checkpoints")

@@ -1,8 +1,8 @@
 """Image folders in the reference layout -> WebDataset tar shards per split, plus a manifest.
 
 `python -m pipeline.shards SRC OUT [--maxcount N] [--maxsize BYTES] [--splits trainA,trainB,testA,testB]
-[--workers N] [--resize SIDE] [--format jpeg|png|webp] [--quality Q] [--shuffle-seed S] [--overwrite]
-[--no-progress]` reads SRC/trainA, trainB, testA, testB (JPEG/PNG/WebP, subfolders allowed, sorted order)
+[--workers N] [--resize SIDE] [--format jpeg|png|webp] [--quality Q] [--shuffle-seed S | --no-shuffle]
+[--overwrite] [--no-progress]` reads SRC/trainA, trainB, testA, testB (JPEG/PNG/WebP, subfolders allowed)
 and writes OUT/<split>/<split>-000000.tar ... and OUT/manifest.json (counts, sizes, sha256 per shard, the
 encoding and shard-size options, skipped files). `python -m pipeline.shards inspect PATTERN` checks shards
 (pipeline.shard_inspect).
@@ -12,9 +12,10 @@ By default the original bytes are stored unchanged; `--resize SIDE` resizes to S
 training transform's resize to data.load_size, which then becomes a no-op) and `--format` re-encodes, so training
 decodes less. The file's relative name is kept in `<key>.name.txt`. `--workers N` reads, verifies and encodes in
 N processes while this process writes the tars in input order, so the output is byte-identical whatever N is.
-`--shuffle-seed S` writes each split in a seeded random order instead of sorted: every shard then holds a random
-subset, and training's shard-order shuffle plus its shuffle buffer come close to a full shuffle (with sorted
-files, similar neighbours share a shard). Tars are byte-identical on every run (fixed order, mtime, owner,
+Each split is written in a seeded random order (`--shuffle-seed S`, default 0, recorded in the manifest): every
+shard then holds a random subset, and training's shard-order shuffle plus its shuffle buffer come close to a
+full shuffle (with sorted files, similar neighbours share a shard). `--no-shuffle` keeps sorted order.
+Tars are byte-identical on every run (fixed order, mtime, owner,
 mode). Each shard is written under a temporary name and renamed when complete, and the manifest is written last,
 so a half-written output never looks complete.
 
@@ -65,6 +66,9 @@ VERSION = 1
 DEFAULT_MAXCOUNT = 1000
 DEFAULT_MAXSIZE = 10**9
 DEFAULT_QUALITY = 95
+# Folders are usually grouped (by source photo, video, class): sorted order would give each shard a narrow slice
+# that the loader's buffer cannot mix, so files are shuffled by default, with a fixed seed the manifest records.
+DEFAULT_SHUFFLE_SEED = 0
 PIPE = "pipe:"
 TAR_FORMAT = tarfile.PAX_FORMAT  # Long and non-ASCII names; deterministic for fixed metadata.
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -581,7 +585,7 @@ def _fsync_dir(folder: Path) -> None:
 def write_shards(src: str | os.PathLike[str], out: str | os.PathLike[str], splits: Sequence[str] = SPLITS,
                  maxcount: int = DEFAULT_MAXCOUNT, maxsize: int = DEFAULT_MAXSIZE, overwrite: bool = False,
                  workers: int = 1, resize: int | None = None, format: str | None = None,
-                 quality: int = DEFAULT_QUALITY, shuffle_seed: int | None = None,
+                 quality: int = DEFAULT_QUALITY, shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED,
                  progress: bool = False) -> dict[str, Any]:
     """Shard the reference layout under `src` into `out`; returns the manifest (also written to the output).
 
@@ -601,7 +605,8 @@ def write_shards(src: str | os.PathLike[str], out: str | os.PathLike[str], split
         resize: resize every image to resize x resize (bicubic) before storing it.
         format: re-encode every image as jpeg, png or webp (None: keep the source format).
         quality: JPEG/WebP quality of re-encoded images.
-        shuffle_seed: write each split's files in a random order drawn from this seed (None: sorted order).
+        shuffle_seed: write each split's files in a random order drawn from this seed (default 0; None: sorted
+            order). The output is byte-identical for a seed.
         progress: report files/s and ETA on stderr.
 
     Raises:
@@ -744,8 +749,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=["jpeg", "jpg", "png", "webp"], default=None,
                         help="re-encode images in this format (default: keep each image's format)")
     parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG/WebP quality of re-encoded images")
-    parser.add_argument("--shuffle-seed", type=int, default=None, metavar="S",
-                        help="write files in a seeded random order, so each shard is a random subset")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--shuffle-seed", type=int, default=DEFAULT_SHUFFLE_SEED, metavar="S",
+                       help=f"seed of the random file order, so each shard is a random subset (default "
+                            f"{DEFAULT_SHUFFLE_SEED}; recorded in the manifest)")
+    order.add_argument("--no-shuffle", dest="shuffle_seed", action="store_const", const=None,
+                       help="keep sorted file order (shards then hold neighbouring files)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards and manifest already in OUT")
     parser.add_argument("--no-progress", action="store_true", help="no files/s and ETA on stderr")
     args = parser.parse_args(argv)

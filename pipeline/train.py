@@ -22,7 +22,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import dist
-from pipeline.checkpoint import CheckpointError, find_latest_loadable, load_checkpoint
+from pipeline.checkpoint import CheckpointError, CheckpointWriteError, find_latest_loadable, load_checkpoint
 from pipeline.config import ConfigError, load_config
 from pipeline.cyclegan import Discriminators, Generators, build_networks, build_objective
 from pipeline.data import DataError, held_out, normalize, train_loader
@@ -116,6 +116,8 @@ class Components:
 
 def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device) -> Components:
     """Networks (identical on every rank: seeded from train.seed), optimisers, this rank's pools, DDP."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     if device.type == "cpu":
         # Denormal activations appear after a few hundred GAN steps and make x86 CPUs up to 6x slower.
         torch.set_flush_denormal(True)
@@ -192,6 +194,9 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
         loaded = load_reference_dir(cfg.checkpoint.init_from, nets)
         log.info("initialised %s from reference weights in %s", ", ".join(loaded), cfg.checkpoint.init_from)
 
+    if cfg.train.max_nonfinite_steps == 0:
+        log.warning("train.max_nonfinite_steps=0: losses are not checked for NaN/inf, and a non-finite loss is "
+                    "applied to the weights (set it to 1 or more to skip such steps and stop after that many)")
     run_id = resume[1].get("mlflow_run_id") or None if resume else None
     recorder = make_recorder(cfg, info, run_id)
     nonfinite_total = resume[1].get("nonfinite_steps", 0) if resume else 0
@@ -210,12 +215,18 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
 
     def checkpoint(step: int, final: bool = False) -> None:
         ranks = dist.gather_to_main(rank_state(pool_a, pool_b, device))
+        failure = None
         if ranks is not None:
             state = build_state(step=step, images_seen=images_seen, nets=nets, opt_g=opt_g, opt_d=opt_d,
                                 scaler=step_fn.scaler, rank_states=ranks, cfg=cfg, run_id=recorder.run_id,
                                 nonfinite_steps=nonfinite_total)
-            recorder.save_checkpoint(state, step, final=final)
-        dist.barrier()
+            failure = recorder.save_checkpoint(state, step, final=final)
+        # Every rank learns whether rank 0 wrote it (this also keeps the ranks together, as a barrier would):
+        # a final checkpoint that failed ends the run on all of them, not only on rank 0.
+        failure = dist.broadcast_from_main(failure)
+        if failure and final:
+            raise CheckpointWriteError(failure if info.is_main else "rank 0 could not write the final checkpoint "
+                                       "(its log says why)")
 
     # Train.
     total = cfg.train.steps
@@ -276,7 +287,8 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
             if paired_eval and ((cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or step == total):
                 evaluation = evaluate()
                 recorder.log_result("eval", evaluation, step)
-            if step % cfg.checkpoint.every_steps == 0 or step == total or result.stop:
+            every = cfg.checkpoint.every_steps
+            if (every and step % every == 0) or step == total or result.stop:
                 checkpoint(step, final=step == total or result.stop)
             if result.stop and step < total:
                 stopped_at = step
@@ -295,6 +307,19 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     # rank 0's final MLflow flush short.
     dist.barrier()
     return RunResult(stopped_at or total, metrics, evaluation, recorder.run_id, stopped=bool(stopped_at))
+
+
+def held_out_summary(ev: dict[str, float]) -> str:
+    """The end-of-training line: G_ab's held-out L1 against returning the input, worded by direction."""
+    g, idt = ev["l1_translation"], ev["l1_identity"]
+    if g < idt:
+        compared = f"{idt / max(g, 1e-12):.1f}x lower than identity"
+    elif g > idt:
+        compared = f"{g / max(idt, 1e-12):.1f}x higher than identity: worse than not translating"
+    else:
+        compared = "equal to identity"
+    return (f"held-out A->B L1 error over {int(ev['pairs'])} pairs: G_ab {g:.4f} vs identity {idt:.4f} "
+            f"({compared})")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -328,9 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # torchrun a clean stop exits 0; its log line says where it stopped.
         return 0 if os.environ.get("TORCHELASTIC_RUN_ID") else EXIT_STOPPED
     if "l1_translation" in result.evaluation and info.is_main:
-        ev = result.evaluation
-        print(f"held-out A->B L1 error over {int(ev['pairs'])} pairs: G_ab {ev['l1_translation']:.4f} vs identity "
-              f"{ev['l1_identity']:.4f} ({ev['l1_identity'] / max(ev['l1_translation'], 1e-12):.1f}x lower)")
+        print(held_out_summary(result.evaluation))
     return 0
 
 

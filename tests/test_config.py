@@ -83,3 +83,13 @@ def test_config_is_read_only_and_round_trips():
     assert flat["train.steps"] == 7 and flat["loss.gan_mode"] == "lsgan"
     assert len(flat) == len([k for k in flat if "." in k or k == "run_dir"])
     assert set(asdict(Config()).keys()) == {k.split(".")[0] for k in flat}
+
+
+@pytest.mark.parametrize("key, value, wants", [
+    ("checkpoint.every_steps", -1, ">= 0"), ("train.max_nonfinite_steps", -2, ">= 0"), ("train.threads", -1, ">= 0"),
+    ("checkpoint.keep_last", 0, "at least 1"), ("eval.batch_size", 0, "at least 1"),
+    ("checkpoint.min_free_mb", -5, ">= 0"),
+])
+def test_counts_out_of_range_name_their_key(key, value, wants):
+    with pytest.raises(ConfigError, match=f"'{key}' must be {wants}"):
+        load_config(overrides=[f"{key}={value}"])

@@ -3,6 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from webdataset.tariterators import tarfile_samples
 
 from pipeline.data import Augment, DataError, expand_pattern, held_out, normalize, train_loader
 
@@ -74,7 +75,8 @@ def test_augment_crops_and_flips_deterministically():
 
 def test_held_out_is_in_shard_order(shards):
     keys, images = held_out(shards["testA"], 3, 32)
-    assert keys == sorted(keys) and images.shape == (3, 3, 32, 32)
+    in_shards = [s["__key__"] for s in tarfile_samples([{"url": u} for u in expand_pattern(shards["testA"])])]
+    assert keys == in_shards[:3] and images.shape == (3, 3, 32, 32)
 
 
 @pytest.fixture
@@ -127,3 +129,37 @@ def test_trainer_refuses_a_small_domain_before_building_anything(shards, three_s
     err = capsys.readouterr().err
     assert f"domain B: shard pattern '{three_samples}' holds 3 sample(s)" in err and "batch_per_rank=8" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_of_images_is_named_with_the_command_that_shards_it(tmp_path, synthetic, shards):
+    synthetic.make_synthetic(tmp_path / "photos", train=3, test=1, size=16, seed=2)
+    folder = tmp_path / "photos" / "trainA"
+    with pytest.raises(DataError) as caught:
+        expand_pattern(str(folder), "data.train_a")
+    message = str(caught.value)
+    assert f"data.train_a='{folder}' is a folder of images" in message and "missing file" not in message
+    command = f"python -m pipeline.shards {folder.parent} {folder.parent / 'shards'} --splits trainA"
+    assert command in message and f"data.train_a='{folder.parent / 'shards' / 'trainA'}'" in message
+
+    # The command it gives works, and the folder it names is then accepted: DIR means DIR/*.tar.
+    from pipeline.shards import main as shards_main
+
+    assert shards_main([str(folder.parent), str(folder.parent / "shards"), "--splits", "trainA",
+                        "--no-progress"]) == 0
+    shard_dir = folder.parent / "shards" / "trainA"
+    assert expand_pattern(str(shard_dir)) == sorted(str(p) for p in shard_dir.glob("*.tar"))
+    assert expand_pattern(str(shard_dir)) == expand_pattern(str(shard_dir / "*.tar"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no shards .* and no images"):
+        expand_pattern(str(empty), "data.train_b")
+
+
+def test_training_names_the_key_of_a_folder_of_images(tiny, tmp_path, synthetic, capsys):
+    from pipeline.train import main as train_main
+
+    synthetic.make_synthetic(tmp_path / "photos", train=3, test=1, size=16, seed=2)
+    assert train_main(tiny(**{"data.train_b": str(tmp_path / "photos" / "trainB")})) == 2
+    err = capsys.readouterr().err
+    assert f"data.train_b='{tmp_path / 'photos' / 'trainB'}' is a folder of images" in err
+    assert "python -m pipeline.shards" in err and "Traceback" not in err

@@ -14,8 +14,8 @@ from conftest import ROOT
 from pipeline.config import load_config
 from pipeline.cyclegan import build_networks, build_objective
 from pipeline.image_pool import ImagePool
-from pipeline.optim import build_adam
 from pipeline.models import uses_group_kernel_norm
+from pipeline.optim import build_adam
 
 sys.path.insert(0, str(ROOT / "tests"))
 from ddp_worker import fixed_batch  # noqa: E402

@@ -75,7 +75,7 @@ def read_split(out: Path, split: str) -> list[dict]:
 
 def test_corrupt_file_is_skipped_and_everything_else_is_stored_exactly(tree, tmp_path, capsys, caplog):
     out = tmp_path / "out"
-    assert main([str(tree), str(out), "--maxcount", "2"]) == 0
+    assert main([str(tree), str(out), "--maxcount", "2", "--no-shuffle"]) == 0
     manifest = load_manifest(out)
 
     # The corrupt file: listed with a reason, warned about, named in the summary.
@@ -130,7 +130,7 @@ def test_manifest_matches_the_files(tree, tmp_path):
 
 
 def test_tar_members_have_fixed_metadata_and_readable_mode(tree, tmp_path):
-    manifest = write_shards(tree, tmp_path / "out", splits=["testB"])
+    manifest = write_shards(tree, tmp_path / "out", splits=["testB"], shuffle_seed=None)
     umask = os.umask(0)
     os.umask(umask)
     path = tmp_path / "out" / manifest["splits"]["testB"]["shards"][0]["path"]
@@ -253,7 +253,7 @@ def test_colliding_and_long_names_get_distinct_keys(tmp_path):
         make_image(src / "trainA" / name, seed=i, size=(8 + i, 8))
     write_shards(src, out)
     samples = read_split(out, "trainA")
-    assert [s["name.txt"].decode() for s in samples] == sorted(names)
+    assert sorted(s["name.txt"].decode() for s in samples) == sorted(names)  # Shuffled order, every name once.
     assert len({s["__key__"] for s in samples}) == len(names)
     assert {s["__key__"] for s in samples} >= {"a", "a_1", "a_b", "a_b_1"}
 
@@ -316,7 +316,8 @@ def test_workers_write_the_same_bytes_when_re_encoding(big_tree, tmp_path):
 
 
 def test_resize_and_reencode_at_shard_time(tree, tmp_path):
-    manifest = write_shards(tree, tmp_path / "out", splits=["trainA", "testB"], resize=12, format="jpeg", quality=90)
+    manifest = write_shards(tree, tmp_path / "out", splits=["trainA", "testB"], resize=12, format="jpeg", quality=90,
+                            shuffle_seed=None)
     assert manifest["options"] == {"resize": 12, "format": "jpeg", "quality": 90, "shuffle_seed": None,
                                    "maxcount": 1000, "maxsize": 10**9}
     for split in ("trainA", "testB"):
@@ -346,12 +347,20 @@ def test_resize_keeps_the_format_and_leaves_images_already_the_right_size(tmp_pa
 
 
 def test_shuffle_seed_spreads_files_across_shards_deterministically(big_tree, tmp_path):
-    plain = write_shards(big_tree, tmp_path / "plain", splits=["trainA"], maxcount=100)
+    plain = write_shards(big_tree, tmp_path / "plain", splits=["trainA"], maxcount=100, shuffle_seed=None)
     first = write_shards(big_tree, tmp_path / "s1", splits=["trainA"], maxcount=100, shuffle_seed=1, workers=2)
     again = write_shards(big_tree, tmp_path / "s1b", splits=["trainA"], maxcount=100, shuffle_seed=1)
     write_shards(big_tree, tmp_path / "s2", splits=["trainA"], maxcount=100, shuffle_seed=2)
     assert first["options"]["shuffle_seed"] == 1 and plain["options"]["shuffle_seed"] is None
     assert tars(tmp_path / "s1") == tars(tmp_path / "s1b") and first["splits"] == again["splits"]
+    # Shuffled by default, with seed 0 recorded; the command's --no-shuffle keeps sorted order.
+    default = write_shards(big_tree, tmp_path / "default", splits=["trainA"], maxcount=100)
+    seed0 = write_shards(big_tree, tmp_path / "seed0", splits=["trainA"], maxcount=100, shuffle_seed=0)
+    assert default["options"]["shuffle_seed"] == 0 and tars(tmp_path / "default") == tars(tmp_path / "seed0")
+    assert seed0["splits"] == default["splits"]
+    assert main([str(big_tree), str(tmp_path / "cli"), "--splits", "trainA", "--maxcount", "100", "--no-shuffle",
+                 "--no-progress"]) == 0
+    assert tars(tmp_path / "cli") == tars(tmp_path / "plain")
     order = {name: [s["name.txt"].decode() for s in read_split(tmp_path / name, "trainA")]
              for name in ("plain", "s1", "s2")}
     assert order["plain"] == sorted(order["plain"])
@@ -501,7 +510,7 @@ def test_inspect_finds_shards_that_differ_from_the_manifest(tree, tmp_path, caps
     from pipeline.shard_inspect import inspect_shards
 
     out = tmp_path / "out"
-    manifest = write_shards(tree, out, maxcount=2)
+    manifest = write_shards(tree, out, maxcount=2, shuffle_seed=None)
     # Change one byte of a name.txt member: the tar and its images stay valid, only the sha256 differs.
     changed = out / manifest["splits"]["trainB"]["shards"][1]["path"]
     data = bytearray(changed.read_bytes())

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from pipeline.config import load_config
-from pipeline.train import NonFiniteLossError, main, run
+from pipeline.train import NonFiniteLossError, held_out_summary, main, run
 
 
 def mlflow_run(tmp_path, run_id):
@@ -40,7 +40,16 @@ def test_short_run_writes_checkpoints_samples_and_mlflow_records(tiny, tmp_path)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert "config.yaml" in artifacts and "checkpoints" in artifacts
     images = {a.path for a in client.list_artifacts(result.run_id, "images")}
-    assert len(images) >= 2  # log_image writes each step's image (and a thumbnail)
+    # MLflow's log_image names files samples+step+<step>+...: one PNG and one compressed thumbnail per grid, at the
+    # grid steps (0, 3, 6), and each PNG is the grid saved in the run directory.
+    steps = sorted(int(path.split("+step+")[1].split("+")[0]) for path in images if path.endswith(".png"))
+    assert steps == [0, 3, 6] and sum(path.endswith("+compressed.webp") for path in images) == 3
+    from PIL import Image
+    for path in sorted(p for p in images if p.endswith(".png")):
+        step = int(path.split("+step+")[1].split("+")[0])
+        logged = Image.open(client.download_artifacts(result.run_id, path, str(tmp_path / "dl")))
+        saved = Image.open(run_dir / "samples" / f"step-{step:09d}.png")
+        assert logged.size == saved.size and logged.tobytes() == saved.tobytes()
 
     state = load_checkpoint(run_dir / "ckpt-000000006.pt")
     assert state["step"] == 6 and state["images_seen"] == 6 and state["mlflow_run_id"] == result.run_id
@@ -75,25 +84,71 @@ def test_resume_continues_bitwise_and_the_same_mlflow_run(tiny, tmp_path):
         assert lrs[line["step"]] == pytest.approx(line["lr"], rel=0, abs=0)
 
 
+def poison_from_step(monkeypatch, first_bad: int) -> None:
+    """NaN in every loss from training step `first_bad` on (the A batch is NaN), counted in steps of the loop."""
+    import pipeline.step as step_module
+
+    real_call = step_module.TrainStep.__call__
+    steps = {"n": 0}
+
+    def poisoned(self, real_a, real_b, stop_requested=False):
+        steps["n"] += 1
+        if steps["n"] >= first_bad:
+            real_a = real_a * float("nan")
+        return real_call(self, real_a, real_b, stop_requested)
+
+    monkeypatch.setattr(step_module.TrainStep, "__call__", poisoned)
+
+
 def test_non_finite_losses_are_skipped_then_stop_the_run(tiny, tmp_path, monkeypatch):
-    import pipeline.cyclegan as cyclegan
-
-    real_cycle = cyclegan.cycle_loss
-    calls = {"n": 0}
-
-    def poisoned(rec, orig, weight):
-        calls["n"] += 1
-        loss = real_cycle(rec, orig, weight)
-        return loss * float("nan") if calls["n"] > 2 * 4 else loss  # NaN from step 5 on
-
-    monkeypatch.setattr(cyclegan, "cycle_loss", poisoned)
+    poison_from_step(monkeypatch, 5)
     cfg = load_config([], tiny(**{"train.steps": 20, "train.max_nonfinite_steps": 3, "checkpoint.every_steps": 2}))
-    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps had a NaN/inf loss \\(last at step 7\\)"):
         run(cfg)
     saved = list_checkpoints(tmp_path / "run")
-    assert [step for step, _ in saved] == [2, 4, 6]  # step 6 holds the weights of step 4: updates were skipped
-    state = load_checkpoint(saved[-1][1])
-    assert all(torch.isfinite(v).all() for net in state["nets"].values() for v in net.values())
+    assert [step for step, _ in saved] == [2, 4, 6]
+    # Steps 5 and 6 were skipped: the checkpoint of step 6 holds exactly the weights and moments of step 4.
+    at_4, at_6 = (load_checkpoint(saved[i][1]) for i in (1, 2))
+    for name, net in at_6["nets"].items():
+        for key, value in net.items():
+            assert torch.isfinite(value).all() and torch.equal(value, at_4["nets"][name][key]), f"{name}.{key}"
+    assert at_6["nonfinite_steps"] == 2 and at_4["nonfinite_steps"] == 0
+    assert at_6["opt_g"]["state"][0]["step"] == at_4["opt_g"]["state"][0]["step"] == 4
+
+
+def test_max_nonfinite_steps_0_turns_the_check_off_and_says_so(tiny, tmp_path, monkeypatch, caplog):
+    poison_from_step(monkeypatch, 3)
+    result = run(load_config([], tiny(**{"train.steps": 4, "train.max_nonfinite_steps": 0})))
+    assert result.step == 4 and not result.stopped
+    assert "train.max_nonfinite_steps=0: losses are not checked for NaN/inf" in caplog.text
+    # Off means off: the NaN reached the weights (documented), nothing was counted as skipped.
+    state = load_checkpoint(tmp_path / "run" / "ckpt-000000004.pt")
+    assert state["nonfinite_steps"] == 0
+    assert not all(torch.isfinite(v).all() for v in state["nets"]["G_ab"].values())
+
+
+def test_checkpoint_every_steps_0_saves_only_the_last_step(tiny, tmp_path):
+    run(load_config([], tiny(**{"train.steps": 5, "checkpoint.every_steps": 0})))
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [5]
+
+
+def test_train_threads_sets_the_intra_op_pool(tiny):
+    before = torch.get_num_threads()
+    try:
+        run(load_config([], tiny(**{"train.steps": 1, "train.threads": 3})))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("g, idt, words", [
+    (0.2144, 0.4852, "(2.3x lower than identity)"),
+    (0.3632, 0.1510, "(2.4x higher than identity: worse than not translating)"),
+    (0.25, 0.25, "(equal to identity)"),
+])
+def test_end_of_training_line_is_worded_by_direction(g, idt, words):
+    line = held_out_summary({"l1_translation": g, "l1_identity": idt, "pairs": 32.0})
+    assert line == f"held-out A->B L1 error over 32 pairs: G_ab {g:.4f} vs identity {idt:.4f} {words}"
 
 
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
