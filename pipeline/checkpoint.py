@@ -207,8 +207,10 @@ class CheckpointWriter:
         self.keep_last = keep_last
         self.keep_every_steps = keep_every_steps
         self.min_free = int(min_free_mb * 2**20)
-        self.last_size: int | None = None
-        """Size of the last file written: the size of the next one (a run's state keeps its shapes)."""
+        found = list_checkpoints(self.directory)
+        self.last_size: int | None = found[-1][1].stat().st_size if found else None
+        """Size of the last file written (or found, when resuming): the size of the next one, since a run's state
+        keeps its shapes."""
 
     def newest(self) -> str:
         """The newest checkpoint on disk, in words, for messages about a failed write."""

@@ -1,13 +1,19 @@
 import logging
 import os
 import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 from pipeline.checkpoint import (
     FORMAT,
     CheckpointError,
+    CheckpointWriteError,
     CheckpointWriter,
     checkpoint_path,
     find_latest_loadable,
@@ -15,6 +21,7 @@ from pipeline.checkpoint import (
     load_checkpoint,
     prune,
     save_atomic,
+    state_bytes,
 )
 
 
@@ -83,8 +90,144 @@ def test_failed_write_midway_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match="No space left on device"):
+    with pytest.raises(CheckpointWriteError, match="after 7 bytes: the disk is full \\(No space left on device\\)"):
         writer.save(state(2), 2)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000000001.pt"]
     monkeypatch.undo()
     assert load_checkpoint(checkpoint_path(tmp_path, 1))["step"] == 1
+
+
+def test_any_failure_of_the_write_is_a_checkpoint_error_and_leaves_nothing(tmp_path, monkeypatch):
+    writer = CheckpointWriter(tmp_path, keep_last=3)
+    writer.save(state(1), 1)
+    # torch's zip writer reports a failed write as a RuntimeError, not an OSError.
+    def zip_failure(obj, handle, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", zip_failure)
+    with pytest.raises(CheckpointWriteError, match="RuntimeError: .*unexpected pos.*Newest checkpoint: "
+                                                   "ckpt-000000001.pt \\(step 1\\)"):
+        writer.save(state(2), 2)
+    monkeypatch.undo()
+    # The target name taken by a folder: the rename fails.
+    checkpoint_path(tmp_path, 3).mkdir()
+    with pytest.raises(CheckpointWriteError, match="could not write checkpoint .*ckpt-000000003.pt"):
+        writer.save(state(3), 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000001.pt", "ckpt-000000003.pt"]
+    assert load_checkpoint(checkpoint_path(tmp_path, 1))["step"] == 1
+
+
+def test_a_checkpoint_that_would_fill_the_disk_is_not_written(tmp_path):
+    import shutil
+
+    writer = CheckpointWriter(tmp_path, keep_last=3, min_free_mb=0)
+    writer.save(state(1), 1)
+    assert writer.last_size == checkpoint_path(tmp_path, 1).stat().st_size
+    # Ask for more room to stay free than this disk has: the next write is refused before it starts.
+    free = shutil.disk_usage(tmp_path).free
+    writer.min_free = free
+    with pytest.raises(CheckpointWriteError) as caught:
+        writer.save(state(2), 2)
+    message = str(caught.value)
+    assert f"checkpoint '{checkpoint_path(tmp_path, 2)}' not written: it needs {writer.last_size:,} bytes" in message
+    assert "(the size of the last one) and the filesystem has " in message and "MiB) free" in message
+    assert "min_free_mb" in message
+    assert message.endswith("Newest checkpoint: ckpt-000000001.pt (step 1)")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000000001.pt"]
+    # A new writer (a resumed process) takes the size of the newest file; the first checkpoint of a run is judged
+    # by its tensors' bytes.
+    assert CheckpointWriter(tmp_path, keep_last=3).last_size == writer.last_size
+    fresh = CheckpointWriter(tmp_path / "fresh", keep_last=1, min_free_mb=free / 2**20)
+    with pytest.raises(CheckpointWriteError, match="it needs 16 bytes \\(.*\\) \\(its tensors alone\\).*no checkpoint"):
+        fresh.save(state(1), 1)
+    assert state_bytes({"a": [torch.zeros(3), {"b": torch.zeros(2, dtype=torch.float64)}], "n": 1}) == 28
+
+
+# A real filesystem too small for the checkpoints.
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Factory: small_fs(bytes) mounts a tmpfs of that size and returns its folder; unmounted afterwards.
+
+    Needs root (CI runs as root); without it the tests that use it are skipped with that reason.
+    """
+    mounts = []
+
+    def mount(size: int) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root (CI runs as root); the full-disk path is also "
+                        "covered by the monkeypatched tests above")
+        folder = tmp_path / f"fs{len(mounts)}"
+        folder.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_filesystem_is_reported_with_the_bytes_and_leaves_no_file(small_fs):
+    fs = small_fs(64 * 1024)
+    # Tensor bytes (~4 KB) fit, so the check before writing lets it through; the file (~200 KB: each tensor is
+    # a record of its own) does not, so the write itself fails on the real filesystem.
+    big = {"format": FORMAT, "step": 1, "w": [torch.zeros(1) for _ in range(1000)]}
+    writer = CheckpointWriter(fs, keep_last=1, min_free_mb=0)
+    with pytest.raises(CheckpointWriteError) as caught:
+        writer.save(big, 1)
+    message = str(caught.value)
+    assert f"could not write checkpoint '{checkpoint_path(fs, 1)}' after " in message
+    assert "the disk is full (No space left on device);" in message and " bytes (" in message and "free" in message
+    assert "inline_container" not in message and list(fs.iterdir()) == []
+    # torch.save alone raises its zip writer's RuntimeError here: that is what save_atomic translates.
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        torch.save(big, fs / "plain.pt")
+
+
+def test_training_on_a_disk_that_fills_up_keeps_going_fails_cleanly_at_the_end_and_resumes(tiny, tmp_path,
+                                                                                           small_fs):
+    fs = small_fs(4 * 2**20)
+    run_dir = fs / "run"
+    args = tiny(run_dir=str(run_dir), **{"train.steps": 6, "checkpoint.every_steps": 2, "checkpoint.keep_last": 1,
+                                         "checkpoint.min_free_mb": 0.25, "train.sample_every_steps": 0})
+
+    def train(*extra: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        return subprocess.run([sys.executable, "-m", "pipeline.train", *args, *extra], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=300)
+
+    # Two steps with room to spare: the checkpoint of step 2 sets the size of the next ones.
+    first = train("train.stop_after_steps=2")
+    assert first.returncode == 3, first.stderr
+    size = checkpoint_path(run_dir, 2).stat().st_size
+    # Then another job fills the disk: room for half a checkpoint above the reserve.
+    free = shutil.disk_usage(fs).free
+    ballast = fs / "ballast"
+    ballast.write_bytes(b"\0" * (free - int(0.25 * 2**20) - size // 2))
+
+    second = train()
+    err = second.stderr
+    assert second.returncode == 2 and "Traceback" not in err, err
+    # Step 4: skipped, said once with the figures, and training went on to step 6.
+    lines = [line for line in err.splitlines() if "ckpt-000000004.pt' not written" in line]
+    assert len(lines) == 1 and f"it needs {size:,} bytes" in lines[0] and "MiB) free" in lines[0]
+    assert "Training continues and tries again at the next checkpoint" in lines[0]
+    assert "step 6/6" in err
+    # Step 6, the last: the same words, and how to go on; the exit status says it failed.
+    final = [line for line in err.splitlines() if "ckpt-000000006.pt' not written" in line]
+    assert len(final) == 1 and "This was the run's last checkpoint (step 6)" in final[0]
+    assert "checkpoint.resume=auto continues from the newest checkpoint" in final[0]
+    assert "Newest checkpoint: ckpt-000000002.pt (step 2)" in final[0]
+    # Nothing partial or temporary; the earlier checkpoint loads.
+    assert sorted(p.name for p in run_dir.iterdir() if "ckpt" in p.name) == ["ckpt-000000002.pt"]
+    assert load_checkpoint(checkpoint_path(run_dir, 2))["step"] == 2
+
+    # Room again: the same command continues from step 2 and finishes.
+    ballast.unlink()
+    third = train()
+    assert third.returncode == 0, third.stderr
+    assert "resumed from" in third.stderr and "ckpt-000000002.pt (step 2)" in third.stderr
+    assert [step for step, _ in list_checkpoints(run_dir)] == [6]
+    assert load_checkpoint(checkpoint_path(run_dir, 6))["step"] == 6
