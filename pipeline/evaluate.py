@@ -162,7 +162,14 @@ def evaluate_direction(
         real = _Features(features, device, batch_size)
         truth: dict[str, Tensor] = {}
         real_count = 0
-        for key, image in _images(target, size, max_images):
+        if paired_keys and max_images:
+            # The ground truth of the first max_images sources, not the first max_images of the target set:
+            # shards hold their files in a shuffled order, so those would not pair.
+            keys = {item.key for item in itertools.islice(iter_inputs(source), max_images)}
+            targets: Iterator[tuple[str, Tensor]] = ((k, im) for k, im in _images(target, size, 0) if k in keys)
+        else:
+            targets = _images(target, size, max_images)
+        for key, image in targets:
             real_count += 1
             real.add(image)
             if paired_keys:

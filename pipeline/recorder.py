@@ -31,6 +31,21 @@ from pipeline.train_state import code_version
 log = logging.getLogger(__name__)
 
 
+def nest_results(values: dict[str, float], step: int) -> dict[str, Any]:
+    """{"AtoB/fid": x, "pairs": n} -> {"step": step, "pairs": n, "results": {"AtoB": {"fid": x}}}."""
+    record: dict[str, Any] = {"step": step}
+    results: dict[str, dict[str, float]] = {}
+    for key, value in values.items():
+        group, _, name = key.partition("/")
+        if name:
+            results.setdefault(group, {})[name] = value
+        else:
+            record[key] = value
+    if results:
+        record["results"] = results
+    return record
+
+
 class NullRecorder:
     """What ranks other than 0 record: nothing."""
 
@@ -162,7 +177,12 @@ class Recorder(NullRecorder):
             self.tracker.log_artifact(path, "checkpoints")
 
     def log_result(self, name: str, values: dict[str, float], step: int) -> None:
-        (self.run_dir / f"{name}.json").write_text(json.dumps({"step": step, **values}, indent=2) + "\n")
+        """`run_dir/<name>.json` and MLflow `<name>/<key>` metrics at `step`.
+
+        The file nests `AtoB/fid`-style keys as `pipeline.evaluate --json` does (`{"step": ..., "results":
+        {"AtoB": {"fid": ...}}}`; keys without a direction stay at the top), so both read the same way.
+        """
+        (self.run_dir / f"{name}.json").write_text(json.dumps(nest_results(values, step), indent=2) + "\n")
         self.tracker.log_metrics({f"{name}/{k}": v for k, v in values.items()}, step)
 
     def log_generators(self, generators: dict[str, Any], example: np.ndarray) -> None:

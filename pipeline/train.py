@@ -296,7 +296,9 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
                             "signal" if stop_flag else "train.stop_after_steps", EXIT_STOPPED)
                 break
         if not stopped_at:
-            example = torch.zeros(1, 3, cfg.data.crop_size, cfg.data.crop_size).numpy()
+            # Two images: with one, torch.export (inside MLflow's log_model) warns that it specialised the
+            # batch dimension to 1, a warning users cannot act on.
+            example = torch.zeros(2, 3, cfg.data.crop_size, cfg.data.crop_size).numpy()
             recorder.log_generators({"G_ab": gens.G_ab, "G_ba": gens.G_ba}, example)
         status = "KILLED" if stopped_at else "FINISHED"
     finally:

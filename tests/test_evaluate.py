@@ -78,15 +78,19 @@ def test_frechet_distance_of_gaussians_in_closed_form():
     assert distribution.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(want, rel=1e-9)
     # Singular covariances (fewer samples than dimensions) stay finite and symmetric.
     a, b = rng.normal(size=(5, 20)), rng.normal(size=(5, 20)) + 1
-    assert distribution.fid(a, b) == pytest.approx(distribution.fid(b, a), rel=1e-8)
-    assert distribution.fid(a, a) == pytest.approx(0, abs=1e-9)
+    # With round-off eigenvalues (+-n eps max|lambda|) cut to 0, the 16 null directions add nothing, so the two
+    # orders differ by float64 rounding of 20-term sums (2e-16 relative measured); without the cut their
+    # sqrt(1e-15) terms made it ~1e-8, in a sign pattern set by the LAPACK build.
+    assert distribution.fid(a, b) == pytest.approx(distribution.fid(b, a), rel=1e-12)
+    # tr S + tr S - 2 tr S with tr S ~ 20: rounding ~ n eps tr S ~ 1e-13 (1.4e-14 measured, before the clamp at 0).
+    assert distribution.fid(a, a) == pytest.approx(0, abs=1e-11)
 
 
 def test_fid_and_kid_with_a_small_extractor_on_synthetic_domains(domains):
     a, b = features_of(domains / "testA"), features_of(domains / "testB")
     half_a, other_half_a = a[::2], a[1::2]
 
-    assert distribution.fid(a, a) == pytest.approx(0, abs=1e-8)
+    assert distribution.fid(a, a) == pytest.approx(0, abs=1e-11)  # As above: rounding of tr S ~ 1, not sqrt(eps).
     fid_ab = distribution.fid(a, b)
     assert fid_ab > 1.0  # Dark scenes vs brightened, tinted ones.
     # Two samples of one domain are much closer than two of different domains (same sample sizes: FID's bias
@@ -241,16 +245,19 @@ def test_training_evaluates_periodically_and_the_command_logs_to_its_run(tiny, s
                               "eval.features": str(features), "train.sample_every_steps": 0,
                               "checkpoint.every_steps": 4})) == 0
     run_dir = tmp_path / "run"
-    during = json.loads((run_dir / "eval.json").read_text())
-    assert during["step"] == 4
-    for key in ("l1_translation", "AtoB/fid", "AtoB/kid", "AtoB/ssim", "BtoA/fid", "BtoA/cycle_l1"):
+    saved = json.loads((run_dir / "eval.json").read_text())
+    # The layout of `pipeline.evaluate --json`: per-direction results nested under "results".
+    assert saved["step"] == 4 and sorted(saved["results"]) == ["AtoB", "BtoA"] and math.isfinite(saved["pairs"])
+    during = {f"{d}/{k}": v for d, r in saved["results"].items() for k, v in r.items()}
+    for key in ("AtoB/fid", "AtoB/kid", "AtoB/ssim", "BtoA/fid", "BtoA/cycle_l1"):
         assert math.isfinite(during[key]), key
+    assert math.isfinite(saved["l1_translation"]) and math.isfinite(saved["l1_identity"])
     capsys.readouterr()
 
     ckpt = run_dir / "ckpt-000000004.pt"
     out = tmp_path / "eval.json"
     assert evaluate.main(["--checkpoint", str(ckpt), "--features", str(features), "--json", str(out),
-                          "--kid-subsets", "10", "--device", "cpu"]) == 0
+                          "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "AtoB: 8 translated vs 8 real | FID" in printed and "cycle reconstruction L1" in printed
     assert "(whole sets, no spread: no more images than --kid-subset-size)" in printed and "± 0.0000" not in printed
@@ -275,7 +282,8 @@ def test_training_evaluates_periodically_and_the_command_logs_to_its_run(tiny, s
     assert interop_main(["export", str(ckpt), str(tmp_path / "reference")]) == 0
     assert evaluate.main(["--checkpoint", str(tmp_path / "reference" / "latest_net_G_A.pth"), "--test-a",
                           shards["testA"], "--test-b", shards["testB"], "--size", "32", "--paired", "--features",
-                          str(features), "--kid-subsets", "10", "--json", str(tmp_path / "ref.json")]) == 0
+                          str(features), "--json", str(tmp_path / "ref.json"), "--device", "cpu",
+                          "--batch-size", "16"]) == 0  # A reference file records no eval.batch_size: the run's.
     from_reference = json.loads((tmp_path / "ref.json").read_text())["results"]
     assert list(from_reference) == ["AtoB"]
     assert from_reference["AtoB"] == result  # Same weights, same kernel and batches: the same numbers.
@@ -294,3 +302,7 @@ def test_training_evaluates_periodically_and_the_command_logs_to_its_run(tiny, s
                           "--max-images", "2", "--tracking-uri", "http://127.0.0.1:9"]) == 0
     captured = capsys.readouterr()
     assert "logged to MLflow" not in captured.out and "results written to" in captured.out
+    # --max-images on paired sets: the first 2 sources with their own ground truth (the shards are shuffled, so
+    # the first 2 of each set would not pair).
+    limited = json.loads(out.read_text())["results"]["AtoB"]
+    assert limited["images"] == limited["real_images"] == limited["pairs"] == 2

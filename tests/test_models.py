@@ -216,7 +216,10 @@ def test_init_types_draw_the_references_distributions(init_type):
     G = build_generator("resnet_6blocks", ngf=8, norm="batch", init_type=init_type)
     bn = G.model[2]
     assert bn.weight.mean().item() == pytest.approx(1.0, abs=0.03) and bn.bias.abs().sum() == 0
-    assert build_generator("unet_128", ngf=8, init_type=init_type) is not None
+    net = build_generator("unet_128", ngf=8, init_type=init_type)
+    with torch.no_grad():
+        out = net(torch.zeros(1, 3, 128, 128))
+    assert out.shape == (1, 3, 128, 128) and torch.isfinite(out).all()
 
 
 def test_init_is_reproducible_from_torchs_global_seed():

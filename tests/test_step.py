@@ -52,20 +52,32 @@ def test_fp16_gradscaler_skips_an_inf_gradient_and_leaves_no_nan():
         step(*batch(i))
     assert all(torch.isfinite(v).all() for v in params(parts).values())
     assert not torch.equal(params(parts)["G_ab.model.1.weight"], after["G_ab.model.1.weight"])
-    assert step.scaler_skips.item() >= skips
+    # The skip halved the scale, so these steps cannot overflow (growth waits 2,000 steps): no new skip.
+    assert step.scaler_skips.item() == skips
 
 
-def test_bf16_autocast_runs_and_learns():
-    parts = components("train.precision=bf16")
-    before = params(parts)
-    for i in range(2):
-        result = parts.step(*batch(i))
-        assert result.applied and all(torch.isfinite(v) for v in result.losses.values())
-    after = params(parts)
+def test_bf16_autocast_tracks_fp32_and_learns_the_same_direction():
+    fp32, bf16 = components(), components("train.precision=bf16")
+    before = params(bf16)
+    assert all(torch.equal(before[k], v) for k, v in params(fp32).items())  # Same seed, same start.
+    want, got = fp32.step(*batch(0)), bf16.step(*batch(0))
+    assert got.applied
+    # bf16 keeps 8 significant bits (rounding 2^-9 ~ 2e-3 per op); through ~20 layers of G and D that is
+    # ~2e-3 x sqrt(20) ~ 1e-2 relative in a loss (1.5e-2 measured at worst, G_ab/gan): a 5e-2 band.
+    for key, value in want.losses.items():
+        assert abs(got.losses[key].item() - value.item()) <= 5e-2 * abs(value.item()), key
+    after_fp32, after = params(fp32), params(bf16)
     assert all(after[k].dtype == torch.float32 for k in after)  # parameters stay fp32 under autocast
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # Every conv weight of all four networks moved, in the direction fp32's step moved it (cosine of the two
+    # updates 0.64-0.99 measured; a lost or sign-flipped gradient gives ~0 or < 0).
+    for key in before:
+        if key.endswith("weight"):
+            update, reference = (after[key] - before[key]).flatten(), (after_fp32[key] - before[key]).flatten()
+            assert update.abs().sum() > 0, key
+            assert torch.nn.functional.cosine_similarity(update, reference, dim=0) > 0.3, key
+    assert bf16.step(*batch(1)).applied
     # Pool images are stored in fp32 even though the generators ran in bf16.
-    assert all(img.dtype == torch.float32 for img in parts.step.pool_a.images)
+    assert all(img.dtype == torch.float32 for img in bf16.step.pool_a.images)
 
 
 def test_non_finite_loss_skips_the_whole_update_and_the_pool_change():
@@ -93,7 +105,9 @@ def test_channels_last_gives_the_same_step_within_rounding():
     plain, nhwc = components(), components("train.channels_last=true")
     a, b = plain.step(*batch(0)), nhwc.step(*batch(0))
     for key in a.losses:
-        assert torch.allclose(a.losses[key], b.losses[key], rtol=1e-5, atol=1e-6), key
+        # float32 through NHWC vs NCHW kernels: ~45 conv layers of <= 150-term sums between input and loss give
+        # 1.2e-7 x sqrt(150) x sqrt(45) ~ 1e-5 a priori (7e-7 measured); 1e-4 is 10x that bound.
+        assert torch.allclose(a.losses[key], b.losses[key], rtol=1e-4, atol=1e-6), key
     assert nhwc.step(*batch(1)).applied
     assert nhwc.gens.G_ab.model[1].weight.is_contiguous(memory_format=torch.channels_last)
 

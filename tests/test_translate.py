@@ -127,9 +127,11 @@ def test_reference_layout_checkpoint_translates(ckpt, tmp_path, capsys):
     random_image(tmp_path / "in" / "x.png", 45, 31, seed=7)
 
     # Architecture read off the keys (resnet_6blocks, ngf 4, instance norm): no --model options needed.
+    # Both on CPU with the same kernels: the same computation, so the same bytes (cudnn.benchmark would not be).
     assert main(["--checkpoint", str(ref / "latest_net_G_A.pth"), "--input", str(tmp_path / "in"),
-                 "--output", str(tmp_path / "ref_out")]) == 0
-    assert main(["--checkpoint", str(path), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "ours")]) == 0
+                 "--output", str(tmp_path / "ref_out"), "--device", "cpu"]) == 0
+    assert main(["--checkpoint", str(path), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "ours"),
+                 "--device", "cpu"]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ref_out" / "images" / "x.png")),
                                   np.asarray(Image.open(tmp_path / "ours" / "images" / "x.png")))
 

@@ -19,10 +19,21 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
+def _nonnegligible(eigenvalues: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with those at round-off level set to 0.
+
+    A covariance of fewer samples than dimensions is singular: its null-space eigenvalues come out of eigh as
+    +-n eps max|lambda|, and sqrt of a positive one (~3e-8 for 1e-15) would add noise whose sign pattern depends
+    on the LAPACK build and CPU. Below that level an eigenvalue is 0.
+    """
+    cutoff = len(eigenvalues) * np.finfo(np.float64).eps * max(float(np.abs(eigenvalues).max(initial=0.0)), 1e-300)
+    return np.where(eigenvalues > cutoff, eigenvalues, 0.0)
+
+
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix (eigenvalues below 0 from round-off are 0)."""
+    """Square root of a symmetric positive semi-definite matrix (round-off eigenvalues are 0)."""
     eigenvalues, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ vectors.T
+    return (vectors * np.sqrt(_nonnegligible(eigenvalues))) @ vectors.T
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -40,7 +51,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     root1 = _psd_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1
     eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
-    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    trace_sqrt = np.sqrt(_nonnegligible(eigenvalues)).sum()
     diff = mu1 - mu2
     value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt
     return float(max(value, 0.0))  # Round-off can leave -1e-12 for identical sets.
