@@ -245,6 +245,7 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     batches = iter(loader)
     own_flag = stop_flag is None
     stop_flag = StopFlag().install() if stop_flag is None else stop_flag
+    together = True
     try:
         for step in range(start_step + 1, total + 1):
             t_data = time.perf_counter()
@@ -301,13 +302,19 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
             example = torch.zeros(2, 3, cfg.data.crop_size, cfg.data.crop_size).numpy()
             recorder.log_generators({"G_ab": gens.G_ab, "G_ba": gens.G_ba}, example)
         status = "KILLED" if stopped_at else "FINISHED"
+    except (CheckpointWriteError, NonFiniteLossError):
+        raise  # Agreed by all ranks at the same step (broadcast / the step's collective): they still leave together.
+    except BaseException:
+        together = False
+        raise
     finally:
         if own_flag:
             stop_flag.uninstall()
         recorder.finish(status)
-    # Ranks leave together: under torchrun the first rank to exit gets the others SIGTERMed, which would cut
-    # rank 0's final MLflow flush short.
-    dist.barrier()
+        # Ranks leave together: under torchrun the first rank to exit gets the others SIGTERMed, which would cut
+        # rank 0's final MLflow flush short.
+        if together:
+            dist.barrier()
     return RunResult(stopped_at or total, metrics, evaluation, recorder.run_id, stopped=bool(stopped_at))
 
 

@@ -1,7 +1,9 @@
 import logging
 import os
 import pickle
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -231,3 +233,33 @@ def test_training_on_a_disk_that_fills_up_keeps_going_fails_cleanly_at_the_end_a
     assert "resumed from" in third.stderr and "ckpt-000000002.pt (step 2)" in third.stderr
     assert [step for step, _ in list_checkpoints(run_dir)] == [6]
     assert load_checkpoint(checkpoint_path(run_dir, 6))["step"] == 6
+
+
+def test_a_failed_final_checkpoint_ends_every_rank_of_a_distributed_run(tiny, tmp_path):
+    # Rank 0 cannot write the last checkpoint (its name is taken by a folder); rank 1 waits in the collective
+    # that tells it so, and both exit non-zero instead of rank 1 hanging until the process-group timeout.
+    run_dir = tmp_path / "run"
+    checkpoint_path(run_dir, 4).mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "pipeline.train",
+           *tiny(**{"train.steps": 4, "checkpoint.every_steps": 2, "train.sample_every_steps": 0})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "[rank 0] ERROR pipeline.train: could not write checkpoint" in err and "ckpt-000000004.pt" in err
+    assert "This was the run's last checkpoint (step 4)" in err
+    assert "[rank 1] ERROR pipeline.train: rank 0 could not write the final checkpoint" in err
+    # No traceback from the workers (torchrun's own report of the failed group follows their output).
+    assert not re.search(r'File ".*pipeline/\w+\.py", line', err), err
+    saved = load_checkpoint(checkpoint_path(run_dir, 2))
+    assert saved["step"] == 2 and not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    # Nothing already recorded is lost: the ranks left together, after rank 0 flushed MLflow.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(saved["mlflow_run_id"]).info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(saved["mlflow_run_id"], "loss/D_a")] == [2, 4]
