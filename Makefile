@@ -26,14 +26,17 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 
 LINTED := pipeline launch datasets tests benchmarks
 
-# Lint first: it takes a second and a lint error fails the test command as a failing test would.
+# Lint first (ruff, then the import layering in setup.cfg's [importlinter]): seconds, and a lint error fails the
+# test command as a failing test would.
 test: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/lint-imports
 	bash ci/install-system-deps.sh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/lint-imports
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -4,7 +4,7 @@
         [--seconds 8] [--step-images-per-s X] [--json out.json] [--smoke]
 
 Writes shards of generated 286 px scenes (JPEG q95 and PNG) to a temporary folder, then times the training
-loader (pipeline.data.train_loader: shard reading, shuffle buffer, decode, resize/crop/flip, batching, worker
+loader (pipeline.data.stream.train_loader: shard reading, shuffle buffer, decode, resize/crop/flip, batching, worker
 transfer) after a warm-up. Each batch is one A and one B image. `--step-images-per-s` (e.g. from
 bench_step.py's JSON) prints the margin over what the training step consumes.
 """
@@ -25,9 +25,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import dataset_scripts  # noqa: E402
-from pipeline.data import train_loader  # noqa: E402
-from pipeline.shards import write_shards  # noqa: E402
+from pipeline.data.shards import write_shards  # noqa: E402
+from pipeline.data.stream import train_loader  # noqa: E402
+from tests.support import dataset_scripts  # noqa: E402
 
 
 def synthetic_module():

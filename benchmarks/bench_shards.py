@@ -7,7 +7,7 @@ Generates a tree of JPEG photos-like images (random scenes with sensor-like nois
 photo sets; half trainA, half trainB; not timed), then times pipeline.shards.write_shards on it with each worker
 count, storing the original bytes (decode check only) and resizing to --resize with JPEG q95 re-encoding. Every
 worker count must give byte-identical shards (checked). Then times the training loader
-(pipeline.data.train_loader: read, decode, resize to load_size, random crop --crop, flip, batch) on the original
+(pipeline.data.stream.train_loader: read, decode, resize to load_size, random crop --crop, flip, batch) on the original
 shards and on the resized ones, where training's resize is skipped.
 """
 
@@ -30,8 +30,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import dataset_scripts  # noqa: E402
-from pipeline.shards import write_shards  # noqa: E402
+from pipeline.data.shards import write_shards  # noqa: E402
+from tests.support import dataset_scripts  # noqa: E402
 
 
 def _synthetic():

@@ -5,7 +5,7 @@
 
 Prints a table (ms/iteration after warm-up, iterations/s, images/s, model TFLOP per iteration, achieved
 TFLOP/s and, on a GPU with a known peak, MFU) and writes it as JSON. The reference-style row of each case is the
-same maths written as the reference implementation writes it (pipeline/reference_step.py: one call per term,
+same maths written as the reference implementation writes it (tests/support/reference_step.py: one call per term,
 torch's InstanceNorm kernel, fp32, eager). Shared machines are noisy: the iterations of all rows of a case are
 interleaved in one process, each is timed on its own, and the table shows the fastest (the least disturbed)
 and the median; "speedup" is the ratio of the fastest iterations and "paired" the median over rounds of the
@@ -29,10 +29,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.cyclegan import build_objective  # noqa: E402
-from pipeline.dist import DistInfo  # noqa: E402
-from pipeline.reference_step import ReferenceStyleStep, reference_adam  # noqa: E402
-from pipeline.train import build_components  # noqa: E402
+from pipeline.engine.dist import DistInfo  # noqa: E402
+from pipeline.gan.cyclegan import build_objective  # noqa: E402
+from pipeline.train.build import build_components  # noqa: E402
+from tests.support.reference_step import ReferenceStyleStep, reference_adam  # noqa: E402
 
 CASES = {
     "quickstart": (["model.generator=resnet_6blocks", "model.ngf=16", "model.ndf=16", "loss.lambda_idt=0"], 64),
@@ -67,7 +67,7 @@ def make_step(case: str, impl: str, precision: str, channels_last: bool, compile
     if impl == "reference":
         gens, discs = parts.gens, parts.discs
         return ReferenceStyleStep(gens, discs, build_objective(cfg.loss), reference_adam(gens.parameters()),
-                                  reference_adam(discs.parameters()), parts.step.pool_a, parts.step.pool_b), crop
+                                  reference_adam(discs.parameters()), parts.step.pools.a, parts.step.pools.b), crop
     return parts.step, crop
 
 

@@ -12,9 +12,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import dist  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.train import build_components  # noqa: E402
+from pipeline.engine import dist  # noqa: E402
+from pipeline.train.build import build_components  # noqa: E402
 
 
 def main(out: str, steps: int, crop: int, overrides: list[str]) -> None:

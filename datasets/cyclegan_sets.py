@@ -59,8 +59,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # A script, not a package: find pipeline/ from anywhere.
 
 from pipeline.config import ConfigError, load_config  # noqa: E402
-from pipeline.progress import Progress  # noqa: E402
-from pipeline.shards import (  # noqa: E402
+from pipeline.data.shards import (  # noqa: E402
     DEFAULT_MAXCOUNT,
     DEFAULT_MAXSIZE,
     DEFAULT_QUALITY,
@@ -73,6 +72,7 @@ from pipeline.shards import (  # noqa: E402
     split_pattern,
     write_shards,
 )
+from pipeline.engine.progress import Progress  # noqa: E402
 
 log = logging.getLogger("cyclegan_sets")
 

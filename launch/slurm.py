@@ -26,16 +26,15 @@ import subprocess
 import sys
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import submitit
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from submitit.core.utils import JobPaths
 
-from pipeline.config import ConfigError, load_config, to_yaml
+from pipeline.config import ConfigError, Schema, load_config, to_yaml
 
 log = logging.getLogger("launch.slurm")
 
@@ -85,7 +84,7 @@ class SlurmConfig:
     """Sweeps: array elements that may run at the same time."""
 
 
-SLURM_KEYS = {f.name for f in fields(SlurmConfig)}
+SLURM_SCHEMA = Schema(SlurmConfig, prefix="slurm.")
 CLUSTERS = ("slurm", "local", "debug")
 
 
@@ -120,25 +119,6 @@ def cluster_config_path(name: str) -> Path:
     return CLUSTER_CONFIGS / f"{name}.yaml"
 
 
-def _check_keys(node: Any, source: str) -> None:
-    if not isinstance(node, dict):
-        raise ConfigError(f"{source} must hold slurm settings (key: value), got {type(node).__name__}")
-    for key in node:
-        if key not in SLURM_KEYS:
-            near = difflib.get_close_matches(str(key), sorted(SLURM_KEYS), n=1, cutoff=0.5)
-            hint = f"did you mean 'slurm.{near[0]}'?" if near else "valid keys: " + ", ".join(sorted(SLURM_KEYS))
-            raise ConfigError(f"unknown slurm key 'slurm.{key}' in {source}; {hint}")
-
-
-def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
-    _check_keys(OmegaConf.to_container(layer) if isinstance(layer, DictConfig) else layer, source)
-    try:
-        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"bad value for 'slurm.{key}' in {source}: {str(err).splitlines()[0]}") from None
-
-
 def load_slurm_config(yaml_paths: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> DictConfig:
     """The job's settings: `SlurmConfig` defaults, then each cluster YAML file, then `KEY=VALUE` overrides.
 
@@ -149,12 +129,8 @@ def load_slurm_config(yaml_paths: Sequence[str | os.PathLike] = (), overrides: S
     Raises:
         ConfigError: a missing file, an unknown key (naming the closest valid one), a wrong type or value.
     """
-    cfg: DictConfig = OmegaConf.structured(SlurmConfig)
-    for name in yaml_paths:
-        path = cluster_config_path(str(name))
-        cfg = _merge(cfg, OmegaConf.load(path) or OmegaConf.create({}), f"slurm config file '{path}'")
-    if overrides:
-        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "the command line")
+    files = [(path, f"slurm config file '{path}'") for path in map(cluster_config_path, map(str, yaml_paths))]
+    cfg = SLURM_SCHEMA.load(files, overrides)
     _validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -384,7 +360,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.cpus_per_task = cpus_per_task
 
     def __call__(self, config_yaml: str) -> JobResult:
-        from pipeline.preemption import StopFlag
+        from pipeline.engine.stop import StopFlag
 
         stop = StopFlag().install()  # First: torch and MLflow take seconds to import.
         try:
@@ -400,9 +376,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         import torch
 
-        from pipeline import dist
         from pipeline.config import from_yaml
-        from pipeline.train import run, setup_logging
+        from pipeline.engine import dist
+        from pipeline.logs import setup_logging
+        from pipeline.train.loop import run
 
         setup_logging(env.global_rank)
         logging.getLogger("submitit").propagate = False  # It has its own handler: one line per message.

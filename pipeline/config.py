@@ -179,7 +179,7 @@ class EvalConfig:
     every_steps: int = 0
     """Steps between evaluations during training; 0 evaluates only at the end."""
     features: str = ""
-    """Local feature extractor file (Inception weights, see pipeline/metrics/features.py) for FID/KID of both
+    """Local feature extractor file (Inception weights, see pipeline/eval/metrics/features.py) for FID/KID of both
     directions at each evaluation; empty: no FID/KID. Any evaluation also reports both cycle errors."""
     batch_size: int = 16
     """Images per forward pass of the generators and the extractor, here and in `pipeline.evaluate` (its
@@ -215,54 +215,77 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _schema_keys(cls: type, prefix: str = "") -> dict[str, type | None]:
-    """Dotted key -> dataclass type (for groups) or None (for leaves)."""
-    keys: dict[str, type | None] = {}
-    for f in fields(cls):
-        name = prefix + f.name
-        sub = f.default_factory if is_dataclass(f.default_factory) else None  # type: ignore[arg-type]
-        keys[name] = sub
-        if sub is not None:
-            keys.update(_schema_keys(sub, name + "."))
-    return keys
+class Schema:
+    """A structured-config schema and the one way configs are built from it: defaults, then YAML files, then
+    `key=value` overrides, each layer checked for unknown keys (naming the closest valid one) and wrong types.
+
+    Used for the training config (`load_config`) and the launchers' Slurm settings (`prefix="slurm."`).
+    """
+
+    def __init__(self, cls: type, prefix: str = "") -> None:
+        self.cls, self.prefix = cls, prefix
+        self.keys = self._keys(cls)
+
+    @classmethod
+    def _keys(cls, schema: type, prefix: str = "") -> dict[str, type | None]:
+        """Dotted key -> dataclass type (for groups) or None (for leaves)."""
+        keys: dict[str, type | None] = {}
+        for f in fields(schema):
+            name = prefix + f.name
+            sub = f.default_factory if is_dataclass(f.default_factory) else None  # type: ignore[arg-type]
+            keys[name] = sub
+            if sub is not None:
+                keys.update(cls._keys(sub, name + "."))
+        return keys
+
+    def _closest(self, key: str) -> str:
+        parent = key.rpartition(".")[0]
+        siblings = [k for k in self.keys if k.rpartition(".")[0] == parent]
+        match = difflib.get_close_matches(key, siblings, n=1, cutoff=0.5) or difflib.get_close_matches(
+            key, list(self.keys), n=1, cutoff=0.5
+        )
+        if match:
+            return f"did you mean '{self.prefix}{match[0]}'?"
+        return "valid keys here: " + ", ".join(self.prefix + k for k in sorted(siblings))
+
+    def check_keys(self, node: Any, source: str, prefix: str = "") -> None:
+        """Raise ConfigError for the first key of `node` that the schema does not have."""
+        if not isinstance(node, dict):
+            if not prefix:
+                raise ConfigError(f"{source} must hold settings (key: value), got {type(node).__name__}")
+            return
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if dotted not in self.keys:
+                raise ConfigError(f"unknown config key '{self.prefix}{dotted}' in {source}; {self._closest(dotted)}")
+            if self.keys[dotted] is not None:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"'{self.prefix}{dotted}' in {source} is a group of settings, not a value")
+                self.check_keys(value, source, dotted + ".")
+
+    def merge(self, base: DictConfig, layer: Any, source: str) -> DictConfig:
+        self.check_keys(OmegaConf.to_container(layer) if isinstance(layer, DictConfig) else layer, source)
+        try:
+            return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None) or "?"
+            reason = str(err).splitlines()[0]
+            raise ConfigError(f"bad value for '{self.prefix}{key}' in {source}: {reason}") from None
+
+    def load(self, yaml_files: Sequence[tuple[Path, str]], overrides: Sequence[str]) -> DictConfig:
+        """Defaults, then each (file, how to name it in errors), then overrides; writable and not yet validated."""
+        cfg: DictConfig = OmegaConf.structured(self.cls)
+        for path, label in yaml_files:
+            cfg = self.merge(cfg, OmegaConf.load(path) or OmegaConf.create({}), label)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"command-line override '{item}' is not of the form key=value")
+        if overrides:
+            cfg = self.merge(cfg, OmegaConf.from_dotlist(list(overrides)), "the command line")
+        return cfg
 
 
-_KEYS = _schema_keys(Config)
-
-
-def _closest(key: str) -> str:
-    parent = key.rpartition(".")[0]
-    siblings = [k for k in _KEYS if k.rpartition(".")[0] == parent]
-    match = difflib.get_close_matches(key, siblings, n=1, cutoff=0.5) or difflib.get_close_matches(
-        key, list(_KEYS), n=1, cutoff=0.5
-    )
-    if match:
-        return f"did you mean '{match[0]}'?"
-    return "valid keys here: " + ", ".join(sorted(siblings))
-
-
-def _check_keys(node: Any, source: str, prefix: str = "") -> None:
-    """Raise ConfigError for the first key of `node` that the schema does not have."""
-    if not isinstance(node, dict):
-        return
-    for key, value in node.items():
-        dotted = f"{prefix}{key}"
-        if dotted not in _KEYS:
-            raise ConfigError(f"unknown config key '{dotted}' in {source}; {_closest(dotted)}")
-        if _KEYS[dotted] is not None:
-            if not isinstance(value, dict):
-                raise ConfigError(f"'{dotted}' in {source} is a group of settings, not a value")
-            _check_keys(value, source, dotted + ".")
-
-
-def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
-    _check_keys(OmegaConf.to_container(layer), source)
-    try:
-        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        reason = str(err).splitlines()[0]
-        raise ConfigError(f"bad value for '{key}' in {source}: {reason}") from None
+SCHEMA = Schema(Config)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -308,16 +331,12 @@ def load_config(yaml_paths: Sequence[str | os.PathLike] = (), overrides: Sequenc
     Raises:
         ConfigError: a missing file, an unknown key (naming the closest valid one), a wrong type or value.
     """
-    cfg: DictConfig = OmegaConf.structured(Config)
+    files = []
     for path in yaml_paths:
         if not Path(path).is_file():
             raise ConfigError(f"config file '{path}' does not exist (see configs/ for the shipped ones)")
-        cfg = _merge(cfg, OmegaConf.load(path), f"config file '{path}'")  # type: ignore[arg-type]
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"command-line override '{item}' is not of the form key=value")
-    if overrides:
-        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "the command line")
+        files.append((Path(path), f"config file '{path}'"))
+    cfg = SCHEMA.load(files, overrides)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -330,7 +349,7 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def from_yaml(text: str) -> DictConfig:
     """Parse a config saved by `to_yaml` back into a schema-checked DictConfig."""
-    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(text), "a saved config")
+    cfg = SCHEMA.merge(OmegaConf.structured(Config), OmegaConf.create(text), "a saved config")
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -2,7 +2,7 @@
 
 For each direction (A->B: G_ab translates test A, compared with the real test B; B->A the reverse):
 - FID and KID between the translations and the real target-domain images, on the features of a pluggable
-  extractor (`pipeline.metrics.features`: FID's Inception-v3 from a local weight file; nothing is downloaded);
+  extractor (`pipeline.eval.metrics.features`: FID's Inception-v3 from a local weight file; nothing is downloaded);
 - paired L1, PSNR and SSIM against ground truth matched by sample key, where the test sets are paired (the
   synthetic set), each next to the same error of returning the input unchanged;
 - the cycle reconstruction error, mean |G_ba(G_ab(a)) - a| in [-1, 1] units.
@@ -14,268 +14,26 @@ checkpoint's step), the same keys periodic evaluation during training uses (`eva
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-from torch import Tensor, nn
-from webdataset.tariterators import tarfile_samples
-
-from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
-from pipeline.data import DataError, decode_image, expand_pattern, to_tensor
-from pipeline.metrics import distribution, paired
-from pipeline.metrics.features import FeatureError, find_weights, how_to_provide, load_extractor
-from pipeline.translate import (
-    DIRECTIONS,
-    PRECISIONS,
-    add_generator_args,
-    iter_inputs,
-    load_generators,
-    model_overrides,
-    required_multiple,
-    resize_square,
-    select_device,
-    translate_images,
+from pipeline.data.stream import DataError
+from pipeline.engine.checkpoint import CheckpointError
+from pipeline.eval.evaluate import (
+    evaluate_direction,
+    log,
 )
-
-log = logging.getLogger("pipeline.evaluate")
-
-
-def _by_key(pattern: str, size: int) -> dict[str, torch.Tensor]:
-    out = {}
-    for sample in tarfile_samples([{"url": url} for url in expand_pattern(pattern)]):
-        out[sample["__key__"]] = to_tensor(decode_image(sample).resize((size, size)))
-    return out
-
-
-@torch.no_grad()
-def paired_l1(
-    generator: nn.Module, source_pattern: str, target_pattern: str, size: int, device: torch.device,
-    batch_size: int = 8,
-) -> dict[str, float]:
-    """Mean absolute error (in [-1, 1] units) of G(source) against paired ground truth, next to doing nothing.
-
-    Pairs are matched by sample key, as the synthetic set writes them. Returns `l1_translation` (G's error),
-    `l1_identity` (error of returning the input unchanged) and `pairs`.
-    """
-    source, target = _by_key(source_pattern, size), _by_key(target_pattern, size)
-    keys = sorted(set(source) & set(target))
-    if not keys:
-        raise DataError(f"no sample keys are shared by '{source_pattern}' and '{target_pattern}': no pairs")
-    was_training = generator.training
-    generator.eval()
-    err_g = err_id = 0.0
-    for i in range(0, len(keys), batch_size):
-        chunk = keys[i : i + batch_size]
-        x = torch.stack([source[k] for k in chunk]).to(device)
-        y = torch.stack([target[k] for k in chunk]).to(device)
-        err_g += (generator(x).float() - y).abs().mean(dim=(1, 2, 3)).sum().item()
-        err_id += (x - y).abs().mean(dim=(1, 2, 3)).sum().item()
-    generator.train(was_training)
-    return {"l1_translation": err_g / len(keys), "l1_identity": err_id / len(keys), "pairs": float(len(keys))}
-
-
-# Held-out evaluation of one direction.
-
-
-def _quantize(x: Tensor) -> Tensor:
-    """Round [-1, 1] images to the 256 levels an 8-bit file holds."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-
-
-class _Features:
-    """Runs an extractor over images of any sizes, batching images of equal size; collects (N, D) rows."""
-
-    def __init__(self, extractor: nn.Module | None, device: torch.device, batch_size: int) -> None:
-        self.extractor, self.device, self.batch_size = extractor, device, batch_size
-        self.pending: dict[tuple[int, ...], list[Tensor]] = {}
-        self.rows: list[np.ndarray] = []
-
-    def add(self, image: Tensor) -> None:
-        if self.extractor is None:
-            return
-        group = self.pending.setdefault(tuple(image.shape), [])
-        group.append(image)
-        if len(group) >= self.batch_size:
-            self._run(tuple(image.shape))
-        elif sum(map(len, self.pending.values())) > 4 * self.batch_size:  # Many sizes: do not hoard images.
-            self._run(max(self.pending, key=lambda shape: len(self.pending[shape])))
-
-    def _run(self, shape: tuple[int, ...]) -> None:
-        batch = torch.stack(self.pending.pop(shape)).to(self.device)
-        self.rows.append(self.extractor(batch).double().cpu().numpy())
-
-    def result(self) -> np.ndarray:
-        for shape in list(self.pending):
-            self._run(shape)
-        return np.concatenate(self.rows) if self.rows else np.zeros((0, 0))
-
-
-def _images(source: str, size: int, limit: int) -> Iterator[tuple[str, Tensor]]:
-    items = iter_inputs(source)
-    for item in itertools.islice(items, limit or None):
-        yield item.key, to_tensor(resize_square(item.image, size) if size else item.image)
-
-
-@torch.no_grad()
-def evaluate_direction(
-    net: nn.Module, reverse: nn.Module | None, multiple: int, source: str, target: str, device: torch.device,
-    features: nn.Module | None = None, size: int = 0, paired_keys: bool = False, batch_size: int = 8,
-    precision: str = "fp32", max_images: int = 0, kid_subsets: int = 100, kid_subset_size: int = 1000,
-) -> dict[str, float]:
-    """Metrics of `net` translating the images of `source`, against the real images of `target`.
-
-    Args:
-        net: the generator of this direction (its eval mode is used); `reverse` the opposite one or None.
-        multiple: side multiple the generators need (`pipeline.translate.required_multiple`).
-        source, target: image folders, files or shard patterns (held-out sets of the two domains).
-        device: where the networks and the extractor run.
-        features: feature extractor for FID/KID ((N, 3, H, W) in [-1, 1] -> (N, D)); None skips them.
-        size: resize images to size x size first (the test transform); 0 keeps their sizes.
-        paired_keys: `target` holds the ground truth of `source` under the same sample keys.
-        batch_size: images per forward pass.
-        precision: fp32, bf16 or fp16 for the generators.
-        max_images: use at most this many images of each set (0: all).
-        kid_subsets, kid_subset_size: KID's subsets.
-
-    Returns:
-        `images` and `real_images` (counts); `fid`, `kid`, `kid_subset_size` (0: whole sets) and `kid_std`
-        (only over subsets smaller than the sets: see `distribution.kid`) with `features`; `pairs`, `l1`, `psnr`,
-        `ssim` and the same of the untranslated input (`*_identity`) when paired; `cycle_l1` with `reverse`.
-    """
-    modes = [(m, m.training) for m in (net, reverse, features) if m is not None]
-    for module, _ in modes:
-        module.eval()
-    try:
-        # Real target images: features, and the ground truth when paired (kept as 8-bit).
-        real = _Features(features, device, batch_size)
-        truth: dict[str, Tensor] = {}
-        real_count = 0
-        if paired_keys and max_images:
-            # The ground truth of the first max_images sources, not the first max_images of the target set:
-            # shards hold their files in a shuffled order, so those would not pair.
-            keys = {item.key for item in itertools.islice(iter_inputs(source), max_images)}
-            targets: Iterator[tuple[str, Tensor]] = ((k, im) for k, im in _images(target, size, 0) if k in keys)
-        else:
-            targets = _images(target, size, max_images)
-        for key, image in targets:
-            real_count += 1
-            real.add(image)
-            if paired_keys:
-                truth[key] = ((image + 1) * 127.5).round().byte()
-        real_features = real.result()
-
-        # Translate, and run the reverse generator on the translations as they come (bounded memory).
-        fake = _Features(features, device, batch_size)
-        inputs: dict[str, Tensor] = {}
-        per_image: dict[str, list[float]] = {k: [] for k in ("l1", "psnr", "ssim", "l1_identity", "psnr_identity",
-                                                             "ssim_identity", "cycle_l1")}
-        count = 0
-
-        def sources() -> Iterator[tuple[str, Tensor]]:
-            for key, image in _images(source, size, max_images):
-                inputs[key] = image
-                yield key, image
-
-        def translations() -> Iterator[tuple[str, Tensor]]:
-            nonlocal count
-            for key, out in translate_images(net, multiple, sources(), device, batch_size, precision):
-                out = _quantize(out)
-                count += 1
-                fake.add(out)
-                if key in truth:
-                    _paired(per_image, out, inputs[key], truth.pop(key).float() / 127.5 - 1)
-                yield key, out
-
-        if reverse is not None:
-            for key, rec in translate_images(reverse, multiple, translations(), device, batch_size, precision):
-                per_image["cycle_l1"].append(paired.l1(rec[None], inputs.pop(key)[None]).item())
-        else:
-            for key, _ in translations():
-                inputs.pop(key)
-    finally:
-        for module, was_training in modes:
-            module.train(was_training)
-
-    results: dict[str, float] = {"images": float(count), "real_images": float(real_count)}
-    if features is not None:
-        fake_features = fake.result()
-        results["fid"] = distribution.fid(fake_features, real_features)
-        kid = distribution.kid(fake_features, real_features, kid_subsets, kid_subset_size)
-        results["kid"] = kid.value
-        results["kid_subset_size"] = float(kid.subset_size)
-        if kid.std is not None:
-            results["kid_std"] = kid.std
-    if paired_keys:
-        pairs = len(per_image["l1"])
-        if not pairs:
-            raise DataError(f"no sample keys are shared by '{source}' and '{target}': no pairs")
-        results["pairs"] = float(pairs)
-        for name in ("l1", "psnr", "ssim", "l1_identity", "psnr_identity", "ssim_identity"):
-            results[name] = paired.mean_finite_aware(per_image[name])
-    if reverse is not None:
-        results["cycle_l1"] = sum(per_image["cycle_l1"]) / max(len(per_image["cycle_l1"]), 1)
-    return results
-
-
-def _paired(per_image: dict[str, list[float]], out: Tensor, source: Tensor, truth: Tensor) -> None:
-    if truth.shape != out.shape:
-        # Ground truth at another size (only with size=0): compare at the translation's size.
-        truth = to_tensor(Image.fromarray(((truth + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-                          .resize((out.shape[-1], out.shape[-2]), Image.BICUBIC))
-    for suffix, image in (("", out), ("_identity", source)):
-        if image.shape != truth.shape:
-            continue
-        x, y = image[None], truth[None]
-        per_image["l1" + suffix].append(paired.l1(x, y).item())
-        per_image["psnr" + suffix].append(paired.psnr(x, y).item())
-        per_image["ssim" + suffix].append(paired.ssim(x, y).item())
-
-
-# Periodic evaluation during training.
-
-_EXTRACTORS: dict[tuple[str, str], nn.Module] = {}
-
-
-def cached_extractor(path: str, device: torch.device) -> nn.Module:
-    """The extractor of a weight file, loaded once per process and device."""
-    key = (str(path), str(device))
-    if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = load_extractor(path, device)
-    return _EXTRACTORS[key]
-
-
-def held_out_eval(g_ab: nn.Module, g_ba: nn.Module, cfg: Any, device: torch.device) -> dict[str, float]:
-    """What training evaluates every `eval.every_steps` and at the end, on data.test_a / data.test_b.
-
-    Always: the cycle error of both directions. With `eval.paired`: `l1_translation`, `l1_identity`, `pairs`
-    (`paired_l1` of G_ab) and per-direction L1/PSNR/SSIM. With `eval.features`: FID and KID of both
-    directions. Keys: `AtoB/fid`, `BtoA/cycle_l1`, ...
-    """
-    data, size = cfg.data, cfg.data.crop_size
-    out: dict[str, float] = {}
-    if cfg.eval.paired:
-        out.update(paired_l1(g_ab, data.test_a, data.test_b, size, device, cfg.eval.batch_size))
-    features = cached_extractor(cfg.eval.features, device) if cfg.eval.features else None
-    multiple = required_multiple(cfg.model.generator)
-    for direction, net, reverse, source, target in (("AtoB", g_ab, g_ba, data.test_a, data.test_b),
-                                                    ("BtoA", g_ba, g_ab, data.test_b, data.test_a)):
-        result = evaluate_direction(net, reverse, multiple, source, target, device, features, size,
-                                    paired_keys=cfg.eval.paired, batch_size=cfg.eval.batch_size)
-        out.update({f"{direction}/{k}": v for k, v in result.items() if k not in ("images", "real_images")})
-    return out
-
+from pipeline.eval.metrics.features import FeatureError, find_weights, how_to_provide, load_extractor
+from pipeline.infer.generators import DIRECTIONS, PRECISIONS, load_generators
+from pipeline.infer.translate import select_device
+from pipeline.translate import add_generator_args, model_overrides
 
 # MLflow.
 
@@ -433,7 +191,7 @@ def _run(args: argparse.Namespace) -> int:
     elif not run_id:
         log.info("no MLflow run recorded in %s (pass --run-id to log there)", args.checkpoint)
     else:
-        from pipeline.tracking import resolve_uri
+        from pipeline.tracking.trackers import resolve_uri
 
         uri = args.tracking_uri or resolve_uri(cfg.tracking.uri)
         metrics = {f"eval/{d}/{k}": v for d, r in results.items() for k, v in r.items()}

@@ -13,123 +13,21 @@ differs by more than `--tolerance`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-
-from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
-from pipeline.translate import Generators, PaddedGenerator, add_generator_args, load_generators, model_overrides
-
-log = logging.getLogger("pipeline.export")
-
-FORMATS = ("torchscript", "onnx")
-DEFAULT_OPSET = 18
-
-
-class ExportError(RuntimeError):
-    """An export that failed or does not reproduce PyTorch's output."""
-
-
-def metadata(gens: Generators) -> dict[str, Any]:
-    return {
-        "direction": gens.direction,
-        "generator": gens.model.generator,
-        "ngf": gens.model.ngf,
-        "norm": gens.model.norm,
-        "pad_multiple": gens.multiple,
-        "input": "image: float32 (N, 3, H, W) RGB in [-1, 1]; any N, H, W",
-        "output": "translated: float32 (N, 3, H, W) in [-1, 1]",
-        "source": gens.source,
-        "step": gens.step,
-    }
-
-
-def export_torchscript(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
-    """Script (not trace) the model, so no shape is baked in; metadata goes in the `cyclegan.json` extra file."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is in maintenance, and says so.
-        scripted = torch.jit.script(model)
-        torch.jit.save(scripted, str(path), _extra_files={"cyclegan.json": json.dumps(meta)})
-
-
-def export_onnx(model: nn.Module, path: Path, meta: dict[str, Any], opset: int = DEFAULT_OPSET,
-                example_size: tuple[int, int] = (64, 64)) -> None:
-    """torch.onnx's exporter (torch.export based) with symbolic batch, height and width."""
-    import onnx
-
-    example = torch.zeros(2, 3, *example_size)
-    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (example,), dynamo=True, input_names=["image"],
-                                    output_names=["translated"], dynamic_shapes={"x": dims}, opset_version=opset,
-                                    verbose=False)
-    proto = program.model_proto
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, str(value)
-    onnx.checker.check_model(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(proto, str(path))
-
-
-def run_exported(path: Path, fmt: str, x: torch.Tensor) -> np.ndarray:
-    """The exported model's output for `x`, run by TorchScript or ONNX Runtime on the CPU."""
-    if fmt == "torchscript":
-        with torch.no_grad():
-            return torch.jit.load(str(path), map_location="cpu")(x).numpy()
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["translated"], {"image": x.numpy()})[0]
-
-
-def check_export(model: nn.Module, path: Path, fmt: str, shapes: Sequence[tuple[int, int, int]],
-                 tolerance: float = 1e-4, seed: int = 0) -> float:
-    """Largest |exported - PyTorch| over random [-1, 1] batches of `shapes` (N, H, W); raises ExportError above
-    `tolerance`."""
-    generator = torch.Generator().manual_seed(seed)
-    worst = 0.0
-    for n, h, w in shapes:
-        x = torch.rand(n, 3, h, w, generator=generator) * 2 - 1
-        with torch.no_grad():
-            expected = model(x).numpy()
-        got = run_exported(path, fmt, x)
-        if got.shape != expected.shape:
-            raise ExportError(f"{fmt} output for input {tuple(x.shape)} has shape {got.shape}, not {expected.shape}")
-        diff = float(np.abs(got - expected).max())
-        log.info("check %s: input %s, max |exported - PyTorch| = %.2e", fmt, tuple(x.shape), diff)
-        worst = max(worst, diff)
-        if not diff <= tolerance:
-            raise ExportError(f"{fmt} export differs from PyTorch by {diff:.3g} (> {tolerance}) on {tuple(x.shape)}")
-    return worst
-
-
-def export(gens: Generators, fmt: str, path: Path, check_shapes: Sequence[tuple[int, int, int]] = (),
-           tolerance: float = 1e-4, opset: int = DEFAULT_OPSET) -> float | None:
-    """Export the generator of `gens` (with padding) to `path`; check it if `check_shapes` are given.
-
-    Returns the largest difference found by the check (None without one).
-    """
-    if fmt not in FORMATS:
-        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got '{fmt}'")
-    model = PaddedGenerator(gens.net.cpu().float(), gens.multiple).eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = metadata(gens)
-    if fmt == "torchscript":
-        export_torchscript(model, path, meta)
-    else:
-        export_onnx(model, path, meta, opset)
-    return check_export(model, path, fmt, check_shapes, tolerance) if check_shapes else None
+from pipeline.engine.checkpoint import CheckpointError
+from pipeline.infer.export import (
+    DEFAULT_OPSET,
+    FORMATS,
+    ExportError,
+    export,
+)
+from pipeline.infer.generators import load_generators
+from pipeline.translate import add_generator_args, model_overrides
 
 
 def _shape(text: str) -> tuple[int, int, int]:

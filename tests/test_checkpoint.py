@@ -3,16 +3,15 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from support.runs import ROOT, process_env, train_cmd
 
-from pipeline.checkpoint import (
+from pipeline.engine.checkpoint import (
     FORMAT,
     CheckpointError,
     CheckpointWriteError,
@@ -240,14 +239,8 @@ def test_a_failed_final_checkpoint_ends_every_rank_of_a_distributed_run(tiny, tm
     # that tells it so, and both exit non-zero instead of rank 1 hanging until the process-group timeout.
     run_dir = tmp_path / "run"
     checkpoint_path(run_dir, 4).mkdir(parents=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "pipeline.train",
-           *tiny(**{"train.steps": 4, "checkpoint.every_steps": 2, "train.sample_every_steps": 0})]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    cmd = train_cmd(2, tiny(**{"train.steps": 4, "checkpoint.every_steps": 2, "train.sample_every_steps": 0}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path, env=process_env())
     assert proc.returncode != 0
     err = proc.stderr
     assert "[rank 0] ERROR pipeline.train: could not write checkpoint" in err and "ckpt-000000004.pt" in err

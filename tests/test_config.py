@@ -1,8 +1,8 @@
 from dataclasses import asdict
 
 import pytest
-from conftest import ROOT
 from omegaconf import OmegaConf
+from support.runs import ROOT
 
 from pipeline.config import Config, ConfigError, flatten, from_yaml, load_config, to_yaml
 

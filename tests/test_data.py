@@ -5,7 +5,7 @@ import pytest
 import torch
 from webdataset.tariterators import tarfile_samples
 
-from pipeline.data import Augment, DataError, expand_pattern, held_out, normalize, train_loader
+from pipeline.data.stream import Augment, DataError, expand_pattern, held_out, normalize, train_loader
 
 
 def data_cfg(shards, **extra):
@@ -82,7 +82,7 @@ def test_held_out_is_in_shard_order(shards):
 @pytest.fixture
 def three_samples(tmp_path, synthetic):
     """A domain of 3 images in one shard."""
-    from pipeline.shards import write_shards
+    from pipeline.data.shards import write_shards
 
     synthetic.make_synthetic(tmp_path / "images", train=3, test=1, size=40, seed=5)
     write_shards(tmp_path / "images", tmp_path / "shards", splits=["trainA"])
@@ -121,7 +121,7 @@ def test_remote_domain_smaller_than_a_batch_fails_on_its_first_pass(shards, thre
 
 
 def test_trainer_refuses_a_small_domain_before_building_anything(shards, three_samples, tmp_path, capsys):
-    from pipeline.train import main
+    from pipeline.train.cli import main
 
     code = main([f"data.train_a={shards['trainA']}", f"data.train_b={three_samples}", "data.batch_per_rank=8",
                  f"run_dir={tmp_path}/run", "tracking.enabled=false", "data.workers=0"])
@@ -156,7 +156,7 @@ def test_a_folder_of_images_is_named_with_the_command_that_shards_it(tmp_path, s
 
 
 def test_training_names_the_key_of_a_folder_of_images(tiny, tmp_path, synthetic, capsys):
-    from pipeline.train import main as train_main
+    from pipeline.train.cli import main as train_main
 
     synthetic.make_synthetic(tmp_path / "photos", train=3, test=1, size=16, seed=2)
     assert train_main(tiny(**{"data.train_b": str(tmp_path / "photos" / "trainB")})) == 2

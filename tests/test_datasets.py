@@ -12,11 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_overrides
+from support import dataset_scripts
+from support.runs import ROOT, tiny_overrides
 
-from pipeline import dataset_scripts
 from pipeline.config import load_config
-from pipeline.shards import load_manifest
+from pipeline.data.shards import load_manifest
 
 NAME = "horse2zebra"
 
@@ -157,7 +157,7 @@ def test_interrupted_download_resumes_then_shards_and_trains(recipe, synthetic, 
     overrides = [o for o in tiny_overrides(shards, tmp_path / "run", **{"train.steps": 2, "tracking.enabled": False,
                                                                       "checkpoint.every_steps": 2})
                  if not o.startswith(("data.train_", "data.test_"))]
-    from pipeline.train import run
+    from pipeline.train.loop import run
 
     result = run(load_config([train_yaml], overrides))
     assert result.step == 2 and (tmp_path / "run" / "ckpt-000000002.pt").is_file()

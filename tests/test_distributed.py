@@ -3,44 +3,34 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from support.ddp_worker import fixed_batch
+from support.runs import ROOT, WORKER, free_port, process_env
 
 from pipeline.config import load_config
-from pipeline.cyclegan import build_networks, build_objective
-from pipeline.image_pool import ImagePool
-from pipeline.models import uses_group_kernel_norm
-from pipeline.optim import build_adam
-
-sys.path.insert(0, str(ROOT / "tests"))
-from ddp_worker import fixed_batch  # noqa: E402
+from pipeline.engine.optim import build_adam
+from pipeline.gan.cyclegan import build_networks, build_objective
+from pipeline.gan.image_pool import ImagePool
+from pipeline.gan.networks import uses_group_kernel_norm
 
 pytestmark = pytest.mark.slow
 
 TINY = ["model.generator=resnet_6blocks", "model.ngf=4", "model.ndf=4", "train.pool_size=2", "train.seed=5"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args: list[str], timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = env or {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], env=env or process_env(),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def run_workers(tmp_path, nproc: int, steps: int, dtype: str, overrides=TINY) -> dict:
     out = tmp_path / f"ddp-{nproc}-{dtype}.pt"
     proc = torchrun([f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                     str(ROOT / "tests" / "ddp_worker.py"), str(out), str(steps), dtype, *overrides])
+                     str(WORKER), str(out), str(steps), dtype, *overrides])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
@@ -143,7 +133,7 @@ def test_two_nodes_by_rendezvous_equal_two_processes_on_one_node(tmp_path):
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
              "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes",
-             str(ROOT / "tests" / "ddp_worker.py"), str(out), str(steps), "float32", *TINY],
+             str(WORKER), str(out), str(steps), "float32", *TINY],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for out in outs
@@ -169,7 +159,7 @@ def test_a_failing_rank_ends_the_job_with_its_reason(tmp_path):
     out = tmp_path / "never.pt"
     t0 = time.monotonic()
     proc = torchrun(["--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                     str(ROOT / "tests" / "ddp_worker.py"), str(out), "5", "float32", *TINY],
+                     str(WORKER), str(out), "5", "float32", *TINY],
                     timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
                                       "TEST_FAIL_AT": "1:2"})
     assert proc.returncode != 0

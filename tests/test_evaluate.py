@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import evaluate
-from pipeline.checkpoint import load_checkpoint
+from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.eval.metrics import distribution, paired
+from pipeline.eval.metrics.features import FeatureError, InceptionFeatures, find_weights, load_extractor
+from pipeline.eval.metrics.inception import InceptionV3
+from pipeline.infer.translate import iter_inputs
 from pipeline.interop import main as interop_main
-from pipeline.metrics import distribution, paired
-from pipeline.metrics.features import FeatureError, InceptionFeatures, find_weights, load_extractor
-from pipeline.metrics.inception import InceptionV3
-from pipeline.train import main as train_main
-from pipeline.translate import iter_inputs
+from pipeline.train.cli import main as train_main
 
 
 class ColourFeatures(nn.Module):

@@ -11,11 +11,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pipeline.checkpoint import FORMAT, save_atomic
 from pipeline.config import load_config, to_yaml
-from pipeline.export import ExportError, check_export, main
-from pipeline.models import build_generator
-from pipeline.translate import PaddedGenerator, load_generators
+from pipeline.engine.checkpoint import FORMAT, save_atomic
+from pipeline.export import main
+from pipeline.gan.networks import build_generator
+from pipeline.infer.export import ExportError, check_export
+from pipeline.infer.generators import PaddedGenerator, load_generators
 
 # Two image sizes and two batch sizes, neither size a multiple of 4 in both sides.
 SHAPES = [(1, 32, 32), (3, 37, 53)]

@@ -19,11 +19,10 @@ import os
 import platform
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from support.runs import ROOT, process_env, tiny_overrides, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -55,13 +54,9 @@ def train(shards, run_dir, nproc: int) -> dict:
         "train.steps": STEPS, "train.log_every_steps": 1, "train.threads": THREADS, "train.seed": 3,
         "train.sample_every_steps": 0, "checkpoint.every_steps": 0, "tracking.enabled": False,
         "eval.paired": True, "data.workers": 0})
-    train_cmd = ["-m", "pipeline.train", *overrides]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *train_cmd]
-    else:
-        cmd = [sys.executable, *train_cmd]
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, env=env, cwd=run_dir.parent, capture_output=True, text=True, timeout=300)
+    cmd = train_cmd(nproc if nproc > 1 else 0, overrides)
+    proc = subprocess.run(cmd, env=process_env(THREADS), cwd=run_dir.parent, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [{k: v for k, v in r.items() if k.startswith("loss/") or k == "step"} for r in records]

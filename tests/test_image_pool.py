@@ -1,6 +1,6 @@
 import torch
 
-from pipeline.image_pool import ImagePool
+from pipeline.gan.image_pool import ImagePool
 
 
 def images(n, start=0):

@@ -4,12 +4,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.checkpoint import CheckpointError
 from pipeline.config import load_config
-from pipeline.cyclegan import REFERENCE_NAMES
-from pipeline.interop import export_reference, load_generator, load_reference_dir, main, nets_from_checkpoint
-from pipeline.models import build_discriminator, build_generator
-from pipeline.train import run
+from pipeline.engine.checkpoint import CheckpointError
+from pipeline.gan.cyclegan import REFERENCE_NAMES
+from pipeline.gan.networks import build_discriminator, build_generator
+from pipeline.infer.interop import export_reference, load_generator, load_reference_dir, nets_from_checkpoint
+from pipeline.interop import main
+from pipeline.train.loop import run
 
 
 def reference_files(tmp_path, ngf=8, ndf=8):

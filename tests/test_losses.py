@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import GANLoss, cycle_loss, identity_loss
+from pipeline.gan.losses import GANLoss, cycle_loss, identity_loss
 
 
 def t(*values):

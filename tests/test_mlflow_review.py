@@ -11,8 +11,8 @@ import time
 
 import mlflow
 import pytest
-from conftest import ROOT, tiny_overrides
-from mlflow_server import MlflowServer
+from support.mlflow_server import MlflowServer
+from support.runs import ROOT, tiny_overrides, train_cmd
 
 # The module's server and two-rank run are shared: `make test` keeps a file on one worker (--dist loadfile).
 pytestmark = pytest.mark.slow
@@ -39,8 +39,7 @@ def two_rank_run(server, shards, tmp_path_factory):
     overrides = tiny_overrides(shards, tmp / "run", **{
         "tracking.uri": server.url, "tracking.experiment": "review", "tracking.log_model": True,
         "tracking.log_checkpoints": "all", "train.steps": 6})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pipeline.train", *overrides]
+    cmd = train_cmd(2, overrides)
     proc = subprocess.run(cmd, env=env(), cwd=tmp, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient(server.url)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models import (
+from pipeline.gan.networks import (
     DISCRIMINATOR_ARCHS,
     GENERATOR_ARCHS,
     INIT_TYPES,

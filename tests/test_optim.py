@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.optim import build_adam, lr_factor
+from pipeline.engine.optim import build_adam, lr_factor
 
 
 def test_constant_then_linear_decay():

@@ -6,29 +6,21 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import mlflow
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from support.runs import ROOT, tiny_overrides, train_cmd
 
-from pipeline.checkpoint import list_checkpoints, load_checkpoint
-from pipeline.preemption import EXIT_STOPPED
+from pipeline.engine.checkpoint import list_checkpoints, load_checkpoint
+from pipeline.engine.stop import EXIT_STOPPED
 
 pytestmark = pytest.mark.slow
 
 
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def train_cmd(nproc: int, overrides: list[str], *torchrun_args: str) -> list[str]:
-    if nproc == 0:
-        return [sys.executable, "-m", "pipeline.train", *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            *torchrun_args, "-m", "pipeline.train", *overrides]
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:

@@ -17,16 +17,9 @@ import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 
-from pipeline import shards
-from pipeline.shards import (
-    ShardError,
-    load_manifest,
-    main,
-    sample_key,
-    sha256_file,
-    split_pattern,
-    write_shards,
-)
+from pipeline.data import shards
+from pipeline.data.shards import ShardError, load_manifest, sample_key, sha256_file, split_pattern, write_shards
+from pipeline.shards import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -470,7 +463,7 @@ def test_bad_encoding_options_and_mixed_options_are_refused(tree, tmp_path):
 
 
 def test_inspect_reports_counts_sizes_and_a_clean_manifest(tree, tmp_path, capsys):
-    from pipeline.shard_inspect import inspect_shards
+    from pipeline.data.shard_inspect import inspect_shards
 
     out = tmp_path / "out"
     manifest = write_shards(tree, out, maxcount=2)
@@ -507,7 +500,7 @@ def test_inspect_finds_a_corrupt_member(tree, tmp_path, capsys):
 
 
 def test_inspect_finds_shards_that_differ_from_the_manifest(tree, tmp_path, capsys):
-    from pipeline.shard_inspect import inspect_shards
+    from pipeline.data.shard_inspect import inspect_shards
 
     out = tmp_path / "out"
     manifest = write_shards(tree, out, maxcount=2, shuffle_seed=None)

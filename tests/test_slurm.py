@@ -3,7 +3,7 @@
 No mock of sbatch or srun: jobs go through Submitit, sbatch, slurmctld, slurmd and srun and train with gloo on
 CPU. Slurm itself stops them: a real preemption (a job in a higher-priority partition; SIGTERM), the warning
 before the time limit (--signal, USR2) and scancel. Without the Slurm packages (or root) these tests fail and say
-how to install them: they never skip. The cluster (tests/slurm_cluster.py) lives for the session.
+how to install them: they never skip. The cluster (tests/support/slurm_cluster.py) lives for the session.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import submitit
 import torch
-from conftest import ROOT, tiny_overrides
 from mlflow import MlflowClient
-from slurm_cluster import ClusterError, SlurmCluster, missing_requirements
+from support.runs import ROOT, tiny_overrides
+from support.slurm_cluster import ClusterError, SlurmCluster, missing_requirements
 
 from launch import slurm as launch_slurm
 from launch import sweep as launch_sweep
-from pipeline.checkpoint import list_checkpoints
+from pipeline.engine.checkpoint import list_checkpoints
 
 # One cluster for the session: `make test` runs whole files per pytest worker (--dist loadfile).
 pytestmark = pytest.mark.slow

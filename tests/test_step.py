@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import load_config
-from pipeline.dist import DistInfo
-from pipeline.train import build_components
+from pipeline.engine.dist import DistInfo
+from pipeline.train.build import build_components
 
 TINY = ["model.generator=resnet_6blocks", "model.ngf=4", "model.ndf=4", "train.pool_size=2"]
 
@@ -30,30 +30,30 @@ def test_fp16_gradscaler_skips_an_inf_gradient_and_leaves_no_nan():
     step = parts.step
     # The scale starts at 2^16 and halves on every overflow: warm up until a step goes through.
     for i in range(40):
-        skips = step.scaler_skips.item()
+        skips = step.scaler_skips
         assert step(*batch(i)).applied
-        if step.scaler_skips.item() == skips:
+        if step.scaler_skips == skips:
             break
-    assert step.scaler_skips.item() == skips, "the GradScaler never settled"
+    assert step.scaler_skips == skips, "the GradScaler never settled"
     before = params(parts)
     weight = parts.gens.G_ab.model[1].weight
     handle = weight.register_hook(lambda grad: grad * float("inf"))
     result = step(*batch(2))
     handle.remove()
     after = params(parts)
-    assert step.scaler_skips.item() == skips + 1
+    assert step.scaler_skips == skips + 1
     # The generators' update was skipped; the discriminators' (finite gradients) was applied.
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("G_"))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("D_"))
     assert all(torch.isfinite(v).all() for v in after.values())
     assert all(torch.isfinite(v) for v in result.losses.values())
-    skips = step.scaler_skips.item()
+    skips = step.scaler_skips
     for i in range(3, 6):
         step(*batch(i))
     assert all(torch.isfinite(v).all() for v in params(parts).values())
     assert not torch.equal(params(parts)["G_ab.model.1.weight"], after["G_ab.model.1.weight"])
     # The skip halved the scale, so these steps cannot overflow (growth waits 2,000 steps): no new skip.
-    assert step.scaler_skips.item() == skips
+    assert step.scaler_skips == skips
 
 
 def test_bf16_autocast_tracks_fp32_and_learns_the_same_direction():
@@ -77,20 +77,20 @@ def test_bf16_autocast_tracks_fp32_and_learns_the_same_direction():
             assert torch.nn.functional.cosine_similarity(update, reference, dim=0) > 0.3, key
     assert bf16.step(*batch(1)).applied
     # Pool images are stored in fp32 even though the generators ran in bf16.
-    assert all(img.dtype == torch.float32 for img in bf16.step.pool_a.images)
+    assert all(img.dtype == torch.float32 for img in bf16.step.pools.a.images)
 
 
 def test_non_finite_loss_skips_the_whole_update_and_the_pool_change():
     parts = components()
     parts.step(*batch(0))
     before = params(parts)
-    pool_before = parts.step.pool_b.state_dict()
+    pool_before = parts.step.pools.b.state_dict()
     real_a, real_b = batch(1)
     real_a[0, 0, 0, 0] = float("nan")
     result = parts.step(real_a, real_b)
     assert not result.applied
     assert all(torch.equal(before[k], v) for k, v in params(parts).items())
-    assert torch.equal(pool_before["images"], parts.step.pool_b.state_dict()["images"])
+    assert torch.equal(pool_before["images"], parts.step.pools.b.state_dict()["images"])
 
 
 def test_stop_request_is_reported_after_the_step():
@@ -148,8 +148,9 @@ def test_fused_calls_are_refused_with_batch_norm():
 
 
 def test_default_step_stays_within_rounding_of_the_reference_style_step():
-    from pipeline.cyclegan import build_objective
-    from pipeline.reference_step import ReferenceStyleStep, reference_adam
+    from support.reference_step import ReferenceStyleStep, reference_adam
+
+    from pipeline.gan.cyclegan import build_objective
 
     torch.set_default_dtype(torch.float64)
     try:
@@ -160,7 +161,7 @@ def test_default_step_stays_within_rounding_of_the_reference_style_step():
         cfg = load_config([], TINY)
         ref = ReferenceStyleStep(theirs.gens, theirs.discs, build_objective(cfg.loss),
                                  reference_adam(theirs.gens.parameters()), reference_adam(theirs.discs.parameters()),
-                                 theirs.step.pool_a, theirs.step.pool_b)
+                                 theirs.step.pools.a, theirs.step.pools.b)
         for i in range(3):
             a, b = ours.step(*batch(i)).losses, ref(*batch(i))
             for key in a:

@@ -8,9 +8,10 @@ import mlflow
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from pipeline.config import load_config
-from pipeline.train import NonFiniteLossError, held_out_summary, main, run
+from pipeline.engine.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from pipeline.train.cli import held_out_summary, main
+from pipeline.train.loop import NonFiniteLossError, run
 
 
 def mlflow_run(tmp_path, run_id):
@@ -86,7 +87,7 @@ def test_resume_continues_bitwise_and_the_same_mlflow_run(tiny, tmp_path):
 
 def poison_from_step(monkeypatch, first_bad: int) -> None:
     """NaN in every loss from training step `first_bad` on (the A batch is NaN), counted in steps of the loop."""
-    import pipeline.step as step_module
+    import pipeline.gan.step as step_module
 
     real_call = step_module.TrainStep.__call__
     steps = {"n": 0}
@@ -173,8 +174,8 @@ def test_checkpoint_of_another_architecture_is_refused_by_name(tiny, tmp_path):
 
 
 def test_reference_weights_initialise_a_new_run(tiny, tmp_path):
-    from pipeline.interop import export_reference
-    from pipeline.models import build_discriminator, build_generator
+    from pipeline.gan.networks import build_discriminator, build_generator
+    from pipeline.infer.interop import export_reference
 
     torch.manual_seed(9)
     ref = {"G_ab": build_generator("resnet_6blocks", ngf=4), "G_ba": build_generator("resnet_6blocks", ngf=4),
@@ -191,8 +192,8 @@ def test_reference_weights_initialise_a_new_run(tiny, tmp_path):
 def test_data_bound_runs_are_told_how_many_workers_would_help(tiny, caplog):
     import logging
 
-    from pipeline.dist import DistInfo
-    from pipeline.recorder import Recorder
+    from pipeline.engine.dist import DistInfo
+    from pipeline.tracking.recorder import Recorder
 
     cfg = load_config([], tiny(**{"tracking.enabled": False, "data.workers": 2}))
     recorder = Recorder(cfg, DistInfo(), None)

@@ -11,18 +11,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.checkpoint import FORMAT, save_atomic
 from pipeline.config import load_config, to_yaml
-from pipeline.data import to_tensor
-from pipeline.models import build_generator
-from pipeline.translate import (
-    PaddedGenerator,
-    infer_generator_settings,
-    load_generators,
-    main,
-    reflect_pad_to,
-    to_image,
-)
+from pipeline.data.stream import to_tensor
+from pipeline.engine.checkpoint import FORMAT, save_atomic
+from pipeline.gan.networks import build_generator
+from pipeline.infer.generators import PaddedGenerator, infer_generator_settings, load_generators, reflect_pad_to
+from pipeline.infer.translate import to_image
+from pipeline.translate import main
 
 TINY = ["model.generator=resnet_6blocks", "model.ngf=4", "data.crop_size=32", "data.load_size=36"]
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pipeline.losses import GANLoss, cycle_loss, identity_loss
-from pipeline.models import build_discriminator, build_generator, use_group_kernel_instance_norm
+from pipeline.gan.losses import GANLoss, cycle_loss, identity_loss
+from pipeline.gan.networks import build_discriminator, build_generator, use_group_kernel_instance_norm
 
 # Our network name -> the reference implementation's (file `<epoch>_net_<name>.pth`, loss suffix).
 REFERENCE_NAMES = {"G_ab": "G_A", "G_ba": "G_B", "D_b": "D_A", "D_a": "D_B"}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.metrics.inception import InceptionV3
+from pipeline.eval.metrics.inception import InceptionV3
 
 FID_WEIGHT_NAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 ENV_VAR = "CYCLEGAN_INCEPTION_WEIGHTS"

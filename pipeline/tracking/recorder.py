@@ -21,12 +21,12 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from pipeline.checkpoint import CheckpointError, CheckpointWriter
 from pipeline.config import flatten, to_yaml
-from pipeline.dist import DistInfo
-from pipeline.progress import format_duration
-from pipeline.tracking import MLflowTracker, NullTracker
-from pipeline.train_state import code_version
+from pipeline.engine.checkpoint import CheckpointError, CheckpointWriter
+from pipeline.engine.dist import DistInfo
+from pipeline.engine.progress import format_duration
+from pipeline.engine.version import code_version
+from pipeline.tracking.trackers import MLflowTracker, NullTracker
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from support.runs import free_port
+
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "scancel")
 
 
@@ -44,11 +46,6 @@ def missing_requirements() -> str | None:
         return "Slurm test cluster: user 'munge' does not exist (reinstall the munge package)"
     return None
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SACCT_STANDIN = '''#!{python} -I
@@ -145,8 +142,8 @@ class SlurmCluster:
         lines = [
             "ClusterName=pipelinetest",
             f"SlurmctldHost={self.node}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
@@ -284,8 +281,8 @@ class SlurmCluster:
 
 
 if __name__ == "__main__":
-    # Manual use: `python tests/slurm_cluster.py` starts a cluster and prints how to talk to it; Ctrl-C or SIGTERM
-    # stops it and removes its folder.
+    # Manual use: `cd tests && python -m support.slurm_cluster` starts a cluster and prints how to talk to it;
+    # Ctrl-C or SIGTERM stops it and removes its folder.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     cluster = SlurmCluster()

@@ -2,7 +2,7 @@
 
 After every step all ranks' parameters are gathered and must be equal; rank 0 saves the parameter history and
 the first step's (averaged) gradients for the test to compare against a single-process reference.
-Usage: torchrun ... tests/ddp_worker.py OUT STEPS DTYPE [key=value ...]
+Usage: torchrun ... tests/support/ddp_worker.py OUT STEPS DTYPE [key=value ...]
 TEST_FAIL_AT=RANK:STEP makes that rank raise before that step (a rank that dies mid-run).
 """
 
@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-from pipeline import dist
 from pipeline.config import load_config
-from pipeline.train import build_components
+from pipeline.engine import dist
+from pipeline.train.build import build_components
 
 SIZE = 32
 

@@ -2,7 +2,7 @@
 
 One network call per term, fp32, eager, separate backward passes for D_A and D_B, default (per-parameter)
 Adam: `models/cycle_gan_model.py` of junyanz/pytorch-CycleGAN-and-pix2pix, in our names. Benchmarks time it
-against `pipeline.step.TrainStep` in the same run, and a test bounds the difference between the two.
+against `pipeline.gan.step.TrainStep` in the same run, and a test bounds the difference between the two.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.cyclegan import Discriminators, Generators, Objective
-from pipeline.image_pool import ImagePool
-from pipeline.losses import cycle_loss, identity_loss
+from pipeline.gan.cyclegan import Discriminators, Generators, Objective
+from pipeline.gan.image_pool import ImagePool
+from pipeline.gan.losses import cycle_loss, identity_loss
 
 
 def reference_adam(params, lr: float = 2e-4, beta1: float = 0.5, beta2: float = 0.999) -> torch.optim.Adam:

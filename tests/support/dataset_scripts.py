@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-DATASETS = Path(__file__).resolve().parent.parent / "datasets"
+DATASETS = Path(__file__).resolve().parents[2] / "datasets"
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """Distances between two sets of image features: FID (Heusel et al. 2017) and KID (Binkowski et al. 2018).
 
-Both take features from any extractor (`pipeline.metrics.features`); published numbers use Inception-v3 pool3
+Both take features from any extractor (`pipeline.eval.metrics.features`); published numbers use Inception-v3 pool3
 features (2048-d). Arithmetic is float64 numpy.
 """
 

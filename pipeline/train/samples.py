@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.cyclegan import Generators
+from pipeline.gan.cyclegan import Generators
 
 
 def to_uint8(images: Tensor) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Data: WebDataset streams and augmentation, image conversions, writing and inspecting shards."""

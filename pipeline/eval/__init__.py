@@ -1,0 +1,1 @@
+"""Evaluation of trained generators on held-out data, and the metrics it reports."""

@@ -1,0 +1,1 @@
+"""GAN-specific code: the networks, losses, the CycleGAN objective, the image pool and one training step."""

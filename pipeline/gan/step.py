@@ -1,0 +1,142 @@
+"""One CycleGAN optimisation step: the G phase, then the D phase, then the optimiser updates.
+
+The order of SPEC.md is kept where it matters: the D phase trains on the fakes of the G phase's forward pass
+(made before G's update), and D's parameters are the same before and after G's update. So both backward passes
+can run before either optimiser steps, which lets one small collective per step decide, identically on every
+rank, whether the update is applied (all losses finite) and whether training stops after it (a signal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.engine.dist import all_reduce_max
+from pipeline.gan.cyclegan import Discriminators, Objective
+from pipeline.gan.image_pool import ImagePool
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StepNetworks:
+    """What the step calls: `gens`/`discs` may be DDP wrappers; `discs_module` is the unwrapped discriminators,
+    called frozen in the G phase so DDP never sees that use."""
+
+    gens: nn.Module
+    discs: nn.Module
+    discs_module: Discriminators
+
+
+@dataclass
+class Optimisers:
+    """Adam for both generators, Adam for both discriminators, and fp16's GradScaler (disabled otherwise)."""
+
+    g: torch.optim.Optimizer
+    d: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+@dataclass
+class Pools:
+    """This rank's histories of fake_a (for D_a) and fake_b (for D_b)."""
+
+    a: ImagePool
+    b: ImagePool
+
+
+@dataclass
+class StepSettings:
+    """How the step runs: device and precision (fp16 scales both losses with one GradScaler), whether the ranks
+    agree on finite losses before updating (check_finite) and on stopping (distributed), and the memory format."""
+
+    device: torch.device
+    precision: str = "fp32"
+    check_finite: bool = True
+    distributed: bool = False
+    memory_format: torch.memory_format = torch.contiguous_format
+
+
+@dataclass
+class StepResult:
+    """Detached loss terms of one step, whether its update was applied, and whether training stops after it."""
+
+    losses: dict[str, Tensor]
+    applied: bool = True
+    stop: bool = False
+
+
+class TrainStep:
+    """Runs the step on this rank, from named bundles: TrainStep(networks=..., objective=..., optimisers=...,
+    pools=..., settings=...)."""
+
+    def __init__(self, *, networks: StepNetworks, objective: Objective, optimisers: Optimisers, pools: Pools,
+                 settings: StepSettings) -> None:
+        self.networks, self.objective = networks, objective
+        self.optimisers, self.pools, self.settings = optimisers, pools, settings
+        # Steps the GradScaler skipped for inf/NaN gradients (fp16 only).
+        self.scaler_skips = 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.settings.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.settings.device.type, dtype=PRECISIONS[self.settings.precision])
+
+    def __call__(self, real_a: Tensor, real_b: Tensor, stop_requested: bool = False) -> StepResult:
+        """One step on this rank's batch; `stop_requested` is this rank's wish to stop after it."""
+        nets, opt, pools, settings = self.networks, self.optimisers, self.pools, self.settings
+        D = nets.discs_module
+        scale = opt.scaler.scale
+        real_a = real_a.contiguous(memory_format=settings.memory_format)
+        real_b = real_b.contiguous(memory_format=settings.memory_format)
+
+        # G phase: D frozen and called unwrapped, so its DDP wrapper never marks parameters unused.
+        D.requires_grad_(False)
+        opt.g.zero_grad(set_to_none=True)
+        with self.autocast():
+            out: dict[str, Tensor] = nets.gens(real_a, real_b, self.objective.identity)
+            g_losses = self.objective.generator_losses(out, real_a, real_b, D.D_a, D.D_b)
+            loss_g = sum(g_losses.values())
+        scale(loss_g).backward()
+
+        # D phase: real images against fakes from this rank's history (stored in fp32).
+        D.requires_grad_(True)
+        opt.d.zero_grad(set_to_none=True)
+        fake_a = pools.a.query(out["fake_a"].detach())
+        fake_b = pools.b.query(out["fake_b"].detach())
+        with self.autocast():
+            preds = nets.discs(real_a, fake_a, real_b, fake_b)
+            d_losses = self.objective.discriminator_losses(preds)
+            loss_d = d_losses["D_a"] + d_losses["D_b"]
+        scale(loss_d).backward()
+
+        # Update: every rank takes the same decision, else parameters would drift apart.
+        losses = {k: v.detach() for k, v in {**g_losses, **d_losses}.items()}
+        applied, stop = True, stop_requested
+        if settings.check_finite or settings.distributed:
+            flags = torch.zeros(2, device=loss_g.device)
+            if settings.check_finite:
+                flags[0] = (~torch.isfinite(loss_g.detach() + loss_d.detach())).float()
+            flags[1] = float(stop_requested)
+            bad, stop_any = all_reduce_max(flags).tolist()
+            applied, stop = bad == 0.0, stop_any > 0.0
+        if applied:
+            opt.scaler.step(opt.g)
+            opt.scaler.step(opt.d)
+            self._update_scale()
+        else:
+            pools.a.undo_last_query()
+            pools.b.undo_last_query()
+        return StepResult(losses, applied, stop)
+
+    def _update_scale(self) -> None:
+        if not self.optimisers.scaler.is_enabled():
+            return
+        # update() lowers the scale exactly when a gradient was inf/NaN and the step was skipped. Reading the
+        # scale is a device sync, in fp16 only; the finite-loss check above already syncs once per step.
+        before = self.optimisers.scaler.get_scale()
+        self.optimisers.scaler.update()
+        self.scaler_skips += int(self.optimisers.scaler.get_scale() < before)

@@ -1,0 +1,1 @@
+"""Inference: loading generators (our checkpoints or reference files), padded translation, export, interop."""

@@ -1,0 +1,229 @@
+"""The CycleGAN training loop: fetch an unpaired batch, set the learning rate, run the step, then let each
+periodic job decide by its own interval (metrics, samples, evaluation, checkpoint).
+
+`run()` sets up one rank (process group, resume, data, components, recorder); `Trainer.train()` is the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline.data.stream import held_out, normalize, train_loader
+from pipeline.engine import dist
+from pipeline.engine.checkpoint import CheckpointWriteError, find_latest_loadable, load_checkpoint
+from pipeline.engine.meter import MetricMeter, peak_memory
+from pipeline.engine.nonfinite import NonFiniteGuard, NonFiniteLossError
+from pipeline.engine.optim import lr_factor, set_lr
+from pipeline.engine.schedule import Every
+from pipeline.engine.stop import EXIT_STOPPED, StopFlag
+from pipeline.eval.evaluate import held_out_eval
+from pipeline.infer.interop import load_reference_dir
+from pipeline.tracking.recorder import make_recorder
+from pipeline.train.build import Components, build_components
+from pipeline.train.samples import sample_grid
+from pipeline.train.state import TrainingState, check_compatible
+
+log = logging.getLogger("pipeline.train")
+
+
+__all__ = ["NonFiniteLossError", "RunResult", "Trainer", "run"]
+
+
+@dataclass
+class RunResult:
+    step: int
+    metrics: dict[str, float]
+    evaluation: dict[str, float]
+    run_id: str | None
+    stopped: bool = False
+    """A signal stopped the run after `step` (checkpointed); resuming continues it."""
+
+
+def _find_resume(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        found = find_latest_loadable(cfg.run_dir)
+        return (str(found[0]), found[1]) if found else None
+    return cfg.checkpoint.resume, load_checkpoint(cfg.checkpoint.resume)
+
+
+def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
+    """Train as configured on this process's rank; returns the last logged metrics and evaluation.
+
+    Args:
+        cfg: the run's config (`load_config`).
+        stop_flag: an installed StopFlag owned by the caller (a launcher that must not lose a stop signal that
+            arrives while the run starts); by default the loop installs its own.
+    """
+    info = dist.read_env()
+    device = dist.select_device(cfg.train.device, info)
+    dist.init_process_group(info, device)
+    random.seed(cfg.train.seed * 1000 + info.rank)
+
+    # Resume (before anything is written, so a bad checkpoint loses nothing).
+    resume = _find_resume(cfg)
+    if resume is not None:
+        check_compatible(resume[1], cfg, resume[0])
+    start_step = resume[1]["step"] if resume else 0
+
+    # Data first: the failure to find shards surfaces before the networks are built.
+    loader = train_loader(cfg.data, cfg.train.seed, info.rank, start_batch=start_step,
+                          pin_memory=device.type == "cuda")
+    parts = build_components(cfg, info, device)
+    state = TrainingState(parts.nets, parts.step.optimisers, parts.step.pools, device)
+    if resume is not None:
+        state.load_state_dict(resume[1], info.rank, info.world_size)
+        log.info("resumed from %s (step %d)", resume[0], start_step)
+    elif cfg.checkpoint.init_from:
+        loaded = load_reference_dir(cfg.checkpoint.init_from, parts.nets)
+        log.info("initialised %s from reference weights in %s", ", ".join(loaded), cfg.checkpoint.init_from)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, state.nonfinite_steps)
+    recorder = make_recorder(cfg, info, (resume[1].get("mlflow_run_id") or None) if resume else None)
+    del resume  # Frees the checkpoint's CPU copy of the state.
+    return Trainer(cfg, info, device, parts, state, guard, recorder).train(loader, stop_flag)
+
+
+class Trainer:
+    """One rank's training from `state.step` to `train.steps`; rank-0 side effects go through `recorder`."""
+
+    def __init__(self, cfg: DictConfig, info: dist.DistInfo, device: torch.device, parts: Components,
+                 state: TrainingState, guard: NonFiniteGuard, recorder: Any) -> None:
+        self.cfg, self.info, self.device = cfg, info, device
+        self.parts, self.state, self.guard, self.recorder = parts, state, guard, recorder
+        self.total = cfg.train.steps
+        self.start_step = state.step
+        self.images_per_step = cfg.data.batch_per_rank * info.world_size
+        self.meter = MetricMeter(device)
+        self.metrics: dict[str, float] = {}
+        self.evaluation: dict[str, float] = {}
+        self._held: dict[str, torch.Tensor] = {}
+        held_out_sets = bool(cfg.data.test_a and cfg.data.test_b)
+        self.should_log = Every(cfg.train.log_every_steps, self.total)
+        self.should_sample = Every(cfg.train.sample_every_steps, self.total,
+                                   enabled=held_out_sets and cfg.train.sample_every_steps > 0)
+        self.should_evaluate = Every(cfg.eval.every_steps, self.total,
+                                     enabled=held_out_sets and bool(cfg.eval.paired or cfg.eval.features))
+        self.should_save = Every(cfg.checkpoint.every_steps, self.total)
+
+    def train(self, loader: Any, stop_flag: StopFlag | None = None) -> RunResult:
+        """The loop: batch, schedule, step, then each periodic job on its own interval."""
+        status, stopped_at, together = "FAILED", 0, True
+        self.recorder.start(self.start_step, self.total)
+        if self.should_sample.enabled and self.start_step == 0:
+            self.recorder.save_samples(self.sample_grid, 0)  # The untrained translation: the UI's slider starts here.
+        batches = iter(loader)
+        own_flag = stop_flag is None
+        stop_flag = StopFlag().install() if stop_flag is None else stop_flag
+        try:
+            for step in range(self.start_step + 1, self.total + 1):
+                real_a, real_b, data_s = self.next_batch(batches)
+                lr = self.set_lr(step)
+                result = self.parts.step(real_a, real_b, stop_requested=bool(stop_flag) or self.chunk_done(step))
+                self.account(step, result, data_s)
+                if self.should_log(step):
+                    self.log_metrics(step, lr)
+                if self.should_sample(step):
+                    self.recorder.save_samples(self.sample_grid, step)
+                if self.should_evaluate(step):
+                    self.evaluate(step)
+                if self.should_save(step) or result.stop:
+                    self.save(step, final=step == self.total or result.stop)
+                if result.stop and step < self.total:
+                    stopped_at = step
+                    log.warning("stopped after step %d (%s); checkpoint written, exiting with code %d", step,
+                                "signal" if stop_flag else "train.stop_after_steps", EXIT_STOPPED)
+                    break
+            if not stopped_at:
+                self.log_generators()
+            status = "KILLED" if stopped_at else "FINISHED"
+        except (CheckpointWriteError, NonFiniteLossError):
+            raise  # Agreed by all ranks at the same step (broadcast / the step's collective): they leave together.
+        except BaseException:
+            together = False
+            raise
+        finally:
+            if own_flag:
+                stop_flag.uninstall()
+            self.recorder.finish(status)
+            # Ranks leave together: under torchrun the first rank to exit gets the others SIGTERMed, which would
+            # cut rank 0's final MLflow flush short.
+            if together:
+                dist.barrier()
+        return RunResult(stopped_at or self.total, self.metrics, self.evaluation, self.recorder.run_id,
+                         stopped=bool(stopped_at))
+
+    # The loop's parts, in the order a step uses them.
+
+    def next_batch(self, batches: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
+        t_data = time.perf_counter()
+        real_a, real_b = next(batches)
+        real_a = normalize(real_a.to(self.device, non_blocking=True))
+        real_b = normalize(real_b.to(self.device, non_blocking=True))
+        return real_a, real_b, time.perf_counter() - t_data
+
+    def set_lr(self, step: int) -> float:
+        lr = self.cfg.optim.lr * lr_factor(step - 1, self.total, self.cfg.optim.decay_start_frac)
+        set_lr(self.state.optimisers.g, lr)
+        set_lr(self.state.optimisers.d, lr)
+        return lr
+
+    def chunk_done(self, step: int) -> bool:
+        """train.stop_after_steps: this process has run its share of a chained job."""
+        chunk = self.cfg.train.stop_after_steps
+        return chunk > 0 and step - self.start_step >= chunk
+
+    def account(self, step: int, result: Any, data_s: float) -> None:
+        self.state.step = step
+        self.state.images_seen += self.images_per_step
+        self.guard.record(step, result.applied, result.losses)
+        self.state.nonfinite_steps = self.guard.total
+        if result.applied:
+            self.meter.add(result.losses, data_s)
+
+    def log_metrics(self, step: int, lr: float) -> None:
+        metrics = self.meter.collect()
+        metrics.update({"lr": lr, "images_seen": float(self.state.images_seen),
+                        "nonfinite_steps": float(self.state.nonfinite_steps),
+                        "fp16_skipped_steps": float(self.parts.step.scaler_skips)})
+        metrics["perf/images_per_s"] = metrics["perf/steps_per_s"] * self.images_per_step
+        metrics.update(peak_memory(self.device))
+        self.metrics = metrics
+        self.recorder.log_metrics(metrics, step)
+
+    def sample_grid(self) -> Any:
+        if not self._held:
+            size, count = self.cfg.data.crop_size, self.cfg.train.sample_images
+            self._held["a"] = held_out(self.cfg.data.test_a, count, size)[1].to(self.device)
+            self._held["b"] = held_out(self.cfg.data.test_b, count, size)[1].to(self.device)
+        return sample_grid(self.parts.gens, self._held["a"], self._held["b"])
+
+    def evaluate(self, step: int) -> None:
+        self.evaluation = held_out_eval(self.parts.gens.G_ab, self.parts.gens.G_ba, self.cfg, self.device)
+        self.recorder.log_result("eval", self.evaluation, step)
+
+    def save(self, step: int, final: bool) -> None:
+        ranks = dist.gather_to_main(self.state.rank_state())
+        failure = None
+        if ranks is not None:
+            checkpoint = self.state.state_dict(ranks, self.cfg, self.recorder.run_id)
+            failure = self.recorder.save_checkpoint(checkpoint, step, final=final)
+        # Every rank learns whether rank 0 wrote it (this also keeps the ranks together, as a barrier would):
+        # a final checkpoint that failed ends the run on all of them, not only on rank 0.
+        failure = dist.broadcast_from_main(failure)
+        if failure and final:
+            raise CheckpointWriteError(failure if self.info.is_main else "rank 0 could not write the final "
+                                       "checkpoint (its log says why)")
+
+    def log_generators(self) -> None:
+        # Two images: with one, torch.export (inside MLflow's log_model) warns that it specialised the batch
+        # dimension to 1, a warning users cannot act on.
+        example = torch.zeros(2, 3, self.cfg.data.crop_size, self.cfg.data.crop_size).numpy()
+        self.recorder.log_generators({"G_ab": self.parts.gens.G_ab, "G_ba": self.parts.gens.G_ba}, example)

@@ -1,0 +1,113 @@
+"""The training state saved in a checkpoint: what it holds, how it is gathered and restored.
+
+Everything needed to continue bit for bit: the four networks, both optimisers, the GradScaler, the step and
+images seen, every rank's image pools and random states, the resolved config, the MLflow run id, the world
+size and the code version. The learning rate is a function of the step and the data streams a function of
+(seed, rank, worker, step), so neither needs more than the counters. Streams are resumed by skipping the
+samples already consumed (read, not decoded): exact, at the cost of re-reading them once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import to_yaml
+from pipeline.engine.checkpoint import FORMAT, CheckpointError
+from pipeline.engine.version import code_version
+from pipeline.gan.step import Optimisers, Pools
+
+log = logging.getLogger(__name__)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    state["python"] = [version, list(internal), gauss]
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class TrainingState:
+    """Everything a checkpoint holds about training, as one object: the counters (step, images seen, skipped
+    non-finite steps), the four networks, both optimisers and the GradScaler, and this rank's pools and random
+    states. `state_dict()` / `load_state_dict()` are the checkpoint format's two directions."""
+
+    def __init__(self, nets: dict[str, torch.nn.Module], optimisers: Optimisers, pools: Pools,
+                 device: torch.device) -> None:
+        self.nets, self.optimisers, self.pools, self.device = nets, optimisers, pools, device
+        self.step = 0
+        self.images_seen = 0
+        self.nonfinite_steps = 0
+
+    def rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: image pools and random states (gathered to rank 0 for the checkpoint)."""
+        return {"pool_a": self.pools.a.state_dict(), "pool_b": self.pools.b.state_dict(),
+                "rng": rng_state(self.device)}
+
+    def state_dict(self, rank_states: list[dict[str, Any]], cfg: DictConfig, run_id: str | None) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "nonfinite_steps": self.nonfinite_steps,
+            "nets": {name: net.state_dict() for name, net in self.nets.items()},
+            "opt_g": self.optimisers.g.state_dict(),
+            "opt_d": self.optimisers.d.state_dict(),
+            "scaler": self.optimisers.scaler.state_dict(),
+            "ranks": rank_states,
+            "world_size": len(rank_states),
+            "config": to_yaml(cfg),
+            "model": OmegaConf.to_container(cfg.model),
+            "mlflow_run_id": run_id or "",
+            "code_version": code_version(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], rank: int, world_size: int) -> None:
+        """Restore a checkpoint's state on this rank; on a world-size change pools are redistributed or refilled."""
+        for name, net in self.nets.items():
+            net.load_state_dict(state["nets"][name])
+        self.optimisers.g.load_state_dict(state["opt_g"])
+        self.optimisers.d.load_state_dict(state["opt_d"])
+        self.optimisers.scaler.load_state_dict(state["scaler"])
+        self.step, self.images_seen = state["step"], state["images_seen"]
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        saved = state["ranks"]
+        if len(saved) != world_size:
+            log.warning(
+                "checkpoint was written by %d ranks, this run has %d: image pools of ranks >= %d start empty "
+                "and random states are re-seeded, so the run continues but not bit for bit",
+                len(saved), world_size, len(saved),
+            )
+        if rank < len(saved):
+            self.pools.a.load_state_dict(saved[rank]["pool_a"], self.device)
+            self.pools.b.load_state_dict(saved[rank]["pool_b"], self.device)
+            if len(saved) == world_size:
+                set_rng_state(saved[rank]["rng"], self.device)
+
+
+def check_compatible(state: dict[str, Any], cfg: DictConfig, source: str) -> None:
+    """Raise CheckpointError naming every model setting in which the checkpoint differs from `cfg`."""
+    saved = state.get("model", {})
+    wanted = OmegaConf.to_container(cfg.model)
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in wanted.items() if saved.get(k) != v]
+    # Initialisation does not shape the networks: a different init is not a mismatch for a resume.
+    diffs = [d for d in diffs if not d.startswith(("model.init_type", "model.init_gain"))]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint '{source}' was trained with another architecture: " + "; ".join(diffs)
+            + ". Resume with the checkpoint's model settings, or start a new run_dir"
+        )
