@@ -15,6 +15,7 @@ from torch import nn
 
 from pipeline import evaluate
 from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.eval.evaluate import evaluate_direction
 from pipeline.eval.metrics import distribution, paired
 from pipeline.eval.metrics.features import FeatureError, InceptionFeatures, find_weights, load_extractor
 from pipeline.eval.metrics.inception import InceptionV3
@@ -161,8 +162,8 @@ def test_evaluate_direction_scores_the_ground_truth_map_perfect(domains, synthet
     gt, gt_inverse = ColourMap(synthetic), ColourMap(synthetic, inverse=True)
     kwargs = dict(multiple=4, source=str(domains / "testA"), target=str(domains / "testB"),
                   device=torch.device("cpu"), features=ColourFeatures(), paired_keys=True, kid_subsets=10)
-    perfect = evaluate.evaluate_direction(gt, gt_inverse, **kwargs)
-    nothing = evaluate.evaluate_direction(nn.Identity(), nn.Identity(), **kwargs)
+    perfect = evaluate_direction(gt, gt_inverse, **kwargs)
+    nothing = evaluate_direction(nn.Identity(), nn.Identity(), **kwargs)
 
     assert perfect["images"] == perfect["real_images"] == perfect["pairs"] == 32
     # The map rounds to 8 bits as the files do: off by at most one level.
