@@ -200,9 +200,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# The generator architectures, each with the side multiple its inputs need (its two stride-2 steps for resnet,
+# 2**num_downs for unet): the one list that config validation, the network builder and inference share.
+GENERATORS: dict[str, int] = {"resnet_9blocks": 4, "resnet_6blocks": 4, "unet_256": 256, "unet_128": 128}
+
 # Closed sets of string values, checked after merging so the error can list the choices.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.generator": ("resnet_9blocks", "resnet_6blocks", "unet_256", "unet_128"),
+    "model.generator": tuple(GENERATORS),
     "model.discriminator": ("basic", "n_layers", "pixel"),
     "model.norm": ("instance", "batch", "none"),
     "model.init_type": ("normal", "xavier", "kaiming", "orthogonal"),

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.config import GENERATORS
 from pipeline.gan.networks import (
     DISCRIMINATOR_ARCHS,
     GENERATOR_ARCHS,
@@ -299,3 +300,24 @@ def test_group_kernel_instance_norm_is_instance_norm_within_rounding(arch):
     assert torch.allclose(out_fast, out_ref, rtol=0, atol=1e-12)
     for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-12), name
+
+
+@pytest.mark.parametrize("arch", sorted(GENERATORS))
+def test_each_generator_takes_its_listed_size_multiple_and_no_finer_one(arch):
+    # pipeline.config.GENERATORS is the one list that config validation, the builder and padded inference read:
+    # a side of twice the listed multiple translates to its own size (once, a resnet's 1x1 bottleneck has no
+    # instance statistics); half a multiple more does not.
+    from pipeline.infer.generators import required_multiple
+
+    multiple = GENERATORS[arch]
+    assert required_multiple(arch) == multiple and arch in GENERATOR_ARCHS
+    net = build_generator(arch, ngf=1).eval()
+    with torch.no_grad():
+        side = 2 * multiple
+        assert net(torch.zeros(1, 3, side, side)).shape == (1, 3, side, side)
+        side += multiple // 2
+        try:
+            out = net(torch.zeros(1, 3, side, side))
+        except RuntimeError:
+            return  # unet: the skip connection's shapes disagree
+        assert out.shape[-1] != side

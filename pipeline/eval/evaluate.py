@@ -109,7 +109,7 @@ def evaluate_direction(
 
     Args:
         net: the generator of this direction (its eval mode is used); `reverse` the opposite one or None.
-        multiple: side multiple the generators need (`pipeline.translate.required_multiple`).
+        multiple: side multiple the generators need (`pipeline.infer.generators.required_multiple`).
         source, target: image folders, files or shard patterns (held-out sets of the two domains).
         device: where the networks and the extractor run.
         features: feature extractor for FID/KID ((N, 3, H, W) in [-1, 1] -> (N, D)); None skips them.

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from pipeline.config import ConfigError, from_yaml, load_config
+from pipeline.config import GENERATORS, ConfigError, from_yaml, load_config
 from pipeline.engine.checkpoint import CheckpointError, load_checkpoint
 from pipeline.gan.networks import build_generator, use_group_kernel_instance_norm, uses_group_kernel_norm
 from pipeline.infer.interop import load_into, read_state_dict
@@ -34,9 +34,7 @@ MODEL_OPTIONS = ("generator", "ngf", "norm")
 
 def required_multiple(arch: str) -> int:
     """Side multiple a generator needs: its two stride-2 steps (resnet) or 2**num_downs (unet)."""
-    if arch.startswith("resnet"):
-        return 4
-    return 2 ** {"unet_256": 8, "unet_128": 7}[arch]
+    return GENERATORS[arch]
 
 
 def padded_size(size: int, multiple: int) -> int:
