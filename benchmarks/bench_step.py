@@ -58,10 +58,10 @@ def sync(device: torch.device) -> None:
 
 def make_step(case: str, impl: str, precision: str, channels_last: bool, compiled: bool, device: torch.device):
     overrides, crop = CASES[case]
-    overrides = [*overrides, f"train.precision={precision}", f"train.channels_last={channels_last}",
-                 f"train.compile={compiled}", f"train.device={device.type}"]
+    overrides = [*overrides, f"train.precision={precision}", f"perf.channels_last={channels_last}",
+                 f"perf.compile={compiled}", f"train.device={device.type}"]
     if impl == "reference":
-        overrides += ["train.fused_calls=false", "train.instance_norm_kernel=instance_norm"]
+        overrides += ["perf.fused_calls=false", "perf.instance_norm_kernel=instance_norm"]
     cfg = load_config([], overrides)
     parts = build_components(cfg, DistInfo(), device)
     if impl == "reference":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-node Slurm cluster that tests/test_slurm.py starts itself (tests/slurm_cluster.py): Debian's slurmctld,
+# The one-node Slurm cluster that tests/test_slurm.py starts itself (tests/support/slurm_cluster.py): Debian's slurmctld,
 # slurmd, slurm-client and munge. Installs only what is missing, quietly; needs root and apt (CI runs as root).
 # The packages' own services are not used: the tests run their daemons from a temporary folder on free ports.
 set -euo pipefail

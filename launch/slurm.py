@@ -183,9 +183,9 @@ def job_shape(s: DictConfig, train: DictConfig) -> JobShape:
 
 def check_compatible(s: DictConfig, train: DictConfig) -> None:
     """Training settings that cannot work as a Submitit job."""
-    if train.train.stop_after_steps:
-        raise ConfigError("train.stop_after_steps chains jobs by hand; a Submitit job requeues itself at its time "
-                          "limit and on preemption: leave train.stop_after_steps at 0")
+    if train.control.stop_after_steps:
+        raise ConfigError("control.stop_after_steps chains jobs by hand; a Submitit job requeues itself at its time "
+                          "limit and on preemption: leave control.stop_after_steps at 0")
     if train.train.device == "cuda" and s.gpus_per_node == 0 and s.cluster == "slurm":
         raise ConfigError("train.device=cuda but slurm.gpus_per_node=0: request GPUs or use train.device=auto")
 
@@ -372,7 +372,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         os.environ.setdefault("MASTER_PORT", str(master_port(env.job_id, int(os.environ.get("SLURM_RESTART_COUNT",
                                                                                            "0")))))
-        # Every GPU of the node stays visible: pipeline.dist picks cuda:LOCAL_RANK.
+        # Every GPU of the node stays visible: pipeline.engine.dist picks cuda:LOCAL_RANK.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         import torch
 

@@ -8,7 +8,9 @@ instead of silently becoming a new setting. No torch import here: configs load f
 
 from __future__ import annotations
 
+import copy
 import difflib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -17,6 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -97,6 +101,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """The algorithm's run: its length, seed, arithmetic, device and history of fakes."""
+
     steps: int = 266_800
     """Optimiser steps to run (reference: 200 epochs of horse2zebra's 1,334 images at batch 1)."""
     seed: int = 0
@@ -105,6 +111,14 @@ class TrainConfig:
     """Arithmetic of the forward passes: fp32, bf16 (autocast) or fp16 (autocast + GradScaler)."""
     device: str = "auto"
     """auto (CUDA when available), cpu or cuda."""
+    pool_size: int = 50
+    """Past fakes kept per discriminator and rank for the D step; 0 disables the history."""
+
+
+@dataclass
+class PerfConfig:
+    """Speed only: each setting changes how fast the same maths runs, not what it computes (beyond rounding)."""
+
     fused_calls: bool = True
     """Batch each generator's translation and identity inputs, and each D's real and fake, into one call."""
     instance_norm_kernel: str = "auto"
@@ -116,25 +130,35 @@ class TrainConfig:
     """torch.compile each network in place (state_dict keys unchanged)."""
     compile_backend: str = "inductor"
     """torch.compile backend (inductor; aot_eager or eager to check tracing without code generation)."""
-    pool_size: int = 50
-    """Past fakes kept per discriminator and rank for the D step; 0 disables the history."""
+    threads: int = 0
+    """CPU threads of each rank's intra-op pool (torch.set_num_threads); 0 keeps torch's default (OMP_NUM_THREADS,
+    else one per core). Ranks x threads plus data.workers should not exceed the cores of a CPU machine."""
+
+
+@dataclass
+class ReportConfig:
+    """What the run reports and how often: loss logs, sample grids, the data-wait warning."""
+
     log_every_steps: int = 100
     """Steps between loss logs (the only steps that synchronise the device for metrics)."""
     sample_every_steps: int = 1000
     """Steps between sample grids from the fixed held-out batch; 0 disables them."""
     sample_images: int = 4
     """Held-out images per domain in each sample grid."""
-    stop_after_steps: int = 0
-    """Stop (checkpoint, exit code 3) after this many steps of this process, for chained jobs; 0: run to the end."""
     data_wait_warn_share: float = 0.2
     """Warn (with a worker count that would help) when steps spend more than this share waiting for data."""
+
+
+@dataclass
+class ControlConfig:
+    """When the run stops early: chained-job chunks and repeated non-finite losses."""
+
+    stop_after_steps: int = 0
+    """Stop (checkpoint, exit code 3) after this many steps of this process, for chained jobs; 0: run to the end."""
     max_nonfinite_steps: int = 10
     """Consecutive steps with a NaN/inf loss that are skipped before training stops with an error. 0 turns the
     check off (no per-step check and its device sync): a NaN loss is then applied to the weights, and the start
     of the run logs a warning saying so."""
-    threads: int = 0
-    """CPU threads of each rank's intra-op pool (torch.set_num_threads); 0 keeps torch's default (OMP_NUM_THREADS,
-    else one per core). Ranks x threads plus data.workers should not exceed the cores of a CPU machine."""
 
 
 @dataclass
@@ -195,6 +219,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -214,7 +241,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.preprocess": ("resize_and_crop", "crop", "scale_width_and_crop", "none"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
-    "train.instance_norm_kernel": ("auto", "group_norm", "instance_norm"),
+    "perf.instance_norm_kernel": ("auto", "group_norm", "instance_norm"),
     "tracking.log_checkpoints": ("all", "last", "none"),
 }
 
@@ -226,8 +253,8 @@ class Schema:
     Used for the training config (`load_config`) and the launchers' Slurm settings (`prefix="slurm."`).
     """
 
-    def __init__(self, cls: type, prefix: str = "") -> None:
-        self.cls, self.prefix = cls, prefix
+    def __init__(self, cls: type, prefix: str = "", renamed: dict[str, str] | None = None) -> None:
+        self.cls, self.prefix, self.renamed = cls, prefix, dict(renamed or {})
         self.keys = self._keys(cls)
 
     @classmethod
@@ -267,10 +294,37 @@ class Schema:
                     raise ConfigError(f"'{self.prefix}{dotted}' in {source} is a group of settings, not a value")
                 self.check_keys(value, source, dotted + ".")
 
+    def rename_old_keys(self, node: Any, source: str) -> Any:
+        """A copy of `node` with each deprecated key moved to its new name, saying so once per key."""
+        if not self.renamed or not isinstance(node, dict):
+            return node
+        node = copy.deepcopy(node)
+        for old, new in self.renamed.items():
+            *path, leaf = old.split(".")
+            parent = node
+            for part in path:
+                parent = parent.get(part) if isinstance(parent, dict) else None
+            if not isinstance(parent, dict) or leaf not in parent:
+                continue
+            value = parent.pop(leaf)
+            *path, leaf = new.split(".")
+            target = node
+            for part in path:
+                target = target.setdefault(part, {})
+            if leaf in target:
+                raise ConfigError(f"{source} sets both '{old}' and '{new}'; '{old}' is the old name of '{new}': "
+                                  f"keep only '{new}'")
+            target[leaf] = value
+            log.warning("config key '%s' in %s is now '%s'; the old name works in this release (0.1) only", old,
+                        source, new)
+        return node
+
     def merge(self, base: DictConfig, layer: Any, source: str) -> DictConfig:
-        self.check_keys(OmegaConf.to_container(layer) if isinstance(layer, DictConfig) else layer, source)
+        node = OmegaConf.to_container(layer) if isinstance(layer, DictConfig) else layer
+        node = self.rename_old_keys(node, source)
+        self.check_keys(node, source)
         try:
-            return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+            return OmegaConf.merge(base, node)  # type: ignore[return-value]
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None) or "?"
             reason = str(err).splitlines()[0]
@@ -289,7 +343,17 @@ class Schema:
         return cfg
 
 
-SCHEMA = Schema(Config)
+# Keys that moved when `train` was split by concern: the old names still work in this release (0.1), with a
+# warning naming the new one, and go in the next.
+RENAMED: dict[str, str] = {
+    **{f"train.{k}": f"perf.{k}" for k in ("fused_calls", "instance_norm_kernel", "channels_last", "compile",
+                                           "compile_backend", "threads")},
+    **{f"train.{k}": f"report.{k}" for k in ("log_every_steps", "sample_every_steps", "sample_images",
+                                             "data_wait_warn_share")},
+    **{f"train.{k}": f"control.{k}" for k in ("stop_after_steps", "max_nonfinite_steps")},
+}
+
+SCHEMA = Schema(Config, renamed=RENAMED)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -300,7 +364,7 @@ def validate(cfg: DictConfig) -> None:
             near = difflib.get_close_matches(str(value), choices, n=1)
             hint = f"did you mean '{near[0]}'? " if near else ""
             raise ConfigError(f"'{key}' is '{value}'; {hint}choose one of: {', '.join(choices)}")
-    positive = ["train.steps", "data.batch_per_rank", "data.crop_size", "data.load_size", "train.log_every_steps"]
+    positive = ["train.steps", "data.batch_per_rank", "data.crop_size", "data.load_size", "report.log_every_steps"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"'{key}' must be positive, got {OmegaConf.select(cfg, key)}")
@@ -312,8 +376,8 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= cfg.optim.decay_start_frac <= 1.0:
         raise ConfigError(f"'optim.decay_start_frac' must lie in [0, 1], got {cfg.optim.decay_start_frac}")
     non_negative = ["train.pool_size", "data.workers", "checkpoint.every_steps", "checkpoint.keep_every_steps",
-                    "train.max_nonfinite_steps", "train.threads", "eval.every_steps", "train.sample_every_steps",
-                    "train.stop_after_steps", "checkpoint.min_free_mb"]
+                    "control.max_nonfinite_steps", "perf.threads", "eval.every_steps", "report.sample_every_steps",
+                    "control.stop_after_steps", "checkpoint.min_free_mb"]
     for key in non_negative:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"'{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")

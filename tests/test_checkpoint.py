@@ -192,7 +192,7 @@ def test_training_on_a_disk_that_fills_up_keeps_going_fails_cleanly_at_the_end_a
     fs = small_fs(4 * 2**20)
     run_dir = fs / "run"
     args = tiny(run_dir=str(run_dir), **{"train.steps": 6, "checkpoint.every_steps": 2, "checkpoint.keep_last": 1,
-                                         "checkpoint.min_free_mb": 0.25, "train.sample_every_steps": 0})
+                                         "checkpoint.min_free_mb": 0.25, "report.sample_every_steps": 0})
 
     def train(*extra: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -200,7 +200,7 @@ def test_training_on_a_disk_that_fills_up_keeps_going_fails_cleanly_at_the_end_a
                               text=True, env=env, cwd=tmp_path, timeout=300)
 
     # Two steps with room to spare: the checkpoint of step 2 sets the size of the next ones.
-    first = train("train.stop_after_steps=2")
+    first = train("control.stop_after_steps=2")
     assert first.returncode == 3, first.stderr
     size = checkpoint_path(run_dir, 2).stat().st_size
     # Then another job fills the disk: room for half a checkpoint above the reserve.
@@ -239,7 +239,7 @@ def test_a_failed_final_checkpoint_ends_every_rank_of_a_distributed_run(tiny, tm
     # that tells it so, and both exit non-zero instead of rank 1 hanging until the process-group timeout.
     run_dir = tmp_path / "run"
     checkpoint_path(run_dir, 4).mkdir(parents=True)
-    cmd = train_cmd(2, tiny(**{"train.steps": 4, "checkpoint.every_steps": 2, "train.sample_every_steps": 0}))
+    cmd = train_cmd(2, tiny(**{"train.steps": 4, "checkpoint.every_steps": 2, "report.sample_every_steps": 0}))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path, env=process_env())
     assert proc.returncode != 0
     err = proc.stderr

@@ -86,10 +86,30 @@ def test_config_is_read_only_and_round_trips():
 
 
 @pytest.mark.parametrize("key, value, wants", [
-    ("checkpoint.every_steps", -1, ">= 0"), ("train.max_nonfinite_steps", -2, ">= 0"), ("train.threads", -1, ">= 0"),
+    ("checkpoint.every_steps", -1, ">= 0"), ("control.max_nonfinite_steps", -2, ">= 0"), ("perf.threads", -1, ">= 0"),
     ("checkpoint.keep_last", 0, "at least 1"), ("eval.batch_size", 0, "at least 1"),
     ("checkpoint.min_free_mb", -5, ">= 0"),
 ])
 def test_counts_out_of_range_name_their_key(key, value, wants):
     with pytest.raises(ConfigError, match=f"'{key}' must be {wants}"):
         load_config(overrides=[f"{key}={value}"])
+
+
+def test_keys_moved_out_of_train_still_work_with_a_warning_naming_the_new_key(tmp_path, caplog):
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  steps: 7\n  log_every_steps: 3\n  fused_calls: false\n")
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        cfg = load_config([old], ["train.max_nonfinite_steps=4"])
+    assert (cfg.train.steps, cfg.report.log_every_steps, cfg.perf.fused_calls) == (7, 3, False)
+    assert cfg.control.max_nonfinite_steps == 4
+    said = caplog.text
+    assert "'train.log_every_steps' in config file" in said and "is now 'report.log_every_steps'" in said
+    assert "'train.fused_calls'" in said and "'perf.fused_calls'" in said
+    assert "'train.max_nonfinite_steps' in the command line is now 'control.max_nonfinite_steps'" in said
+    # A checkpoint's config saved before the split still loads.
+    assert from_yaml("train:\n  threads: 2\n").perf.threads == 2
+
+
+def test_an_old_and_a_new_name_of_one_key_together_are_an_error():
+    with pytest.raises(ConfigError, match=r"sets both 'train.threads' and 'perf.threads'.*keep only 'perf.threads'"):
+        load_config([], ["train.threads=1", "perf.threads=2"])

@@ -5,7 +5,9 @@ import pytest
 import torch
 from webdataset.tariterators import tarfile_samples
 
-from pipeline.data.stream import Augment, DataError, expand_pattern, held_out, normalize, train_loader
+from pipeline.data.held_out import held_out
+from pipeline.data.images import normalize
+from pipeline.data.stream import Augment, DataError, expand_pattern, train_loader
 
 
 def data_cfg(shards, **extra):

@@ -44,8 +44,8 @@ def reference(steps: int, dtype: torch.dtype, world: int, batches) -> dict:
     try:
         cfg = load_config([], TINY)
         torch.manual_seed(cfg.train.seed)
-        gens, discs = build_networks(cfg.model, fused=cfg.train.fused_calls,  # as the workers
-                                     group_kernel_norm=uses_group_kernel_norm(cfg.train.instance_norm_kernel,
+        gens, discs = build_networks(cfg.model, fused=cfg.perf.fused_calls,  # as the workers
+                                     group_kernel_norm=uses_group_kernel_norm(cfg.perf.instance_norm_kernel,
                                                                               torch.device("cpu")))
         objective = build_objective(cfg.loss)
         opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import evaluate
+from pipeline.data.held_out import iter_inputs
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.eval.evaluate import evaluate_direction
 from pipeline.eval.metrics import distribution, paired
 from pipeline.eval.metrics.features import FeatureError, InceptionFeatures, find_weights, load_extractor
 from pipeline.eval.metrics.inception import InceptionV3
-from pipeline.infer.translate import iter_inputs
 from pipeline.interop import main as interop_main
 from pipeline.train.cli import main as train_main
 
@@ -243,17 +243,20 @@ def test_training_evaluates_periodically_and_the_command_logs_to_its_run(tiny, s
     features = tmp_path / "colour.pt"
     torch.jit.save(torch.jit.script(ColourFeatures()), features)
     assert train_main(tiny(**{"train.steps": 4, "eval.paired": True, "eval.every_steps": 2,
-                              "eval.features": str(features), "train.sample_every_steps": 0,
+                              "eval.features": str(features), "report.sample_every_steps": 0,
                               "checkpoint.every_steps": 4})) == 0
     run_dir = tmp_path / "run"
     saved = json.loads((run_dir / "eval.json").read_text())
     # The layout of `pipeline.evaluate --json`: per-direction results nested under "results".
-    assert saved["step"] == 4 and sorted(saved["results"]) == ["AtoB", "BtoA"] and math.isfinite(saved["pairs"])
+    assert saved["step"] == 4 and sorted(saved["results"]) == ["AtoB", "BtoA"]
     during = {f"{d}/{k}": v for d, r in saved["results"].items() for k, v in r.items()}
     for key in ("AtoB/fid", "AtoB/kid", "AtoB/ssim", "BtoA/fid", "BtoA/cycle_l1"):
         assert math.isfinite(during[key]), key
-    assert math.isfinite(saved["l1_translation"]) and math.isfinite(saved["l1_identity"])
-    capsys.readouterr()
+    # One paired L1 (of the 8-bit translations): no second, unrounded copy beside the per-direction one.
+    assert set(saved) == {"step", "results"} and saved["results"]["AtoB"]["pairs"] == 8
+    # The end-of-training line reports that same number.
+    said = capsys.readouterr().out
+    assert f"G_ab {during['AtoB/l1']:.4f} vs identity {during['AtoB/l1_identity']:.4f}" in said
 
     ckpt = run_dir / "ckpt-000000004.pt"
     out = tmp_path / "eval.json"

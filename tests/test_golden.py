@@ -51,8 +51,8 @@ def cpu_model() -> str:
 
 def train(shards, run_dir, nproc: int) -> dict:
     overrides = tiny_overrides(shards, run_dir, **{
-        "train.steps": STEPS, "train.log_every_steps": 1, "train.threads": THREADS, "train.seed": 3,
-        "train.sample_every_steps": 0, "checkpoint.every_steps": 0, "tracking.enabled": False,
+        "train.steps": STEPS, "report.log_every_steps": 1, "perf.threads": THREADS, "train.seed": 3,
+        "report.sample_every_steps": 0, "checkpoint.every_steps": 0, "tracking.enabled": False,
         "eval.paired": True, "data.workers": 0})
     cmd = train_cmd(nproc if nproc > 1 else 0, overrides)
     proc = subprocess.run(cmd, env=process_env(THREADS), cwd=run_dir.parent, capture_output=True, text=True,

@@ -112,7 +112,7 @@ def test_training_survives_a_server_outage_and_delivers_what_was_buffered(shards
     total = 300
     overrides = tiny_overrides(shards, tmp_path / "run", **{
         "tracking.uri": srv.url, "tracking.experiment": "outage", "train.steps": total,
-        "train.log_every_steps": 1, "train.sample_every_steps": 50, "checkpoint.every_steps": 100})
+        "report.log_every_steps": 1, "report.sample_every_steps": 50, "checkpoint.every_steps": 100})
     metrics = tmp_path / "run" / "metrics.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *overrides], env=env(), cwd=tmp_path,
                             stderr=subprocess.PIPE, text=True)

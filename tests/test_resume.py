@@ -45,13 +45,13 @@ def nets_equal(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("nproc", [0, 2], ids=["1-process", "2-ranks"])
 def test_new_process_resume_equals_a_straight_run_bitwise(shards, tmp_path, nproc):
-    common = {"train.steps": 8, "checkpoint.every_steps": 8, "data.workers": 1, "train.log_every_steps": 1}
+    common = {"train.steps": 8, "checkpoint.every_steps": 8, "data.workers": 1, "report.log_every_steps": 1}
     straight = tiny_overrides(shards, tmp_path / "straight", **common)
-    chunked = tiny_overrides(shards, tmp_path / "chunked", **common, **{"train.stop_after_steps": 4})
+    chunked = tiny_overrides(shards, tmp_path / "chunked", **common, **{"control.stop_after_steps": 4})
     assert subprocess.run(train_cmd(nproc, straight), env=env(), cwd=tmp_path, capture_output=True).returncode == 0
     first = subprocess.run(train_cmd(nproc, chunked), env=env(), cwd=tmp_path, capture_output=True, text=True)
     assert first.returncode == (0 if nproc else EXIT_STOPPED), first.stderr[-3000:]
-    assert "stopped after step 4 (train.stop_after_steps)" in first.stderr
+    assert "stopped after step 4 (control.stop_after_steps)" in first.stderr
     assert [s for s, _ in list_checkpoints(tmp_path / "chunked")] == [4]
     second = subprocess.run(train_cmd(nproc, chunked), env=env(), cwd=tmp_path, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -81,8 +81,8 @@ def test_signal_mid_run_writes_a_checkpoint_and_resume_finishes(shards, tmp_path
     # MLflow off: the resumed MLflow series is checked above; here the run's own metrics file shows the steps.
     # 100 steps of ~60 ms: the signal comes after step 3, long before the end, and resuming takes seconds.
     overrides = tiny_overrides(shards, tmp_path / "run", **{"train.steps": 100, "checkpoint.every_steps": 1000,
-                                                            "train.log_every_steps": 1, "tracking.enabled": False,
-                                                            "train.sample_every_steps": 0})
+                                                            "report.log_every_steps": 1, "tracking.enabled": False,
+                                                            "report.sample_every_steps": 0})
     metrics = tmp_path / "run" / "metrics.jsonl"
     proc = subprocess.Popen(train_cmd(0, overrides), env=env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 60, "three steps", proc)
@@ -103,7 +103,7 @@ def test_signal_mid_run_writes_a_checkpoint_and_resume_finishes(shards, tmp_path
 def test_torchrun_restarts_a_killed_worker_and_the_job_completes(shards, tmp_path):
     total = 80  # The kill comes right after the first checkpoint (step 20), long before the end.
     overrides = tiny_overrides(shards, tmp_path / "run", **{"train.steps": total, "checkpoint.every_steps": 20,
-                                                            "train.log_every_steps": 5})
+                                                            "report.log_every_steps": 5})
     proc = subprocess.Popen(train_cmd(2, overrides, "--max-restarts=1"), env=env(), cwd=tmp_path,
                             stderr=subprocess.PIPE, text=True)
     wait_for(lambda: len(list_checkpoints(tmp_path / "run")) >= 1, 120, "a first checkpoint", proc)
@@ -121,10 +121,10 @@ def test_torchrun_restarts_a_killed_worker_and_the_job_completes(shards, tmp_pat
 
 def test_world_size_change_resumes_with_a_warning(shards, tmp_path):
     overrides = tiny_overrides(shards, tmp_path / "run", **{"train.steps": 6, "checkpoint.every_steps": 3,
-                                                            "train.stop_after_steps": 3})
+                                                            "control.stop_after_steps": 3})
     first = subprocess.run(train_cmd(2, overrides), env=env(), cwd=tmp_path, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]  # Under torchrun a clean stop exits 0.
-    finish = [o for o in overrides if not o.startswith("train.stop_after_steps")]
+    finish = [o for o in overrides if not o.startswith("control.stop_after_steps")]
     second = subprocess.run(train_cmd(0, finish), env=env(), cwd=tmp_path, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "written by 2 ranks, this run has 1" in second.stderr

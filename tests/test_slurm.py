@@ -206,8 +206,8 @@ def test_two_task_job_trains_in_one_process_group(cluster, shards, tmp_path, tra
 def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, shards, tmp_path, tracking_uri):
     run_dir, total, log_every = tmp_path / "run", 120, 10
     sub = launch_slurm.submit(["--slurm-config", "ci", "slurm.tasks_per_node=2", *overrides(
-        shards, run_dir, tracking_uri, "preempted", **{"train.steps": total, "train.log_every_steps": log_every,
-                                                      "checkpoint.every_steps": 50, "train.sample_every_steps": 60})])
+        shards, run_dir, tracking_uri, "preempted", **{"train.steps": total, "report.log_every_steps": log_every,
+                                                      "checkpoint.every_steps": 50, "report.sample_every_steps": 60})])
     job_id, folder = sub.jobs[0].job_id, sub.folder
     wait_for_training(run_dir, cluster, job_id, folder)
     # A job in the higher-priority partition needs both CPUs: Slurm preempts ours, sending SIGCONT + SIGTERM to
@@ -227,8 +227,8 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, shar
 def test_cancelled_job_stops_with_a_checkpoint_and_is_not_requeued(cluster, shards, tmp_path, tracking_uri):
     run_dir = tmp_path / "run"
     sub = launch_slurm.submit(["--slurm-config", "ci", "slurm.tasks_per_node=2", *overrides(
-        shards, run_dir, tracking_uri, "cancelled", **{"train.steps": 400, "train.log_every_steps": 10,
-                                                      "checkpoint.every_steps": 200, "train.sample_every_steps": 0})])
+        shards, run_dir, tracking_uri, "cancelled", **{"train.steps": 400, "report.log_every_steps": 10,
+                                                      "checkpoint.every_steps": 200, "report.sample_every_steps": 0})])
     job_id, folder = sub.jobs[0].job_id, sub.folder
     wait_for_training(run_dir, cluster, job_id, folder)
     cluster.run("scancel", job_id)  # SIGTERM as for a preemption, but the user means it.
@@ -251,8 +251,8 @@ def test_job_at_its_time_limit_is_requeued_and_resumes_from_its_checkpoint(clust
     """
     run_dir, total, log_every = tmp_path / "run", 1000, 20
     sub = launch_slurm.submit(["--slurm-config", "ci", "slurm.tasks_per_node=2", "slurm.signal_delay_s=55", *overrides(
-        shards, run_dir, tracking_uri, "time_limit", **{"train.steps": total, "train.log_every_steps": log_every,
-                                                       "checkpoint.every_steps": 500, "train.sample_every_steps": 0})])
+        shards, run_dir, tracking_uri, "time_limit", **{"train.steps": total, "report.log_every_steps": log_every,
+                                                       "checkpoint.every_steps": 500, "report.sample_every_steps": 0})])
     job_id, folder = sub.jobs[0].job_id, sub.folder
     wait_for_training(run_dir, cluster, job_id, folder)
     cluster.scontrol("update", f"JobId={job_id}", "TimeLimit=1")

@@ -102,7 +102,7 @@ def test_stop_request_is_reported_after_the_step():
 def test_channels_last_gives_the_same_step_within_rounding():
     # Only the first step's losses are compared: after one Adam step, biases in front of InstanceNorm (true
     # gradient 0) move by +-lr on the sign of rounding noise, which is layout-dependent.
-    plain, nhwc = components(), components("train.channels_last=true")
+    plain, nhwc = components(), components("perf.channels_last=true")
     a, b = plain.step(*batch(0)), nhwc.step(*batch(0))
     for key in a.losses:
         # float32 through NHWC vs NCHW kernels: ~45 conv layers of <= 150-term sums between input and loss give
@@ -114,7 +114,7 @@ def test_channels_last_gives_the_same_step_within_rounding():
 
 def test_compiled_networks_train_and_keep_reference_keys():
     # The eager backend checks dynamo tracing and guards without minutes of C++ code generation on CI.
-    plain, compiled = components(), components("train.compile=true", "train.compile_backend=eager")
+    plain, compiled = components(), components("perf.compile=true", "perf.compile_backend=eager")
     for i in range(3):
         a = plain.step(*batch(i))
         b = compiled.step(*batch(i))
@@ -127,7 +127,7 @@ def test_fused_calls_match_one_call_per_term_within_rounding():
     """Batching translation with identity inputs (and real with fake for D) changes only summation order."""
     torch.set_default_dtype(torch.float64)
     try:
-        fused, separate = components("train.fused_calls=true"), components("train.fused_calls=false")
+        fused, separate = components("perf.fused_calls=true"), components("perf.fused_calls=false")
         assert fused.gens.fused and not separate.gens.fused
         a, b = fused.step(*batch(0)), separate.step(*batch(0))
         grads = {f"{n}.{k}": p.grad for n, net in fused.nets.items() for k, p in net.named_parameters()}
@@ -144,7 +144,7 @@ def test_fused_calls_are_refused_with_batch_norm():
     import pytest
 
     with pytest.raises(ValueError, match="fused_calls"):
-        components("train.fused_calls=true", "model.norm=batch")
+        components("perf.fused_calls=true", "model.norm=batch")
 
 
 def test_default_step_stays_within_rounding_of_the_reference_style_step():
@@ -155,7 +155,7 @@ def test_default_step_stays_within_rounding_of_the_reference_style_step():
     torch.set_default_dtype(torch.float64)
     try:
         ours = components()  # defaults: fused calls, foreach Adam, one D backward
-        theirs = components("train.fused_calls=false", "train.instance_norm_kernel=instance_norm")
+        theirs = components("perf.fused_calls=false", "perf.instance_norm_kernel=instance_norm")
         assert type(ours.nets["G_ab"].model[2]).__name__ == "GroupKernelInstanceNorm2d"  # auto on CPU
         assert type(theirs.nets["G_ab"].model[2]) is torch.nn.InstanceNorm2d
         cfg = load_config([], TINY)

@@ -61,7 +61,7 @@ def test_resume_continues_bitwise_and_the_same_mlflow_run(tiny, tmp_path):
     straight = tiny(run_dir=str(tmp_path / "straight"), **{"train.steps": 8, "checkpoint.every_steps": 8})
     run(load_config([], straight))
     chunked = tiny(run_dir=str(tmp_path / "chunked"), **{"train.steps": 8, "checkpoint.every_steps": 8,
-                                                          "train.stop_after_steps": 3})
+                                                          "control.stop_after_steps": 3})
     first = run(load_config([], chunked))
     assert first.stopped and first.step == 3
     second = run(load_config([], chunked))
@@ -103,7 +103,7 @@ def poison_from_step(monkeypatch, first_bad: int) -> None:
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tiny, tmp_path, monkeypatch):
     poison_from_step(monkeypatch, 5)
-    cfg = load_config([], tiny(**{"train.steps": 20, "train.max_nonfinite_steps": 3, "checkpoint.every_steps": 2}))
+    cfg = load_config([], tiny(**{"train.steps": 20, "control.max_nonfinite_steps": 3, "checkpoint.every_steps": 2}))
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps had a NaN/inf loss \\(last at step 7\\)"):
         run(cfg)
     saved = list_checkpoints(tmp_path / "run")
@@ -119,9 +119,9 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny, tmp_path, monkeyp
 
 def test_max_nonfinite_steps_0_turns_the_check_off_and_says_so(tiny, tmp_path, monkeypatch, caplog):
     poison_from_step(monkeypatch, 3)
-    result = run(load_config([], tiny(**{"train.steps": 4, "train.max_nonfinite_steps": 0})))
+    result = run(load_config([], tiny(**{"train.steps": 4, "control.max_nonfinite_steps": 0})))
     assert result.step == 4 and not result.stopped
-    assert "train.max_nonfinite_steps=0: losses are not checked for NaN/inf" in caplog.text
+    assert "control.max_nonfinite_steps=0: losses are not checked for NaN/inf" in caplog.text
     # Off means off: the NaN reached the weights (documented), nothing was counted as skipped.
     state = load_checkpoint(tmp_path / "run" / "ckpt-000000004.pt")
     assert state["nonfinite_steps"] == 0
@@ -136,7 +136,7 @@ def test_checkpoint_every_steps_0_saves_only_the_last_step(tiny, tmp_path):
 def test_train_threads_sets_the_intra_op_pool(tiny):
     before = torch.get_num_threads()
     try:
-        run(load_config([], tiny(**{"train.steps": 1, "train.threads": 3})))
+        run(load_config([], tiny(**{"train.steps": 1, "perf.threads": 3})))
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
@@ -148,7 +148,7 @@ def test_train_threads_sets_the_intra_op_pool(tiny):
     (0.25, 0.25, "(equal to identity)"),
 ])
 def test_end_of_training_line_is_worded_by_direction(g, idt, words):
-    line = held_out_summary({"l1_translation": g, "l1_identity": idt, "pairs": 32.0})
+    line = held_out_summary({"AtoB/l1": g, "AtoB/l1_identity": idt, "AtoB/pairs": 32.0})
     assert line == f"held-out A->B L1 error over 32 pairs: G_ab {g:.4f} vs identity {idt:.4f} {words}"
 
 

@@ -12,11 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import load_config, to_yaml
-from pipeline.data.stream import to_tensor
+from pipeline.data.images import to_image, to_tensor
 from pipeline.engine.checkpoint import FORMAT, save_atomic
 from pipeline.gan.networks import build_generator
 from pipeline.infer.generators import PaddedGenerator, infer_generator_settings, load_generators, reflect_pad_to
-from pipeline.infer.translate import to_image
 from pipeline.translate import main
 
 TINY = ["model.generator=resnet_6blocks", "model.ngf=4", "data.crop_size=32", "data.load_size=36"]

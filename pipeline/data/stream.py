@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tarfile_samples
+
+from pipeline.data.images import to_uint8_tensor
 
 log = logging.getLogger(__name__)
 
@@ -189,22 +190,6 @@ class Augment:
         return to_uint8_tensor(img)
 
 
-def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> uint8 CHW tensor: what workers send (4x less to copy than float32)."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-
-
-def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float32 in [-1, 1], on whatever device the batch is on (the accelerator, in training)."""
-    return batch.float().div_(127.5).sub_(1.0)
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> float32 CHW tensor in [-1, 1]."""
-    array = np.array(img, dtype=np.uint8)  # A writable copy: torch warns on read-only arrays.
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
 def decode_image(sample: dict[str, Any]) -> Image.Image:
     """The RGB image of a WebDataset sample (first of jpg/jpeg/png/webp members)."""
     for key in IMAGE_KEYS:
@@ -359,18 +344,3 @@ def train_loader(
     )
 
 
-def held_out(pattern: str, count: int, size: int) -> tuple[list[str], torch.Tensor]:
-    """The first `count` samples of a held-out pattern in shard order, resized to `size` (the test transform).
-
-    Returns their keys and a (count, 3, size, size) tensor; fewer when the set is smaller.
-    """
-    keys, images = [], []
-    for sample in tarfile_samples([{"url": url} for url in expand_pattern(pattern)]):
-        img = decode_image(sample).resize((size, size), Image.BICUBIC)
-        keys.append(sample["__key__"])
-        images.append(to_tensor(img))
-        if len(images) == count:
-            break
-    if not images:
-        raise DataError(f"held-out pattern '{pattern}' holds no samples")
-    return keys, torch.stack(images)

@@ -1,7 +1,7 @@
 """Checkpoint files: atomic writes, retention, finding the newest loadable one, and safe loading.
 
 A checkpoint is a plain dict of tensors, numbers and strings (the training state assembled in
-`pipeline/train_state.py`), loaded with `torch.load(weights_only=True)` so that a file cannot run code. Files are
+`pipeline/train/state.py`), loaded with `torch.load(weights_only=True)` so that a file cannot run code. Files are
 named by step (`ckpt-000001000.pt`), written to a temporary file that is fsynced and renamed into place, so a
 crash mid-write leaves the previous checkpoint as the newest complete one.
 """

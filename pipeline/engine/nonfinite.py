@@ -22,7 +22,7 @@ class NonFiniteGuard:
     def __init__(self, limit: int, total: int = 0) -> None:
         self.limit, self.total, self.in_a_row = limit, total, 0
         if limit == 0:
-            log.warning("train.max_nonfinite_steps=0: losses are not checked for NaN/inf, and a non-finite loss is "
+            log.warning("control.max_nonfinite_steps=0: losses are not checked for NaN/inf, and a non-finite loss is "
                         "applied to the weights (set it to 1 or more to skip such steps and stop after that many)")
 
     def record(self, step: int, applied: bool, losses: dict[str, Tensor]) -> None:

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 EXIT_STOPPED = 3
-"""Exit code of a standalone run stopped by a signal (or train.stop_after_steps) after writing its
+"""Exit code of a standalone run stopped by a signal (or control.stop_after_steps) after writing its
 checkpoint: run the same command to continue. Under torchrun, workers exit 0 instead (torchrun would treat
 3 as a crash)."""
 

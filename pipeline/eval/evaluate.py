@@ -12,57 +12,19 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from webdataset.tariterators import tarfile_samples
 
-from pipeline.data.stream import DataError, decode_image, expand_pattern, to_tensor
+from pipeline.data.held_out import iter_inputs
+from pipeline.data.images import quantize, resize_square, to_tensor
+from pipeline.data.stream import DataError
 from pipeline.eval.metrics import distribution, paired
 from pipeline.eval.metrics.features import load_extractor
 from pipeline.infer.generators import required_multiple
-from pipeline.infer.translate import iter_inputs, resize_square, translate_images
+from pipeline.infer.translate import translate_images
 
 log = logging.getLogger("pipeline.evaluate")
 
 
-def _by_key(pattern: str, size: int) -> dict[str, torch.Tensor]:
-    out = {}
-    for sample in tarfile_samples([{"url": url} for url in expand_pattern(pattern)]):
-        out[sample["__key__"]] = to_tensor(decode_image(sample).resize((size, size)))
-    return out
-
-
-@torch.no_grad()
-def paired_l1(
-    generator: nn.Module, source_pattern: str, target_pattern: str, size: int, device: torch.device,
-    batch_size: int = 8,
-) -> dict[str, float]:
-    """Mean absolute error (in [-1, 1] units) of G(source) against paired ground truth, next to doing nothing.
-
-    Pairs are matched by sample key, as the synthetic set writes them. Returns `l1_translation` (G's error),
-    `l1_identity` (error of returning the input unchanged) and `pairs`.
-    """
-    source, target = _by_key(source_pattern, size), _by_key(target_pattern, size)
-    keys = sorted(set(source) & set(target))
-    if not keys:
-        raise DataError(f"no sample keys are shared by '{source_pattern}' and '{target_pattern}': no pairs")
-    was_training = generator.training
-    generator.eval()
-    err_g = err_id = 0.0
-    for i in range(0, len(keys), batch_size):
-        chunk = keys[i : i + batch_size]
-        x = torch.stack([source[k] for k in chunk]).to(device)
-        y = torch.stack([target[k] for k in chunk]).to(device)
-        err_g += (generator(x).float() - y).abs().mean(dim=(1, 2, 3)).sum().item()
-        err_id += (x - y).abs().mean(dim=(1, 2, 3)).sum().item()
-    generator.train(was_training)
-    return {"l1_translation": err_g / len(keys), "l1_identity": err_id / len(keys), "pairs": float(len(keys))}
-
-
 # Held-out evaluation of one direction.
-
-
-def _quantize(x: Tensor) -> Tensor:
-    """Round [-1, 1] images to the 256 levels an 8-bit file holds."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
 class _Features:
@@ -162,7 +124,7 @@ def evaluate_direction(
         def translations() -> Iterator[tuple[str, Tensor]]:
             nonlocal count
             for key, out in translate_images(net, multiple, sources(), device, batch_size, precision):
-                out = _quantize(out)
+                out = quantize(out)
                 count += 1
                 fake.add(out)
                 if key in truth:
@@ -230,14 +192,12 @@ def cached_extractor(path: str, device: torch.device) -> nn.Module:
 def held_out_eval(g_ab: nn.Module, g_ba: nn.Module, cfg: Any, device: torch.device) -> dict[str, float]:
     """What training evaluates every `eval.every_steps` and at the end, on data.test_a / data.test_b.
 
-    Always: the cycle error of both directions. With `eval.paired`: `l1_translation`, `l1_identity`, `pairs`
-    (`paired_l1` of G_ab) and per-direction L1/PSNR/SSIM. With `eval.features`: FID and KID of both
-    directions. Keys: `AtoB/fid`, `BtoA/cycle_l1`, ...
+    Always: the cycle error of both directions. With `eval.paired`: per-direction L1/PSNR/SSIM against the
+    ground truth (of the 8-bit translations, the one paired L1 of this code) next to the input's. With
+    `eval.features`: FID and KID of both directions. Keys: `AtoB/fid`, `AtoB/l1`, `BtoA/cycle_l1`, ...
     """
     data, size = cfg.data, cfg.data.crop_size
     out: dict[str, float] = {}
-    if cfg.eval.paired:
-        out.update(paired_l1(g_ab, data.test_a, data.test_b, size, device, cfg.eval.batch_size))
     features = cached_extractor(cfg.eval.features, device) if cfg.eval.features else None
     multiple = required_multiple(cfg.model.generator)
     for direction, net, reverse, source, target in (("AtoB", g_ab, g_ba, data.test_a, data.test_b),

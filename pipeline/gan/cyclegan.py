@@ -119,8 +119,8 @@ def build_networks(model_cfg, fused: bool = False,
         group_kernel_norm: instance norms computed by GroupNorm's faster kernel (`GroupKernelInstanceNorm2d`).
     """
     if fused and model_cfg.norm == "batch":
-        raise ValueError("train.fused_calls batches different images through one norm layer; with "
-                         "model.norm=batch that changes the maths: set train.fused_calls=false")
+        raise ValueError("perf.fused_calls batches different images through one norm layer; with "
+                         "model.norm=batch that changes the maths: set perf.fused_calls=false")
     def gen() -> nn.Module:
         return build_generator(
             model_cfg.generator, ngf=model_cfg.ngf, norm=model_cfg.norm,

@@ -70,7 +70,7 @@ class GroupKernelInstanceNorm2d(nn.InstanceNorm2d):
 
 
 def uses_group_kernel_norm(kernel: str, device: torch.device) -> bool:
-    """`train.instance_norm_kernel` resolved for a device: auto takes GroupNorm's kernel where it was measured
+    """`perf.instance_norm_kernel` resolved for a device: auto takes GroupNorm's kernel where it was measured
     faster (CPU) and keeps torch's InstanceNorm kernel on CUDA, where no comparison has been run yet.
 
     Training and inference (translate, evaluate) resolve it the same way, so a number computed during training

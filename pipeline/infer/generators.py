@@ -115,10 +115,10 @@ class Generators:
     def to(self, device: torch.device) -> Generators:
         """Both generators on `device`, their instance norms on the kernel training would use there.
 
-        The kernel is the config's `train.instance_norm_kernel` resolved for `device` as training resolves it,
+        The kernel is the config's `perf.instance_norm_kernel` resolved for `device` as training resolves it,
         so evaluating a checkpoint repeats the computation of the evaluation during training bit for bit.
         """
-        group_kernel = uses_group_kernel_norm(self.cfg.train.instance_norm_kernel, device)
+        group_kernel = uses_group_kernel_norm(self.cfg.perf.instance_norm_kernel, device)
         for net in (self.net, self.reverse):
             if net is not None:
                 if group_kernel:

@@ -9,85 +9,25 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
-from webdataset.tariterators import tarfile_samples
 
 from pipeline.config import ConfigError
-from pipeline.data.shards import EXTENSIONS, list_images, sample_key
-from pipeline.data.stream import DataError, decode_image, expand_pattern, to_tensor
+from pipeline.data.held_out import InputImage, iter_inputs
+from pipeline.data.images import resize_square, to_image, to_tensor
+from pipeline.data.stream import DataError
 from pipeline.infer.generators import (
     PRECISIONS,
     Generators,
-    log,
     padded_size,
     reflect_pad_to,
 )
 
 # Inputs.
-
-
-@dataclass
-class InputImage:
-    name: str
-    """Relative file name to write the translation under (the original's, for shards from name.txt)."""
-    key: str
-    """Sample key (shards) or the key `pipeline.shards` would give the file: pairs images across domains."""
-    image: Image.Image
-
-
-def iter_inputs(source: str, skipped: list[str] | None = None) -> Iterator[InputImage]:
-    """The images of a folder (sorted, recursive), a single image file, or a shard pattern (in shard order).
-
-    Unreadable images are logged, appended to `skipped` and left out.
-    """
-    path = Path(source)
-    if path.is_dir():
-        files = list_images(path)
-        if not files:
-            raise DataError(f"folder '{source}' holds no images ({', '.join(sorted(EXTENSIONS))})")
-        for file in files:
-            relative = file.relative_to(path).as_posix()
-            try:
-                with Image.open(file) as img:
-                    image = img.convert("RGB")
-            except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
-                _skip(skipped, relative, err)
-                continue
-            yield InputImage(relative, sample_key(relative), image)
-        return
-    if path.suffix.lower() in EXTENSIONS:
-        if not path.is_file():
-            raise DataError(f"input image '{source}' does not exist")
-        with Image.open(path) as img:
-            yield InputImage(path.name, sample_key(path.name), img.convert("RGB"))
-        return
-    count = 0
-    for sample in tarfile_samples([{"url": url} for url in expand_pattern(source)]):
-        key = sample["__key__"]
-        ext = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), "png")
-        name = sample["name.txt"].decode("utf-8") if "name.txt" in sample else f"{key}.{ext}"
-        if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
-            name = f"{key}.{ext}"  # Never write outside the output folder.
-        try:
-            image = decode_image(sample)
-        except Exception as err:  # noqa: BLE001
-            _skip(skipped, name, err)
-            continue
-        count += 1
-        yield InputImage(name, key, image)
-    if not count and not skipped:
-        raise DataError(f"shard pattern '{source}' holds no samples")
-
-
-def _skip(skipped: list[str] | None, name: str, err: Exception) -> None:
-    log.warning("skipping unreadable image %s (%s: %s)", name, type(err).__name__, err)
-    if skipped is not None:
-        skipped.append(name)
 
 
 # Translation.
@@ -136,17 +76,6 @@ def translate_images(net: nn.Module, multiple: int, images: Iterable[tuple[Any, 
             yield from run(max(pending, key=lambda g: len(pending[g])))
     for group in list(pending):
         yield from run(group)
-
-
-def to_image(translation: Tensor) -> Image.Image:
-    """(3, h, w) in [-1, 1] -> RGB PIL image (rounded to 8 bits)."""
-    array = ((translation.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
-
-
-def resize_square(image: Image.Image, size: int) -> Image.Image:
-    """The reference's test transform: resize to size x size (bicubic)."""
-    return image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
 
 
 def select_device(name: str) -> torch.device:

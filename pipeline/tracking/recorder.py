@@ -142,7 +142,7 @@ class Recorder(NullRecorder):
         With k workers each needing L seconds per batch and a step computing for C seconds, the wait share is
         w = 1 - C / (L / k); no wait needs k' = ceil(k / (1 - w)) workers (k = 0 decodes in the step itself).
         """
-        if share <= self.cfg.train.data_wait_warn_share or share >= 1.0:
+        if share <= self.cfg.report.data_wait_warn_share or share >= 1.0:
             return
         workers = self.cfg.data.workers
         needed = math.ceil(workers / (1 - share)) if workers else max(1, math.ceil(share / (1 - share)))

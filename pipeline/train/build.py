@@ -34,25 +34,25 @@ class Components:
 
 def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device) -> Components:
     """Networks (identical on every rank: seeded from train.seed), optimisers, this rank's pools, DDP."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    if cfg.perf.threads:
+        torch.set_num_threads(cfg.perf.threads)
     if device.type == "cpu":
         # Denormal activations appear after a few hundred GAN steps and make x86 CPUs up to 6x slower.
         torch.set_flush_denormal(True)
     else:
         torch.backends.cudnn.benchmark = True  # Fixed crop sizes: pick the fastest convolution once.
     torch.manual_seed(cfg.train.seed)
-    gens, discs = build_networks(cfg.model, fused=cfg.train.fused_calls,
-                                 group_kernel_norm=uses_group_kernel_norm(cfg.train.instance_norm_kernel, device))
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    gens, discs = build_networks(cfg.model, fused=cfg.perf.fused_calls,
+                                 group_kernel_norm=uses_group_kernel_norm(cfg.perf.instance_norm_kernel, device))
+    memory_format = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
     gens.to(device, memory_format=memory_format)
     discs.to(device, memory_format=memory_format)
-    if cfg.train.compile:
+    if cfg.perf.compile:
         # D is called with and without requires_grad and on pooled inputs: each is a recompile (guards), so
         # the default limit of 8 is hit and dynamo silently falls back to eager. Raise it.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for net in (gens.G_ab, gens.G_ba, discs.D_a, discs.D_b):
-            net.compile(backend=cfg.train.compile_backend)
+            net.compile(backend=cfg.perf.compile_backend)
     opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
     opt_d = build_adam(discs.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
     pool_seed = cfg.train.seed * 1000 + info.rank
@@ -69,7 +69,7 @@ def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device)
         objective=build_objective(cfg.loss),
         optimisers=Optimisers(opt_g, opt_d, torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")),
         pools=Pools(pool_a, pool_b),
-        settings=StepSettings(device, cfg.train.precision, check_finite=cfg.train.max_nonfinite_steps > 0,
+        settings=StepSettings(device, cfg.train.precision, check_finite=cfg.control.max_nonfinite_steps > 0,
                               distributed=info.world_size > 1, memory_format=memory_format),
     )
     return Components(gens, discs, step)

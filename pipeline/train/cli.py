@@ -26,14 +26,14 @@ log = logging.getLogger("pipeline.train")
 
 def held_out_summary(ev: dict[str, float]) -> str:
     """The end-of-training line: G_ab's held-out L1 against returning the input, worded by direction."""
-    g, idt = ev["l1_translation"], ev["l1_identity"]
+    g, idt = ev["AtoB/l1"], ev["AtoB/l1_identity"]
     if g < idt:
         compared = f"{idt / max(g, 1e-12):.1f}x lower than identity"
     elif g > idt:
         compared = f"{g / max(idt, 1e-12):.1f}x higher than identity: worse than not translating"
     else:
         compared = "equal to identity"
-    return (f"held-out A->B L1 error over {int(ev['pairs'])} pairs: G_ab {g:.4f} vs identity {idt:.4f} "
+    return (f"held-out A->B L1 error over {int(ev['AtoB/pairs'])} pairs: G_ab {g:.4f} vs identity {idt:.4f} "
             f"({compared})")
 
 
@@ -61,6 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # torchrun counts any non-zero exit as a crash (it restarts the group or reports a failure), so under
         # torchrun a clean stop exits 0; its log line says where it stopped.
         return 0 if os.environ.get("TORCHELASTIC_RUN_ID") else EXIT_STOPPED
-    if "l1_translation" in result.evaluation and info.is_main:
+    if "AtoB/l1" in result.evaluation and info.is_main:
         print(held_out_summary(result.evaluation))
     return 0

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from pipeline.data.stream import held_out, normalize, train_loader
+from pipeline.data.held_out import held_out
+from pipeline.data.images import normalize
+from pipeline.data.stream import train_loader
 from pipeline.engine import dist
 from pipeline.engine.checkpoint import CheckpointWriteError, find_latest_loadable, load_checkpoint
 from pipeline.engine.meter import MetricMeter, peak_memory
@@ -85,7 +87,7 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     elif cfg.checkpoint.init_from:
         loaded = load_reference_dir(cfg.checkpoint.init_from, parts.nets)
         log.info("initialised %s from reference weights in %s", ", ".join(loaded), cfg.checkpoint.init_from)
-    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, state.nonfinite_steps)
+    guard = NonFiniteGuard(cfg.control.max_nonfinite_steps, state.nonfinite_steps)
     recorder = make_recorder(cfg, info, (resume[1].get("mlflow_run_id") or None) if resume else None)
     del resume  # Frees the checkpoint's CPU copy of the state.
     return Trainer(cfg, info, device, parts, state, guard, recorder).train(loader, stop_flag)
@@ -106,9 +108,9 @@ class Trainer:
         self.evaluation: dict[str, float] = {}
         self._held: dict[str, torch.Tensor] = {}
         held_out_sets = bool(cfg.data.test_a and cfg.data.test_b)
-        self.should_log = Every(cfg.train.log_every_steps, self.total)
-        self.should_sample = Every(cfg.train.sample_every_steps, self.total,
-                                   enabled=held_out_sets and cfg.train.sample_every_steps > 0)
+        self.should_log = Every(cfg.report.log_every_steps, self.total)
+        self.should_sample = Every(cfg.report.sample_every_steps, self.total,
+                                   enabled=held_out_sets and cfg.report.sample_every_steps > 0)
         self.should_evaluate = Every(cfg.eval.every_steps, self.total,
                                      enabled=held_out_sets and bool(cfg.eval.paired or cfg.eval.features))
         self.should_save = Every(cfg.checkpoint.every_steps, self.total)
@@ -139,7 +141,7 @@ class Trainer:
                 if result.stop and step < self.total:
                     stopped_at = step
                     log.warning("stopped after step %d (%s); checkpoint written, exiting with code %d", step,
-                                "signal" if stop_flag else "train.stop_after_steps", EXIT_STOPPED)
+                                "signal" if stop_flag else "control.stop_after_steps", EXIT_STOPPED)
                     break
             if not stopped_at:
                 self.log_generators()
@@ -176,8 +178,8 @@ class Trainer:
         return lr
 
     def chunk_done(self, step: int) -> bool:
-        """train.stop_after_steps: this process has run its share of a chained job."""
-        chunk = self.cfg.train.stop_after_steps
+        """control.stop_after_steps: this process has run its share of a chained job."""
+        chunk = self.cfg.control.stop_after_steps
         return chunk > 0 and step - self.start_step >= chunk
 
     def account(self, step: int, result: Any, data_s: float) -> None:
@@ -200,7 +202,7 @@ class Trainer:
 
     def sample_grid(self) -> Any:
         if not self._held:
-            size, count = self.cfg.data.crop_size, self.cfg.train.sample_images
+            size, count = self.cfg.data.crop_size, self.cfg.report.sample_images
             self._held["a"] = held_out(self.cfg.data.test_a, count, size)[1].to(self.device)
             self._held["b"] = held_out(self.cfg.data.test_b, count, size)[1].to(self.device)
         return sample_grid(self.parts.gens, self._held["a"], self._held["b"])

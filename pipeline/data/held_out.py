@@ -1,0 +1,92 @@
+"""The one loader of held-out images: a folder (recursive), a single image file, or a shard pattern.
+
+Sample grids during training, evaluation and translation all read their inputs through `iter_inputs`, so an
+image has the same key, the same decoding and the same resize everywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import torch
+from PIL import Image
+from webdataset.tariterators import tarfile_samples
+
+from pipeline.data.images import resize_square, to_tensor
+from pipeline.data.shards import EXTENSIONS, list_images, sample_key
+from pipeline.data.stream import DataError, decode_image, expand_pattern
+
+log = logging.getLogger("pipeline.data")
+
+
+@dataclass
+class InputImage:
+    name: str
+    """Relative file name to write the translation under (the original's, for shards from name.txt)."""
+    key: str
+    """Sample key (shards) or the key `pipeline.shards` would give the file: pairs images across domains."""
+    image: Image.Image
+
+
+def iter_inputs(source: str, skipped: list[str] | None = None) -> Iterator[InputImage]:
+    """The images of a folder (sorted, recursive), a single image file, or a shard pattern (in shard order).
+
+    Unreadable images are logged, appended to `skipped` and left out.
+    """
+    path = Path(source)
+    if path.is_dir():
+        files = list_images(path)
+        if not files:
+            raise DataError(f"folder '{source}' holds no images ({', '.join(sorted(EXTENSIONS))})")
+        for file in files:
+            relative = file.relative_to(path).as_posix()
+            try:
+                with Image.open(file) as img:
+                    image = img.convert("RGB")
+            except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
+                _skip(skipped, relative, err)
+                continue
+            yield InputImage(relative, sample_key(relative), image)
+        return
+    if path.suffix.lower() in EXTENSIONS:
+        if not path.is_file():
+            raise DataError(f"input image '{source}' does not exist")
+        with Image.open(path) as img:
+            yield InputImage(path.name, sample_key(path.name), img.convert("RGB"))
+        return
+    count = 0
+    for sample in tarfile_samples([{"url": url} for url in expand_pattern(source)]):
+        key = sample["__key__"]
+        ext = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), "png")
+        name = sample["name.txt"].decode("utf-8") if "name.txt" in sample else f"{key}.{ext}"
+        if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            name = f"{key}.{ext}"  # Never write outside the output folder.
+        try:
+            image = decode_image(sample)
+        except Exception as err:  # noqa: BLE001
+            _skip(skipped, name, err)
+            continue
+        count += 1
+        yield InputImage(name, key, image)
+    if not count and not skipped:
+        raise DataError(f"shard pattern '{source}' holds no samples")
+
+
+def _skip(skipped: list[str] | None, name: str, err: Exception) -> None:
+    log.warning("skipping unreadable image %s (%s: %s)", name, type(err).__name__, err)
+    if skipped is not None:
+        skipped.append(name)
+
+
+
+def held_out(source: str, count: int, size: int) -> tuple[list[str], torch.Tensor]:
+    """The first `count` images of `source` (shard order, or sorted files), resized to `size` (the test
+    transform): their keys and a (count, 3, size, size) tensor; fewer when the set is smaller."""
+    items = list(itertools.islice(iter_inputs(source), count))
+    if not items:
+        raise DataError(f"held-out set '{source}' holds no readable images")
+    return [item.key for item in items], torch.stack([to_tensor(resize_square(item.image, size)) for item in items])
