@@ -124,8 +124,10 @@ def test_a_checkpoint_that_would_fill_the_disk_is_not_written(tmp_path):
     writer = CheckpointWriter(tmp_path, keep_last=3, min_free_mb=0)
     writer.save(state(1), 1)
     assert writer.last_size == checkpoint_path(tmp_path, 1).stat().st_size
-    # Ask for more room to stay free than this disk has: the next write is refused before it starts.
-    free = shutil.disk_usage(tmp_path).free
+    # Ask for more room to stay free than this disk has: the next write is refused before it starts. A TiB more
+    # than it has now: the disk is shared (the other pytest worker, other jobs), and its free space moves between
+    # this reading and the writer's, by far more than the few bytes a checkpoint needs.
+    free = shutil.disk_usage(tmp_path).free + 2**40
     writer.min_free = free
     with pytest.raises(CheckpointWriteError) as caught:
         writer.save(state(2), 2)
