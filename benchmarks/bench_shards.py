@@ -4,7 +4,7 @@
         [--crop 256] [--loader-workers 1] [--seconds 8] [--json benchmarks/results/shards.json] [--smoke]
 
 Generates a tree of JPEG photos-like images (random scenes with sensor-like noise, q90, 500x375 as in the real
-photo sets; half trainA, half trainB; not timed), then times pipeline.shards.write_shards on it with each worker
+photo sets; half trainA, half trainB; not timed), then times pipeline.data.shards.write_shards on it with each worker
 count, storing the original bytes (decode check only) and resizing to --resize with JPEG q95 re-encoding. Every
 worker count must give byte-identical shards (checked). Then times the training loader
 (pipeline.data.stream.train_loader: read, decode, resize to load_size, random crop --crop, flip, batch) on the original

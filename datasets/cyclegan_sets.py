@@ -535,7 +535,7 @@ def prepare(name: str, base_url: str = DEFAULT_BASE_URL, root: str | os.PathLike
         name: one of NAMES.
         base_url: where <name>.zip lives: an http(s) URL, or a local folder / file: URL (read in place).
         root: folder of all sets; this one goes to root/<name>/ (images/, shards/, train.yaml).
-        workers, resize, format, quality, shuffle_seed, maxcount: pipeline.shards.write_shards options.
+        workers, resize, format, quality, shuffle_seed, maxcount: pipeline.data.shards.write_shards options.
         retries, timeout, retry_wait_s: download behaviour (see `download`).
         keep_zip: keep the zip this run downloaded after extraction (a local base URL's zip, and one found in
             root/<name>/, are never removed).

@@ -294,8 +294,9 @@ class Schema:
                     raise ConfigError(f"'{self.prefix}{dotted}' in {source} is a group of settings, not a value")
                 self.check_keys(value, source, dotted + ".")
 
-    def rename_old_keys(self, node: Any, source: str) -> Any:
-        """A copy of `node` with each deprecated key moved to its new name, saying so once per key."""
+    def rename_old_keys(self, node: Any, source: str, warn: bool = True) -> Any:
+        """A copy of `node` with each deprecated key moved to its new name, saying so once per key (a saved config
+        is renamed silently: its reader cannot change it, and it must keep loading after the old names go)."""
         if not self.renamed or not isinstance(node, dict):
             return node
         node = copy.deepcopy(node)
@@ -310,18 +311,23 @@ class Schema:
             *path, leaf = new.split(".")
             target = node
             for part in path:
-                target = target.setdefault(part, {})
+                if target.get(part) is None:  # Absent, or a YAML group whose keys are all commented out.
+                    target[part] = {}
+                target = target[part]
+                if not isinstance(target, dict):
+                    raise ConfigError(f"'{self.prefix}{part}' in {source} is a group of settings, not a value")
             if leaf in target:
                 raise ConfigError(f"{source} sets both '{old}' and '{new}'; '{old}' is the old name of '{new}': "
                                   f"keep only '{new}'")
             target[leaf] = value
-            log.warning("config key '%s' in %s is now '%s'; the old name works in this release (0.1) only", old,
-                        source, new)
+            if warn:
+                log.warning("config key '%s' in %s is now '%s'; the old name works in this release (0.1) only",
+                            old, source, new)
         return node
 
-    def merge(self, base: DictConfig, layer: Any, source: str) -> DictConfig:
+    def merge(self, base: DictConfig, layer: Any, source: str, warn_renamed: bool = True) -> DictConfig:
         node = OmegaConf.to_container(layer) if isinstance(layer, DictConfig) else layer
-        node = self.rename_old_keys(node, source)
+        node = self.rename_old_keys(node, source, warn=warn_renamed)
         self.check_keys(node, source)
         try:
             return OmegaConf.merge(base, node)  # type: ignore[return-value]
@@ -364,7 +370,8 @@ def validate(cfg: DictConfig) -> None:
             near = difflib.get_close_matches(str(value), choices, n=1)
             hint = f"did you mean '{near[0]}'? " if near else ""
             raise ConfigError(f"'{key}' is '{value}'; {hint}choose one of: {', '.join(choices)}")
-    positive = ["train.steps", "data.batch_per_rank", "data.crop_size", "data.load_size", "report.log_every_steps"]
+    positive = ["train.steps", "data.batch_per_rank", "data.crop_size", "data.load_size", "report.log_every_steps",
+                "report.sample_images"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"'{key}' must be positive, got {OmegaConf.select(cfg, key)}")
@@ -417,7 +424,7 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def from_yaml(text: str) -> DictConfig:
     """Parse a config saved by `to_yaml` back into a schema-checked DictConfig."""
-    cfg = SCHEMA.merge(OmegaConf.structured(Config), OmegaConf.create(text), "a saved config")
+    cfg = SCHEMA.merge(OmegaConf.structured(Config), OmegaConf.create(text), "a saved config", warn_renamed=False)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -113,3 +113,18 @@ def test_keys_moved_out_of_train_still_work_with_a_warning_naming_the_new_key(tm
 def test_an_old_and_a_new_name_of_one_key_together_are_an_error():
     with pytest.raises(ConfigError, match=r"sets both 'train.threads' and 'perf.threads'.*keep only 'perf.threads'"):
         load_config([], ["train.threads=1", "perf.threads=2"])
+
+
+def test_a_saved_config_with_old_keys_loads_silently_and_a_bad_new_group_is_a_config_error(tmp_path, caplog):
+    # An old checkpoint's config: renamed without a warning its reader could not act on.
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        assert from_yaml("train:\n  log_every_steps: 9\n").report.log_every_steps == 9
+    assert "is now" not in caplog.text
+    # An old key beside a new group whose keys are all commented out: merged into it.
+    empty = tmp_path / "empty_group.yaml"
+    empty.write_text("report:\ntrain:\n  log_every_steps: 5\n")
+    assert load_config([empty]).report.log_every_steps == 5
+    scalar = tmp_path / "scalar_group.yaml"
+    scalar.write_text("report: 3\ntrain:\n  log_every_steps: 5\n")
+    with pytest.raises(ConfigError, match="'report' in config file .* is a group of settings, not a value"):
+        load_config([scalar])

@@ -1,4 +1,6 @@
+import io
 import itertools
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -79,6 +81,21 @@ def test_held_out_is_in_shard_order(shards):
     keys, images = held_out(shards["testA"], 3, 32)
     in_shards = [s["__key__"] for s in tarfile_samples([{"url": u} for u in expand_pattern(shards["testA"])])]
     assert keys == in_shards[:3] and images.shape == (3, 3, 32, 32)
+    # A folder of shards is its *.tar, as for training (sample grids once refused it: no image files in it).
+    folder_keys, folder_images = held_out(str(Path(shards["testA"]).parent), 3, 32)
+    assert folder_keys == keys and torch.equal(folder_images, images)
+
+
+def test_held_out_of_only_unreadable_images_says_so(tmp_path):
+    import tarfile
+
+    shard = tmp_path / "bad-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        member = tarfile.TarInfo("a.png")
+        member.size = 4
+        tar.addfile(member, io.BytesIO(b"junk"))
+    with pytest.raises(DataError, match="holds no readable images"):
+        held_out(str(shard), 2, 32)
 
 
 @pytest.fixture

@@ -35,13 +35,12 @@ class InputImage:
 def iter_inputs(source: str, skipped: list[str] | None = None) -> Iterator[InputImage]:
     """The images of a folder (sorted, recursive), a single image file, or a shard pattern (in shard order).
 
-    Unreadable images are logged, appended to `skipped` and left out.
+    A folder without images is read as shards (its `*.tar`), as training reads a folder. Unreadable images are
+    logged, appended to `skipped` and left out.
     """
     path = Path(source)
-    if path.is_dir():
-        files = list_images(path)
-        if not files:
-            raise DataError(f"folder '{source}' holds no images ({', '.join(sorted(EXTENSIONS))})")
+    files = list_images(path) if path.is_dir() else []
+    if files:
         for file in files:
             relative = file.relative_to(path).as_posix()
             try:
@@ -58,7 +57,7 @@ def iter_inputs(source: str, skipped: list[str] | None = None) -> Iterator[Input
         with Image.open(path) as img:
             yield InputImage(path.name, sample_key(path.name), img.convert("RGB"))
         return
-    count = 0
+    count = unreadable = 0
     for sample in tarfile_samples([{"url": url} for url in expand_pattern(source)]):
         key = sample["__key__"]
         ext = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), "png")
@@ -69,10 +68,11 @@ def iter_inputs(source: str, skipped: list[str] | None = None) -> Iterator[Input
             image = decode_image(sample)
         except Exception as err:  # noqa: BLE001
             _skip(skipped, name, err)
+            unreadable += 1
             continue
         count += 1
         yield InputImage(name, key, image)
-    if not count and not skipped:
+    if not count and not unreadable:
         raise DataError(f"shard pattern '{source}' holds no samples")
 
 

@@ -136,7 +136,7 @@ class TrainStep:
         if not self.optimisers.scaler.is_enabled():
             return
         # update() lowers the scale exactly when a gradient was inf/NaN and the step was skipped. Reading the
-        # scale is a device sync, in fp16 only; the finite-loss check above already syncs once per step.
+        # scale (public API, no private attributes) is two small host reads per step, in fp16 only.
         before = self.optimisers.scaler.get_scale()
         self.optimisers.scaler.update()
         self.scaler_skips += int(self.optimisers.scaler.get_scale() < before)

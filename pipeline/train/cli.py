@@ -1,7 +1,8 @@
 """CycleGAN training: `python -m pipeline.train --config configs/X.yaml key=value ...` (or under torchrun).
 
-The loop reads like the algorithm: fetch an unpaired batch, run the step (G phase, D phase, update), then do
-the maintenance that every rank agrees on by step number (metrics, samples, checkpoints, evaluation).
+Exit codes: 0 done (or stopped cleanly under torchrun), 2 a config, data or checkpoint problem (one log line
+says which and how to fix it), 3 stopped by a signal or control.stop_after_steps (checkpointed; run it again to
+continue).
 """
 
 from __future__ import annotations
