@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -128,7 +127,7 @@ def test_two_nodes_by_rendezvous_equal_two_processes_on_one_node(tmp_path):
     one_node = run_workers(tmp_path, 2, steps, "float32")
     port = free_port()
     outs = [tmp_path / f"node{i}.pt" for i in range(2)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = process_env()
     agents = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
@@ -160,8 +159,7 @@ def test_a_failing_rank_ends_the_job_with_its_reason(tmp_path):
     t0 = time.monotonic()
     proc = torchrun(["--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                      str(WORKER), str(out), "5", "float32", *TINY],
-                    timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-                                      "TEST_FAIL_AT": "1:2"})
+                    timeout=120, env=process_env(TEST_FAIL_AT="1:2"))
     assert proc.returncode != 0
     assert time.monotonic() - t0 < 120
     assert "injected failure on rank 1 at step 2" in proc.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 import mlflow
 import pytest
 from support.mlflow_server import MlflowServer
-from support.runs import ROOT, tiny_overrides, train_cmd
+from support.runs import ROOT, process_env, tiny_overrides, train_cmd
 
 # The module's server and two-rank run are shared: `make test` keeps a file on one worker (--dist loadfile).
 pytestmark = pytest.mark.slow
@@ -20,10 +19,6 @@ pytestmark = pytest.mark.slow
 LOSSES = ("loss/G_ab/gan", "loss/G_ab/cycle", "loss/G_ab/idt", "loss/D_b",
           "loss/G_ba/gan", "loss/G_ba/cycle", "loss/G_ba/idt", "loss/D_a")
 ARTIFACTS = ROOT / "test-artifacts"
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +35,7 @@ def two_rank_run(server, shards, tmp_path_factory):
         "tracking.uri": server.url, "tracking.experiment": "review", "tracking.log_model": True,
         "tracking.log_checkpoints": "all", "train.steps": 6})
     cmd = train_cmd(2, overrides)
-    proc = subprocess.run(cmd, env=env(), cwd=tmp, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=process_env(), cwd=tmp, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient(server.url)
     experiment = client.get_experiment_by_name("review")
@@ -114,7 +109,7 @@ def test_training_survives_a_server_outage_and_delivers_what_was_buffered(shards
         "tracking.uri": srv.url, "tracking.experiment": "outage", "train.steps": total,
         "report.log_every_steps": 1, "report.sample_every_steps": 50, "checkpoint.every_steps": 100})
     metrics = tmp_path / "run" / "metrics.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *overrides], env=env(), cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *overrides], env=process_env(), cwd=tmp_path,
                             stderr=subprocess.PIPE, text=True)
     try:
         t0 = time.monotonic()

@@ -11,16 +11,12 @@ import time
 import mlflow
 import pytest
 import torch
-from support.runs import ROOT, tiny_overrides, train_cmd
+from support.runs import process_env, tiny_overrides, train_cmd
 
 from pipeline.engine.checkpoint import list_checkpoints, load_checkpoint
 from pipeline.engine.stop import EXIT_STOPPED
 
 pytestmark = pytest.mark.slow
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
@@ -48,12 +44,13 @@ def test_new_process_resume_equals_a_straight_run_bitwise(shards, tmp_path, npro
     common = {"train.steps": 8, "checkpoint.every_steps": 8, "data.workers": 1, "report.log_every_steps": 1}
     straight = tiny_overrides(shards, tmp_path / "straight", **common)
     chunked = tiny_overrides(shards, tmp_path / "chunked", **common, **{"control.stop_after_steps": 4})
-    assert subprocess.run(train_cmd(nproc, straight), env=env(), cwd=tmp_path, capture_output=True).returncode == 0
-    first = subprocess.run(train_cmd(nproc, chunked), env=env(), cwd=tmp_path, capture_output=True, text=True)
+    straight_run = subprocess.run(train_cmd(nproc, straight), env=process_env(), cwd=tmp_path, capture_output=True)
+    assert straight_run.returncode == 0
+    first = subprocess.run(train_cmd(nproc, chunked), env=process_env(), cwd=tmp_path, capture_output=True, text=True)
     assert first.returncode == (0 if nproc else EXIT_STOPPED), first.stderr[-3000:]
     assert "stopped after step 4 (control.stop_after_steps)" in first.stderr
     assert [s for s, _ in list_checkpoints(tmp_path / "chunked")] == [4]
-    second = subprocess.run(train_cmd(nproc, chunked), env=env(), cwd=tmp_path, capture_output=True, text=True)
+    second = subprocess.run(train_cmd(nproc, chunked), env=process_env(), cwd=tmp_path, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
 
     a = load_checkpoint(tmp_path / "straight" / "ckpt-000000008.pt")
@@ -84,7 +81,7 @@ def test_signal_mid_run_writes_a_checkpoint_and_resume_finishes(shards, tmp_path
                                                             "report.log_every_steps": 1, "tracking.enabled": False,
                                                             "report.sample_every_steps": 0})
     metrics = tmp_path / "run" / "metrics.jsonl"
-    proc = subprocess.Popen(train_cmd(0, overrides), env=env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(train_cmd(0, overrides), env=process_env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 60, "three steps", proc)
     proc.send_signal(sig)
     assert proc.wait(timeout=60) == EXIT_STOPPED
@@ -92,7 +89,7 @@ def test_signal_mid_run_writes_a_checkpoint_and_resume_finishes(shards, tmp_path
     assert f"received {signal.Signals(sig).name}" in log
     (step, path), = list_checkpoints(tmp_path / "run")
     assert 3 <= step < 100 and load_checkpoint(path)["step"] == step
-    done = subprocess.run(train_cmd(0, overrides), env=env(), cwd=tmp_path, capture_output=True, text=True)
+    done = subprocess.run(train_cmd(0, overrides), env=process_env(), cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming at step {step}" in done.stderr
     assert list_checkpoints(tmp_path / "run")[-1][0] == 100
@@ -104,7 +101,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_job_completes(shards, tmp_pat
     total = 80  # The kill comes right after the first checkpoint (step 20), long before the end.
     overrides = tiny_overrides(shards, tmp_path / "run", **{"train.steps": total, "checkpoint.every_steps": 20,
                                                             "report.log_every_steps": 5})
-    proc = subprocess.Popen(train_cmd(2, overrides, "--max-restarts=1"), env=env(), cwd=tmp_path,
+    proc = subprocess.Popen(train_cmd(2, overrides, "--max-restarts=1"), env=process_env(), cwd=tmp_path,
                             stderr=subprocess.PIPE, text=True)
     wait_for(lambda: len(list_checkpoints(tmp_path / "run")) >= 1, 120, "a first checkpoint", proc)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
@@ -122,10 +119,10 @@ def test_torchrun_restarts_a_killed_worker_and_the_job_completes(shards, tmp_pat
 def test_world_size_change_resumes_with_a_warning(shards, tmp_path):
     overrides = tiny_overrides(shards, tmp_path / "run", **{"train.steps": 6, "checkpoint.every_steps": 3,
                                                             "control.stop_after_steps": 3})
-    first = subprocess.run(train_cmd(2, overrides), env=env(), cwd=tmp_path, capture_output=True, text=True)
+    first = subprocess.run(train_cmd(2, overrides), env=process_env(), cwd=tmp_path, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]  # Under torchrun a clean stop exits 0.
     finish = [o for o in overrides if not o.startswith("control.stop_after_steps")]
-    second = subprocess.run(train_cmd(0, finish), env=env(), cwd=tmp_path, capture_output=True, text=True)
+    second = subprocess.run(train_cmd(0, finish), env=process_env(), cwd=tmp_path, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "written by 2 ranks, this run has 1" in second.stderr
     final = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])

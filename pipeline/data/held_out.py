@@ -83,10 +83,17 @@ def _skip(skipped: list[str] | None, name: str, err: Exception) -> None:
 
 
 
+def iter_tensors(source: str, size: int = 0, limit: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, [-1, 1] tensor) of the first `limit` images of `source` (0: all), resized to `size` x `size` (the
+    test transform; 0 keeps each image's own size)."""
+    for item in itertools.islice(iter_inputs(source), limit or None):
+        yield item.key, to_tensor(resize_square(item.image, size) if size else item.image)
+
+
 def held_out(source: str, count: int, size: int) -> tuple[list[str], torch.Tensor]:
-    """The first `count` images of `source` (shard order, or sorted files), resized to `size` (the test
-    transform): their keys and a (count, 3, size, size) tensor; fewer when the set is smaller."""
-    items = list(itertools.islice(iter_inputs(source), count))
+    """The first `count` images of `source` (shard order, or sorted files), resized to `size`: their keys and a
+    (count, 3, size, size) tensor; fewer when the set is smaller."""
+    items = list(iter_tensors(source, size, count))
     if not items:
         raise DataError(f"held-out set '{source}' holds no readable images")
-    return [item.key for item in items], torch.stack([to_tensor(resize_square(item.image, size)) for item in items])
+    return [key for key, _ in items], torch.stack([image for _, image in items])

@@ -24,15 +24,19 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
+def to_uint8(x: Tensor) -> Tensor:
+    """Images in [-1, 1] -> uint8 of the same shape: the 256 levels an 8-bit file holds (clamped, rounded)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte()
+
+
 def to_image(translation: Tensor) -> Image.Image:
     """(3, h, w) in [-1, 1] -> RGB PIL image (rounded to 8 bits)."""
-    array = ((translation.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
+    return Image.fromarray(to_uint8(translation).permute(1, 2, 0).numpy())
 
 
 def quantize(x: Tensor) -> Tensor:
-    """Round [-1, 1] images to the 256 levels an 8-bit file holds."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    """Round [-1, 1] images to the 256 levels an 8-bit file holds, staying in [-1, 1]."""
+    return normalize(to_uint8(x))
 
 
 def resize_square(image: Image.Image, size: int) -> Image.Image:

@@ -14,13 +14,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteGuard:
-    """Counts skipped steps (in a row, and in all, which checkpoints keep) and raises after `limit` in a row.
+    """Counts skipped steps in a row and raises after `limit` of them (the run's total is a training-state
+    counter, kept in checkpoints).
 
     Every rank sees the same verdict for a step (the step agrees on it across ranks), so they all raise together.
     """
 
-    def __init__(self, limit: int, total: int = 0) -> None:
-        self.limit, self.total, self.in_a_row = limit, total, 0
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row = limit, 0
         if limit == 0:
             log.warning("control.max_nonfinite_steps=0: losses are not checked for NaN/inf, and a non-finite loss is "
                         "applied to the weights (set it to 1 or more to skip such steps and stop after that many)")
@@ -30,7 +31,6 @@ class NonFiniteGuard:
             self.in_a_row = 0
             return
         self.in_a_row += 1
-        self.total += 1
         log.warning("step %d: non-finite loss (%s); update skipped (%d in a row)", step,
                     ", ".join(f"{k}={v.item():.3g}" for k, v in losses.items()), self.in_a_row)
         if self.in_a_row >= self.limit:

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from pipeline.data.held_out import iter_inputs
-from pipeline.data.images import quantize, resize_square, to_tensor
+from pipeline.data.held_out import iter_inputs, iter_tensors
+from pipeline.data.images import normalize, quantize, to_image, to_tensor, to_uint8
 from pipeline.data.stream import DataError
 from pipeline.eval.metrics import distribution, paired
 from pipeline.eval.metrics.features import load_extractor
@@ -55,12 +55,6 @@ class _Features:
         return np.concatenate(self.rows) if self.rows else np.zeros((0, 0))
 
 
-def _images(source: str, size: int, limit: int) -> Iterator[tuple[str, Tensor]]:
-    items = iter_inputs(source)
-    for item in itertools.islice(items, limit or None):
-        yield item.key, to_tensor(resize_square(item.image, size) if size else item.image)
-
-
 @torch.no_grad()
 def evaluate_direction(
     net: nn.Module, reverse: nn.Module | None, multiple: int, source: str, target: str, device: torch.device,
@@ -99,14 +93,14 @@ def evaluate_direction(
             # The ground truth of the first max_images sources, not the first max_images of the target set:
             # shards hold their files in a shuffled order, so those would not pair.
             keys = {item.key for item in itertools.islice(iter_inputs(source), max_images)}
-            targets: Iterator[tuple[str, Tensor]] = ((k, im) for k, im in _images(target, size, 0) if k in keys)
+            targets: Iterator[tuple[str, Tensor]] = ((k, im) for k, im in iter_tensors(target, size, 0) if k in keys)
         else:
-            targets = _images(target, size, max_images)
+            targets = iter_tensors(target, size, max_images)
         for key, image in targets:
             real_count += 1
             real.add(image)
             if paired_keys:
-                truth[key] = ((image + 1) * 127.5).round().byte()
+                truth[key] = to_uint8(image)
         real_features = real.result()
 
         # Translate, and run the reverse generator on the translations as they come (bounded memory).
@@ -117,7 +111,7 @@ def evaluate_direction(
         count = 0
 
         def sources() -> Iterator[tuple[str, Tensor]]:
-            for key, image in _images(source, size, max_images):
+            for key, image in iter_tensors(source, size, max_images):
                 inputs[key] = image
                 yield key, image
 
@@ -128,7 +122,7 @@ def evaluate_direction(
                 count += 1
                 fake.add(out)
                 if key in truth:
-                    _paired(per_image, out, inputs[key], truth.pop(key).float() / 127.5 - 1)
+                    _paired(per_image, out, inputs[key], normalize(truth.pop(key)))
                 yield key, out
 
         if reverse is not None:
@@ -165,8 +159,7 @@ def evaluate_direction(
 def _paired(per_image: dict[str, list[float]], out: Tensor, source: Tensor, truth: Tensor) -> None:
     if truth.shape != out.shape:
         # Ground truth at another size (only with size=0): compare at the translation's size.
-        truth = to_tensor(Image.fromarray(((truth + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-                          .resize((out.shape[-1], out.shape[-2]), Image.BICUBIC))
+        truth = to_tensor(to_image(truth).resize((out.shape[-1], out.shape[-2]), Image.BICUBIC))
     for suffix, image in (("", out), ("_identity", source)):
         if image.shape != truth.shape:
             continue

@@ -87,7 +87,7 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     elif cfg.checkpoint.init_from:
         loaded = load_reference_dir(cfg.checkpoint.init_from, parts.nets)
         log.info("initialised %s from reference weights in %s", ", ".join(loaded), cfg.checkpoint.init_from)
-    guard = NonFiniteGuard(cfg.control.max_nonfinite_steps, state.nonfinite_steps)
+    guard = NonFiniteGuard(cfg.control.max_nonfinite_steps)
     recorder = make_recorder(cfg, info, (resume[1].get("mlflow_run_id") or None) if resume else None)
     del resume  # Frees the checkpoint's CPU copy of the state.
     return Trainer(cfg, info, device, parts, state, guard, recorder).train(loader, stop_flag)
@@ -185,8 +185,9 @@ class Trainer:
     def account(self, step: int, result: Any, data_s: float) -> None:
         self.state.step = step
         self.state.images_seen += self.images_per_step
+        if not result.applied:
+            self.state.nonfinite_steps += 1
         self.guard.record(step, result.applied, result.losses)
-        self.state.nonfinite_steps = self.guard.total
         if result.applied:
             self.meter.add(result.losses, data_s)
 

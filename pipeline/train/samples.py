@@ -6,13 +6,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.data.images import to_uint8
 from pipeline.gan.cyclegan import Generators
 
 
-def to_uint8(images: Tensor) -> np.ndarray:
+def _nhwc_uint8(images: Tensor) -> np.ndarray:
     """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
-    array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
-    return array.permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8(images.detach().float()).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def sample_grid(gens: Generators, real_a: Tensor, real_b: Tensor) -> np.ndarray:
         gens.train(was_training)
     rows = [torch.cat(list(triple), dim=-1) for triple in zip(real_a, fake_b, rec_a)]
     rows += [torch.cat(list(triple), dim=-1) for triple in zip(real_b, fake_a, rec_b)]
-    tiles = to_uint8(torch.stack(rows))
+    tiles = _nhwc_uint8(torch.stack(rows))
     gutter = 2
     n, h, w, _ = tiles.shape
     grid = np.full((n * (h + gutter) - gutter, w, 3), 255, dtype=np.uint8)
