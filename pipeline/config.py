@@ -130,6 +130,16 @@ class PerfConfig:
     """torch.compile each network in place (state_dict keys unchanged)."""
     compile_backend: str = "inductor"
     """torch.compile backend (inductor; aot_eager or eager to check tracing without code generation)."""
+    compile_mode: str = "default"
+    """torch.compile mode: default, reduce-overhead (CUDA graphs: one launch per graph instead of one per kernel,
+    for launch-bound small batches) or max-autotune (also benchmarks kernel choices: minutes more compile time)."""
+    tf32: bool = True
+    """TF32 tensor cores for fp32 convolutions and matrix products on CUDA (torch's default for convolutions);
+    false computes fp32 as true fp32. No effect on CPU or on bf16/fp16 work."""
+    deterministic: bool = False
+    """Bitwise reproducible CUDA runs (a resumed run equals a straight one): deterministic kernels, no cudnn
+    autotuning, a reflection padding whose backward does not add with atomics. Slower; CPU runs are
+    deterministic anyway."""
     threads: int = 0
     """CPU threads of each rank's intra-op pool (torch.set_num_threads); 0 keeps torch's default (OMP_NUM_THREADS,
     else one per core). Ranks x threads plus data.workers should not exceed the cores of a CPU machine."""
@@ -242,6 +252,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "perf.instance_norm_kernel": ("auto", "group_norm", "instance_norm"),
+    "perf.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "tracking.log_checkpoints": ("all", "last", "none"),
 }
 

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 from support.ddp_worker import fixed_batch
-from support.runs import ROOT, WORKER, free_port, process_env
+from support.runs import ROOT, WORKER, free_port, process_env, single_rank_cmd, tiny_overrides, train_cmd
 
 from pipeline.config import load_config
+from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.engine.optim import build_adam
 from pipeline.gan.cyclegan import build_networks, build_objective
 from pipeline.gan.image_pool import ImagePool
@@ -164,3 +165,19 @@ def test_a_failing_rank_ends_the_job_with_its_reason(tmp_path):
     assert time.monotonic() - t0 < 120
     assert "injected failure on rank 1 at step 2" in proc.stderr
     assert "exitcode" in proc.stderr and not out.exists()  # torchrun's failure report, naming the failed rank
+
+
+def test_a_process_group_of_one_rank_equals_a_plain_run_bitwise(shards, tmp_path):
+    """The DDP path on one device (what the GPU check runs with nccl): DDP and collectives change no bit."""
+    common = {"train.steps": 4, "checkpoint.every_steps": 4, "report.log_every_steps": 1}
+    plain = subprocess.run(train_cmd(0, tiny_overrides(shards, tmp_path / "plain", **common)), env=process_env(),
+                           cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    group = subprocess.run(single_rank_cmd(tiny_overrides(shards, tmp_path / "group", **common)),
+                           env=process_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert group.returncode == 0, group.stderr[-3000:]
+    assert "rank 0/1 joined the gloo process group" in group.stderr
+    a = load_checkpoint(tmp_path / "plain" / "ckpt-000000004.pt")
+    b = load_checkpoint(tmp_path / "group" / "ckpt-000000004.pt")
+    assert all(torch.equal(v, b["nets"][n][k]) for n, net in a["nets"].items() for k, v in net.items())
+    assert torch.equal(a["ranks"][0]["pool_a"]["images"], b["ranks"][0]["pool_a"]["images"])

@@ -51,9 +51,11 @@ def select_device(requested: str, info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(info: DistInfo, device: torch.device, timeout_s: float = 600.0) -> None:
-    """Join the job's process group (nccl on CUDA, gloo on CPU); a no-op at world size 1."""
-    if info.world_size == 1 or dist.is_initialized():
+def init_process_group(info: DistInfo, device: torch.device, timeout_s: float = 600.0,
+                       single_rank: bool = False) -> None:
+    """Join the job's process group (nccl on CUDA, gloo on CPU); a no-op at world size 1 unless `single_rank`
+    (a group of one: the distributed code path, DDP and collectives included, on one device)."""
+    if (info.world_size == 1 and not single_rank) or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -71,6 +73,11 @@ def init_process_group(info: DistInfo, device: torch.device, timeout_s: float = 
     log.info("rank %d/%d joined the %s process group", info.rank, info.world_size, backend)
 
 
+def is_distributed() -> bool:
+    """Whether this process is in a process group (of any size): collectives and DDP are then used."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -78,21 +85,21 @@ def destroy_process_group() -> None:
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (in place); identity when not distributed."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= dist.get_world_size()
     return tensor
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 
 def gather_objects(obj: object) -> list[object]:
     """Every rank's `obj` in rank order, on every rank (a list of one when not distributed)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return [obj]
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -101,7 +108,7 @@ def gather_objects(obj: object) -> list[object]:
 
 def gather_to_main(obj: object) -> list[object] | None:
     """Every rank's `obj` in rank order on rank 0, None on the other ranks ([obj] when not distributed)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return [obj]
     out: list[object] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
@@ -110,7 +117,7 @@ def gather_to_main(obj: object) -> list[object] | None:
 
 def broadcast_from_main(obj: object) -> object:
     """Rank 0's `obj` on every rank (a collective; `obj` itself when not distributed)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -118,5 +125,5 @@ def broadcast_from_main(obj: object) -> object:
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.barrier()

@@ -51,13 +51,15 @@ class Pools:
 @dataclass
 class StepSettings:
     """How the step runs: device and precision (fp16 scales both losses with one GradScaler), whether the ranks
-    agree on finite losses before updating (check_finite) and on stopping (distributed), and the memory format."""
+    agree on finite losses before updating (check_finite) and on stopping (distributed), the memory format, and
+    whether compiled networks replay CUDA graphs (each step then tells torch that a new iteration begins)."""
 
     device: torch.device
     precision: str = "fp32"
     check_finite: bool = True
     distributed: bool = False
     memory_format: torch.memory_format = torch.contiguous_format
+    cudagraphs: bool = False
 
 
 @dataclass
@@ -90,6 +92,10 @@ class TrainStep:
         nets, opt, pools, settings = self.networks, self.optimisers, self.pools, self.settings
         D = nets.discs_module
         scale = opt.scaler.scale
+        if settings.cudagraphs:
+            # A new iteration: the graphs' output memory of the last step may be reused (nothing holds it: the
+            # pools store copies and the losses are detached copies).
+            torch.compiler.cudagraph_mark_step_begin()
         real_a = real_a.contiguous(memory_format=settings.memory_format)
         real_b = real_b.contiguous(memory_format=settings.memory_format)
 

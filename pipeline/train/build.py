@@ -10,10 +10,11 @@ from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.engine import dist
+from pipeline.engine.kernels import configure_kernels
 from pipeline.engine.optim import build_adam
 from pipeline.gan.cyclegan import Discriminators, Generators, build_networks, build_objective
 from pipeline.gan.image_pool import ImagePool
-from pipeline.gan.networks import uses_group_kernel_norm
+from pipeline.gan.networks import use_sliced_reflection_pad, uses_group_kernel_norm
 from pipeline.gan.step import Optimisers, Pools, StepNetworks, StepSettings, TrainStep
 
 log = logging.getLogger("pipeline.train")
@@ -32,18 +33,21 @@ class Components:
         return {"G_ab": self.gens.G_ab, "G_ba": self.gens.G_ba, "D_a": self.discs.D_a, "D_b": self.discs.D_b}
 
 
+def uses_cudagraphs(perf: DictConfig, device: torch.device) -> bool:
+    """Whether torch.compile records CUDA graphs (inductor's reduce-overhead and max-autotune modes)."""
+    return (perf.compile and perf.compile_backend == "inductor" and device.type == "cuda"
+            and perf.compile_mode in ("reduce-overhead", "max-autotune"))
+
+
 def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device) -> Components:
     """Networks (identical on every rank: seeded from train.seed), optimisers, this rank's pools, DDP."""
-    if cfg.perf.threads:
-        torch.set_num_threads(cfg.perf.threads)
-    if device.type == "cpu":
-        # Denormal activations appear after a few hundred GAN steps and make x86 CPUs up to 6x slower.
-        torch.set_flush_denormal(True)
-    else:
-        torch.backends.cudnn.benchmark = True  # Fixed crop sizes: pick the fastest convolution once.
+    configure_kernels(cfg.perf, device)
     torch.manual_seed(cfg.train.seed)
     gens, discs = build_networks(cfg.model, fused=cfg.perf.fused_calls,
                                  group_kernel_norm=uses_group_kernel_norm(cfg.perf.instance_norm_kernel, device))
+    if cfg.perf.deterministic:
+        for net in (gens, discs):
+            use_sliced_reflection_pad(net)
     memory_format = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
     gens.to(device, memory_format=memory_format)
     discs.to(device, memory_format=memory_format)
@@ -51,15 +55,18 @@ def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device)
         # D is called with and without requires_grad and on pooled inputs: each is a recompile (guards), so
         # the default limit of 8 is hit and dynamo silently falls back to eager. Raise it.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        mode = None if cfg.perf.compile_mode == "default" else cfg.perf.compile_mode
         for net in (gens.G_ab, gens.G_ba, discs.D_a, discs.D_b):
-            net.compile(backend=cfg.perf.compile_backend)
-    opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
-    opt_d = build_adam(discs.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
+            net.compile(backend=cfg.perf.compile_backend, mode=mode)
+    opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, device)
+    opt_d = build_adam(discs.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, device)
     pool_seed = cfg.train.seed * 1000 + info.rank
     pool_a = ImagePool(cfg.train.pool_size, seed=2 * pool_seed)
     pool_b = ImagePool(cfg.train.pool_size, seed=2 * pool_seed + 1)
-    # DDP averages gradients; D is called unwrapped and frozen in the G phase (never static_graph).
-    if info.world_size > 1:
+    # DDP averages gradients; D is called unwrapped and frozen in the G phase (never static_graph). A process
+    # group of one rank (a launcher check on one device) takes the same path as eight.
+    distributed = dist.is_distributed()
+    if distributed:
         ids = [device.index] if device.type == "cuda" else None
         gens_call, discs_call = DDP(gens, device_ids=ids), DDP(discs, device_ids=ids)
     else:
@@ -70,6 +77,7 @@ def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device)
         optimisers=Optimisers(opt_g, opt_d, torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")),
         pools=Pools(pool_a, pool_b),
         settings=StepSettings(device, cfg.train.precision, check_finite=cfg.control.max_nonfinite_steps > 0,
-                              distributed=info.world_size > 1, memory_format=memory_format),
+                              distributed=distributed, memory_format=memory_format,
+                              cudagraphs=uses_cudagraphs(cfg.perf, device)),
     )
     return Components(gens, discs, step)

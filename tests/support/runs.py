@@ -9,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "support" / "ddp_worker.py"
+SINGLE_RANK = ROOT / "tests" / "support" / "single_rank_train.py"
 
 
 def tiny_overrides(shards: dict[str, str], default_run_dir: Path, **extra) -> list[str]:
@@ -69,3 +70,8 @@ def torchrun_cmd(nproc: int, *args: str, rendezvous: tuple[str, ...] | list[str]
     """torchrun with nproc ranks on this host running `args` (a script and its arguments, or `-m module ...`)."""
     where = list(rendezvous) or ["--standalone"]
     return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}", *args]
+
+
+def single_rank_cmd(overrides: list[str]) -> list[str]:
+    """The trainer under torchrun in a process group of one rank (tests/support/single_rank_train.py)."""
+    return torchrun_cmd(1, str(SINGLE_RANK), *overrides)
