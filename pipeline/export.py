@@ -27,6 +27,7 @@ from pipeline.infer.export import (
     export,
 )
 from pipeline.infer.generators import load_generators
+from pipeline.infer.translate import select_device
 from pipeline.translate import add_generator_args, model_overrides
 
 
@@ -50,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="batches to compare with PyTorch (default: 1xSxS and 2x(S+3)x(S-5), S the crop size)")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |exported - PyTorch|")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                        help="where the check runs PyTorch and TorchScript (the exported file is the same)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     for chatty in ("onnxscript", "onnx_ir"):  # Graph optimisation steps, one line each.
@@ -60,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         gens = load_generators(args.checkpoint, args.direction, model_overrides(args))
         s = gens.cfg.data.crop_size
         shapes = [] if args.no_check else args.check or [(1, s, s), (2, s + 3, max(s - 5, 1))]
-        worst = export(gens, args.format, args.output, shapes, args.tolerance, args.opset)
+        worst = export(gens, args.format, args.output, shapes, args.tolerance, args.opset,
+                       select_device(args.device))
     except (CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -36,6 +36,20 @@ def tiny(shards, tmp_path):
     return lambda **extra: tiny_overrides(shards, tmp_path / "run", **extra)
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests are collected everywhere and skipped, saying why, where torch sees no CUDA device."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch sees none): run `make gpu-check` on a GPU machine")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch):
     # Tests must not talk to a user's tracking server or inherit a torchrun environment.

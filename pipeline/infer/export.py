@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,31 +73,44 @@ def export_onnx(model: nn.Module, path: Path, meta: dict[str, Any], opset: int =
 
 
 def run_exported(path: Path, fmt: str, x: torch.Tensor) -> np.ndarray:
-    """The exported model's output for `x`, run by TorchScript or ONNX Runtime on the CPU."""
+    """The exported model's output for `x`: TorchScript on x's device, ONNX Runtime on the CPU."""
     if fmt == "torchscript":
         with torch.no_grad():
-            return torch.jit.load(str(path), map_location="cpu")(x).numpy()
+            return torch.jit.load(str(path), map_location=x.device)(x).cpu().numpy()
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["translated"], {"image": x.numpy()})[0]
+    return session.run(["translated"], {"image": x.cpu().numpy()})[0]
+
+
+@contextlib.contextmanager
+def _true_fp32() -> Iterator[None]:
+    """fp32 convolutions without TF32 (CUDA's default for them): a check compares full-precision maths."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 def check_export(model: nn.Module, path: Path, fmt: str, shapes: Sequence[tuple[int, int, int]],
-                 tolerance: float = 1e-4, seed: int = 0) -> float:
-    """Largest |exported - PyTorch| over random [-1, 1] batches of `shapes` (N, H, W); raises ExportError above
-    `tolerance`."""
+                 tolerance: float = 1e-4, seed: int = 0, device: torch.device | str = "cpu") -> float:
+    """Largest |exported - PyTorch| over random [-1, 1] batches of `shapes` (N, H, W), PyTorch (and TorchScript)
+    running on `device`; raises ExportError above `tolerance`."""
     generator = torch.Generator().manual_seed(seed)
+    model = copy.deepcopy(model).to(device)
     worst = 0.0
     for n, h, w in shapes:
-        x = torch.rand(n, 3, h, w, generator=generator) * 2 - 1
-        with torch.no_grad():
-            expected = model(x).numpy()
-        got = run_exported(path, fmt, x)
+        x = (torch.rand(n, 3, h, w, generator=generator) * 2 - 1).to(device)
+        with torch.no_grad(), _true_fp32():
+            expected = model(x).cpu().numpy()
+            got = run_exported(path, fmt, x)
         if got.shape != expected.shape:
             raise ExportError(f"{fmt} output for input {tuple(x.shape)} has shape {got.shape}, not {expected.shape}")
         diff = float(np.abs(got - expected).max())
-        log.info("check %s: input %s, max |exported - PyTorch| = %.2e", fmt, tuple(x.shape), diff)
+        log.info("check %s on %s: input %s, max |exported - PyTorch| = %.2e", fmt, torch.device(device).type,
+                 tuple(x.shape), diff)
         worst = max(worst, diff)
         if not diff <= tolerance:
             raise ExportError(f"{fmt} export differs from PyTorch by {diff:.3g} (> {tolerance}) on {tuple(x.shape)}")
@@ -103,8 +118,8 @@ def check_export(model: nn.Module, path: Path, fmt: str, shapes: Sequence[tuple[
 
 
 def export(gens: Generators, fmt: str, path: Path, check_shapes: Sequence[tuple[int, int, int]] = (),
-           tolerance: float = 1e-4, opset: int = DEFAULT_OPSET) -> float | None:
-    """Export the generator of `gens` (with padding) to `path`; check it if `check_shapes` are given.
+           tolerance: float = 1e-4, opset: int = DEFAULT_OPSET, device: torch.device | str = "cpu") -> float | None:
+    """Export the generator of `gens` (with padding) to `path`; check it on `device` if `check_shapes` are given.
 
     Returns the largest difference found by the check (None without one).
     """
@@ -117,4 +132,4 @@ def export(gens: Generators, fmt: str, path: Path, check_shapes: Sequence[tuple[
         export_torchscript(model, path, meta)
     else:
         export_onnx(model, path, meta, opset)
-    return check_export(model, path, fmt, check_shapes, tolerance) if check_shapes else None
+    return check_export(model, path, fmt, check_shapes, tolerance, device=device) if check_shapes else None
