@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= data/synthetic
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint ui clean
+.PHONY: demo test lint ui clean gpu-check
 
 $(STAMP): setup.cfg pyproject.toml ci/requirements-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/lint-imports
+
+# The GPU check (benchmarks/gpu_check.py; README, "GPU"): with a Python whose torch has CUDA (GPU_PY), not the CPU
+# venv that `make test` builds. Without CUDA it runs its CPU part and lists what it skipped.
+GPU_PY ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(GPU_PY) benchmarks/gpu_check.py $(ARGS)
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -48,12 +48,13 @@ def make_shards(root: Path, n: int, size: int, fmt: str) -> dict[str, str]:
 
 
 def throughput(shards: dict[str, str], workers: int, crop: int, load: int, seconds: float,
-               shuffle_buffer: int = 128) -> float:
-    """Augmented images/s out of the training loader (one A and one B image per batch), after a warm-up."""
+               shuffle_buffer: int = 128, pin_memory: bool = False) -> float:
+    """Augmented images/s out of the training loader (one A and one B image per batch), after a warm-up;
+    `pin_memory` as training sets it on CUDA."""
     cfg = SimpleNamespace(train_a=shards["trainA"], train_b=shards["trainB"], preprocess="resize_and_crop",
                           load_size=load, crop_size=crop, flip=True, batch_per_rank=1, workers=workers,
                           shuffle_buffer=shuffle_buffer, prefetch_factor=8)
-    batches = iter(train_loader(cfg, seed=0, rank=0))
+    batches = iter(train_loader(cfg, seed=0, rank=0, pin_memory=pin_memory))
     for _ in range(8 * max(workers, 1)):  # Warm-up: workers started, buffers filled.
         next(batches)
     n, t0 = 0, time.perf_counter()

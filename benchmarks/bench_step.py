@@ -56,10 +56,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(case: str, impl: str, precision: str, channels_last: bool, compiled: bool, device: torch.device):
+def make_step(case: str, impl: str, precision: str, channels_last: bool, compiled: bool, device: torch.device,
+              extra: tuple[str, ...] = ()):
+    """(step, crop) of one setting; `extra` are more config overrides (e.g. perf.compile_mode=reduce-overhead)."""
     overrides, crop = CASES[case]
     overrides = [*overrides, f"train.precision={precision}", f"perf.channels_last={channels_last}",
-                 f"perf.compile={compiled}", f"train.device={device.type}"]
+                 f"perf.compile={compiled}", f"train.device={device.type}", *extra]
     if impl == "reference":
         overrides += ["perf.fused_calls=false", "perf.instance_norm_kernel=instance_norm"]
     cfg = load_config([], overrides)

@@ -123,7 +123,8 @@ class PerfConfig:
     """Batch each generator's translation and identity inputs, and each D's real and fake, into one call."""
     instance_norm_kernel: str = "auto"
     """group_norm (the same statistics through GroupNorm's kernel: 1.7-2.8x faster on CPU), instance_norm
-    (torch's own, as the reference), or auto: group_norm on CPU, instance_norm on CUDA (not yet measured there)."""
+    (torch's own, as the reference), or auto: group_norm on CPU, instance_norm on CUDA (the GPU check measures both
+    there: `make gpu-check`)."""
     channels_last: bool = False
     """NHWC activations (tensor cores like them; on CPU InstanceNorm copies layouts and it is slower)."""
     compile: bool = False

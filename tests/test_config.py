@@ -59,6 +59,12 @@ def test_bad_choice_lists_choices_and_closest():
         load_config([], ["loss.gan_mode=lsgam"])
 
 
+def test_compile_mode_is_one_of_torch_compiles_modes():
+    assert load_config([], ["perf.compile_mode=reduce-overhead"]).perf.compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match=r"'perf.compile_mode' is 'reduce_overhead'; did you mean 'reduce-overhead'"):
+        load_config([], ["perf.compile_mode=reduce_overhead"])
+
+
 def test_missing_file_and_malformed_override():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(["nope.yaml"])

@@ -321,3 +321,38 @@ def test_each_generator_takes_its_listed_size_multiple_and_no_finer_one(arch):
         except RuntimeError:
             return  # unet: the skip connection's shapes disagree
         assert out.shape[-1] != side
+
+
+@pytest.mark.parametrize("pad", [(1, 1, 1, 1), (3, 3, 3, 3), (0, 2, 1, 0), (2, 0, 0, 3)])
+def test_sliced_reflection_pad_equals_reflection_pad_and_its_gradient(pad):
+    from pipeline.gan.networks import SlicedReflectionPad2d
+
+    x = torch.randn(2, 3, 7, 9, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    native, sliced = nn.ReflectionPad2d(pad)(x), SlicedReflectionPad2d(pad)(x)
+    assert torch.equal(native, sliced)  # Copies only: bit for bit.
+    g = torch.randn_like(native)
+    # The backward adds the same terms in another order (corners reflect twice): rounding only.
+    assert torch.allclose(torch.autograd.grad(native, x, g)[0], torch.autograd.grad(sliced, x, g)[0], atol=1e-6)
+
+
+def test_perf_deterministic_swaps_every_reflection_pad_and_keeps_the_keys():
+    from pipeline.config import load_config
+    from pipeline.engine.dist import DistInfo
+    from pipeline.gan.networks import SlicedReflectionPad2d
+    from pipeline.train.build import build_components
+
+    overrides = ["model.generator=resnet_6blocks", "model.ngf=4", "model.ndf=4", "train.device=cpu"]
+    plain = build_components(load_config([], overrides), DistInfo(), torch.device("cpu"))
+    try:
+        det = build_components(load_config([], [*overrides, "perf.deterministic=true"]), DistInfo(),
+                               torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)  # Process-wide: leave other tests as they were.
+    for name, net in det.nets.items():
+        pads = [type(m) for m in net.modules() if isinstance(m, nn.ReflectionPad2d)]
+        assert all(t is SlicedReflectionPad2d for t in pads) and (pads or name.startswith("D"))
+        assert net.state_dict().keys() == plain.nets[name].state_dict().keys()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(det.gens.G_ab(x), plain.gens.G_ab(x))
