@@ -136,7 +136,11 @@ _OUTCOME = re.compile(r"(tests/test_gpu\.py::\S+)\s+(PASSED|FAILED|SKIPPED|ERROR
 
 def run_gpu_tests(timeout_s: float, cuda: bool) -> dict[str, Any]:
     """pytest -m gpu in a subprocess; each test's outcome read from its verbose line (kept if pytest is cut off)."""
-    workers = ["-n", "4", "--dist", "load"] if cuda else []  # One GPU, 16 cores: the tests' processes overlap.
+    # One GPU and many cores: the tests' processes overlap (10 tests on 6 workers: the compile tests, the longest,
+    # land on different workers).
+    import importlib.util
+
+    workers = ["-n", "6", "--dist", "load"] if cuda and importlib.util.find_spec("xdist") else []
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", "-p", "no:cacheprovider", *workers,
            "tests/test_gpu.py"]
     t0 = time.monotonic()
