@@ -222,6 +222,18 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    """The process group of a multi-rank (and multi-host) job."""
+
+    timeout_s: float = 300.0
+    """How long a collective waits for a lost or stuck peer before the job ends with an error naming it (torch's
+    default is 30 minutes). Keep it above the longest pause of one rank: a checkpoint write, an evaluation."""
+    socket_ifname: str = ""
+    """Network interface for gloo and nccl's sockets (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, which win when set);
+    empty: the interface of the route to MASTER_ADDR."""
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/cyclegan"
     """Folder of this run's checkpoints, samples, logs and resolved config."""
@@ -236,6 +248,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # The generator architectures, each with the side multiple its inputs need (its two stride-2 steps for resnet,
@@ -383,7 +396,7 @@ def validate(cfg: DictConfig) -> None:
             hint = f"did you mean '{near[0]}'? " if near else ""
             raise ConfigError(f"'{key}' is '{value}'; {hint}choose one of: {', '.join(choices)}")
     positive = ["train.steps", "data.batch_per_rank", "data.crop_size", "data.load_size", "report.log_every_steps",
-                "report.sample_images"]
+                "report.sample_images", "dist.timeout_s"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"'{key}' must be positive, got {OmegaConf.select(cfg, key)}")

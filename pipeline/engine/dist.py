@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -51,26 +53,99 @@ def select_device(requested: str, info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(info: DistInfo, device: torch.device, timeout_s: float = 600.0,
-                       single_rank: bool = False) -> None:
+def interface_for(address: str) -> str | None:
+    """The network interface this host would use to reach `address` (the route's source address), or None."""
+    try:
+        target = socket.gethostbyname(address)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((target, 9))  # UDP: picks the route, sends nothing.
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    for _, name in socket.if_nameindex():
+        if _ipv4_of(name) == local:
+            return name
+    return None
+
+
+def _ipv4_of(ifname: str) -> str | None:
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", ifname.encode()[:15]))  # SIOCGIFADDR
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def configure_network(socket_ifname: str = "") -> str | None:
+    """Choose the interface of gloo's and nccl's sockets before the group forms: GLOO_SOCKET_IFNAME and
+    NCCL_SOCKET_IFNAME when set, else `socket_ifname`, else the interface of the route to MASTER_ADDR.
+
+    Without it gloo binds to the address its hostname resolves to, which on a multi-homed node can be an
+    interface the other nodes cannot reach (the group then hangs at its first collective).
+    """
+    master = os.environ.get("MASTER_ADDR", "")
+    chosen = socket_ifname or (interface_for(master) if master else None)
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if chosen and not os.environ.get(var):
+            os.environ[var] = chosen
+    return os.environ.get("GLOO_SOCKET_IFNAME") or chosen
+
+
+# Every rank's (host, address), in rank order, once the group has formed: errors about a lost peer name it.
+_HOSTS: list[tuple[str, str]] = []
+
+
+def hosts() -> list[tuple[str, str]]:
+    """Every rank's (hostname, address) in rank order, as gathered when the group formed ([] before)."""
+    return list(_HOSTS)
+
+
+def describe_lost_peer(error: BaseException, me: int) -> str | None:
+    """'rank R on host H (address A)' for each other rank whose address the error message names, or None."""
+    text = str(error)
+    mine = _HOSTS[me][1] if me < len(_HOSTS) else None
+    lost = [f"rank {r} on host {h} ({a})" for r, (h, a) in enumerate(_HOSTS)
+            if r != me and a and a != mine and re.search(rf"(?<![\d.]){re.escape(a)}(?!\d)", text)]
+    return ", ".join(lost) if lost else None
+
+
+def init_process_group(info: DistInfo, device: torch.device, timeout_s: float = 300.0,
+                       single_rank: bool = False, socket_ifname: str = "") -> None:
     """Join the job's process group (nccl on CUDA, gloo on CPU); a no-op at world size 1 unless `single_rank`
-    (a group of one: the distributed code path, DDP and collectives included, on one device)."""
+    (a group of one: the distributed code path, DDP and collectives included, on one device).
+
+    `timeout_s` bounds every collective: a peer that is lost ends the job after it instead of hanging it.
+    Rank 0 then logs every rank's host and address.
+    """
     if (info.world_size == 1 and not single_rank) or dist.is_initialized():
         return
+    ifname = configure_network(socket_ifname)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if restart is not None:
-        # After torchrun restarts a failed group, the new workers found the old workers' gloo addresses in the
-        # agent's store and failed to connect ("Connection refused"): give each attempt its own key space.
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        # torchrun keeps one store for all attempts of a job: after it restarts a failed group, the new workers
+        # found the old workers' gloo addresses there and failed to connect ("Connection refused"). Each attempt
+        # gets its own key space, numbered by how often this rank has started. Not TORCHELASTIC_RESTART_COUNT:
+        # it counts per agent, and an agent whose workers were restarted for another node's failure does not
+        # count that restart (two hosts then used two key spaces and waited for each other forever).
         agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
                               is_master=info.rank == 0 and not agent_store, timeout=timeout)
-        kwargs.update(store=dist.PrefixStore(f"/pipeline/attempt_{restart}", store), rank=info.rank,
+        attempt = store.add(f"/pipeline/starts/rank_{info.rank}", 1)
+        kwargs.update(store=dist.PrefixStore(f"/pipeline/attempt_{attempt}", store), rank=info.rank,
                       world_size=info.world_size)
     dist.init_process_group(backend, timeout=timeout, **kwargs)
-    log.info("rank %d/%d joined the %s process group", info.rank, info.world_size, backend)
+    log.info("rank %d/%d joined the %s process group (interface %s, timeout %.0f s)", info.rank, info.world_size,
+             backend, ifname or "chosen by torch", timeout_s)
+    address = _ipv4_of(ifname) if ifname else None
+    _HOSTS[:] = gather_objects((socket.gethostname(), address or ""))
+    if info.is_main:
+        log.info("ranks: %s", ", ".join(f"{r} on {h}" + (f" ({a})" if a else "") for r, (h, a) in enumerate(_HOSTS)))
 
 
 def is_distributed() -> bool:

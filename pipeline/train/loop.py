@@ -67,7 +67,7 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     """
     info = dist.read_env()
     device = dist.select_device(cfg.train.device, info)
-    dist.init_process_group(info, device)
+    dist.init_process_group(info, device, cfg.dist.timeout_s, socket_ifname=cfg.dist.socket_ifname)
     random.seed(cfg.train.seed * 1000 + info.rank)
 
     # Resume (before anything is written, so a bad checkpoint loses nothing).
@@ -148,8 +148,9 @@ class Trainer:
             status = "KILLED" if stopped_at else "FINISHED"
         except (CheckpointWriteError, NonFiniteLossError):
             raise  # Agreed by all ranks at the same step (broadcast / the step's collective): they leave together.
-        except BaseException:
+        except BaseException as err:
             together = False
+            self.report_lost_peer(err)
             raise
         finally:
             if own_flag:
@@ -161,6 +162,22 @@ class Trainer:
                 dist.barrier()
         return RunResult(stopped_at or self.total, self.metrics, self.evaluation, self.recorder.run_id,
                          stopped=bool(stopped_at))
+
+    def report_lost_peer(self, err: BaseException) -> None:
+        """A collective that failed: one error line naming the rank and host that went away (or, where the
+        error says no more than that it timed out, every rank's host), and how to continue."""
+        if not dist.is_distributed() or not isinstance(err, RuntimeError):
+            return
+        lost = dist.describe_lost_peer(err, self.info.rank)
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        if lost:
+            what = f"lost contact with {lost}"
+        else:
+            ranks = ", ".join(f"{r} on {h}" for r, (h, _) in enumerate(dist.hosts()))
+            what = (f"a collective failed or got no answer within dist.timeout_s={self.cfg.dist.timeout_s:.0f} s "
+                    f"(ranks: {ranks})")
+        log.error("rank %d: %s (%s); this rank stops. Once the hosts are back, the same command resumes from the "
+                  "last checkpoint.", self.info.rank, what, first)
 
     # The loop's parts, in the order a step uses them.
 

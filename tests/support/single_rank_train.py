@@ -18,8 +18,9 @@ from pipeline.train import cli
 def main(argv: list[str]) -> int:
     info = dist.read_env()
     setup_logging(info.rank)
-    device = dist.select_device(load_config([], argv).train.device, info)
-    dist.init_process_group(info, device, single_rank=True)
+    cfg = load_config([], argv)
+    device = dist.select_device(cfg.train.device, info)
+    dist.init_process_group(info, device, cfg.dist.timeout_s, single_rank=True, socket_ifname=cfg.dist.socket_ifname)
     return cli.main(argv)
 
 
