@@ -93,8 +93,8 @@ class TrainStep:
         D = nets.discs_module
         scale = opt.scaler.scale
         if settings.cudagraphs:
-            # A new iteration: the graphs' output memory of the last step may be reused (nothing holds it: the
-            # pools store copies and the losses are detached copies).
+            # A new iteration: the graphs' output memory of the last step may be reused. Nothing still reads it:
+            # the pools store copies, and the losses are computed outside the compiled networks.
             torch.compiler.cudagraph_mark_step_begin()
         real_a = real_a.contiguous(memory_format=settings.memory_format)
         real_b = real_b.contiguous(memory_format=settings.memory_format)

@@ -34,9 +34,12 @@ class Components:
 
 
 def uses_cudagraphs(perf: DictConfig, device: torch.device) -> bool:
-    """Whether torch.compile records CUDA graphs (inductor's reduce-overhead and max-autotune modes)."""
-    return (perf.compile and perf.compile_backend == "inductor" and device.type == "cuda"
-            and perf.compile_mode in ("reduce-overhead", "max-autotune"))
+    """Whether torch.compile records CUDA graphs (inductor's reduce-overhead and max-autotune modes, or the
+    cudagraphs backend)."""
+    if not perf.compile or device.type != "cuda":
+        return False
+    return perf.compile_backend == "cudagraphs" or (
+        perf.compile_backend == "inductor" and perf.compile_mode in ("reduce-overhead", "max-autotune"))
 
 
 def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device) -> Components:

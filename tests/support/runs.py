@@ -52,7 +52,8 @@ def free_port() -> int:
 
 def process_env(threads: int = 1, **extra: str) -> dict[str, str]:
     """The environment of a training subprocess: this checkout importable, a fixed intra-op thread count."""
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), **extra}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path, **extra}
 
 
 def train_cmd(nproc: int, overrides: list[str], *torchrun_args: str) -> list[str]:
