@@ -297,6 +297,22 @@ def tracking_target(train: DictConfig) -> str:
     return f"experiment '{train.tracking.experiment}', run '{name}' at {tracking_uri(train)}"
 
 
+def sqlite_on_many_nodes_warning(s: DictConfig, train: DictConfig) -> str | None:
+    """The warning for a multi-node job that would record to a SQLite file, with the server to use instead."""
+    if s.nodes < 2 or not train.tracking.enabled:
+        return None
+    uri = tracking_uri(train)
+    if not uri.startswith("sqlite:"):
+        return None
+    folder = Path(uri.removeprefix("sqlite:///")).parent
+    return (f"a {s.nodes}-node job records to the SQLite file {uri}. Only rank 0 writes, but that file usually "
+            "sits on a network filesystem, where SQLite's locking is unreliable (a requeued job, the MLflow UI or a "
+            "sweep reading it can corrupt it). Run a tracking server instead, on a machine every node reaches:\n"
+            f"    mlflow server --backend-store-uri {uri} --artifacts-destination {folder / 'mlartifacts'} "
+            "--host 0.0.0.0 --port 5000\n"
+            "and submit with tracking.uri=http://<that host>:5000")
+
+
 # The job.
 
 
@@ -472,6 +488,9 @@ def submit(argv: Sequence[str] | None = None) -> Submission:
     """Check the configs and submit the run (or only build the script with --dry-run)."""
     args = parse_args(argv)
     s, train, shape = prepare(args)
+    warning = sqlite_on_many_nodes_warning(s, train)
+    if warning:
+        log.warning("%s", warning)
     folder = log_folder(s, train.run_dir)
     job_name = s.job_name or Path(train.run_dir).name
     if args.dry_run:

@@ -142,6 +142,20 @@ def check_stopped_and_resumed(folder: Path, job_id: str, run_dir: Path, uri: str
     assert state["mlflow_run_id"] == run.info.run_id
 
 
+@pytest.mark.parametrize("nodes,uri,warned", [(2, "sqlite", True), (1, "sqlite", False), (2, "http", False)])
+def test_multi_node_jobs_recording_to_sqlite_are_warned_before_submission(shards, tmp_path, nodes, uri, warned):
+    extra = {} if uri == "sqlite" else {"tracking.uri": "http://tracking.example:5000"}
+    args = ["--slurm-config", "example_gpu", f"slurm.nodes={nodes}", "--dry-run",
+            *tiny_overrides(shards, tmp_path / "run", **extra)]
+    proc = subprocess.run([sys.executable, "-m", "launch.slurm", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert ("SQLite's locking is unreliable" in proc.stderr) == warned
+    if warned:
+        assert f"mlflow server --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in proc.stderr
+        assert "tracking.uri=http://<that host>:5000" in proc.stderr
+
+
 def test_dry_run_shows_nodes_tasks_gpus_cpus_signal_and_requeue(shards, tmp_path):
     args = ["--slurm-config", "example_gpu", "slurm.nodes=2", "slurm.cpus_per_task=6", "slurm.partition=big",
             "slurm.time_min=240", "slurm.signal_delay_s=150", "slurm.max_num_timeout=7", "--dry-run",
