@@ -97,6 +97,9 @@ class DataConfig:
     """Samples held in each stream's shuffle buffer."""
     prefetch_factor: int = 4
     """Batches each worker prepares ahead of the step."""
+    remote_retry_s: float = 120.0
+    """How long a network shard (http(s)://, pipe:) may keep failing, read again with a warning each time, before
+    the run stops with an error naming its URL."""
 
 
 @dataclass

@@ -26,9 +26,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, tarfile_samples
+from webdataset.tariterators import base_plus_ext
 
 from pipeline.data.images import to_uint8_tensor
+from pipeline.data.remote import ShardUnreachable, retrying_samples
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +201,11 @@ def decode_image(sample: dict[str, Any]) -> Image.Image:
 
 
 def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int, min_samples: int = 1,
-                label: str = "") -> Iterator[dict[str, Any]]:
+                label: str = "", retry_s: float = 120.0) -> Iterator[dict[str, Any]]:
     """Undecoded samples forever: shards in a new random order each pass, mixed through a shuffle buffer.
 
-    A first pass with fewer than `min_samples` samples (one batch) raises DataError, naming `label`.
+    A first pass with fewer than `min_samples` samples (one batch) raises DataError, naming `label`; a network
+    shard that fails for `retry_s` seconds in a row raises DataError naming its URL.
     """
     buffer: list[dict[str, Any]] = []
     first = True
@@ -211,7 +213,7 @@ def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int, min_sa
         order = list(urls)
         rng.shuffle(order)
         produced = 0
-        for sample in tarfile_samples({"url": url} for url in order):
+        for sample in _samples_of(order, retry_s):
             produced += 1
             if len(buffer) < shuffle_buffer:
                 buffer.append(sample)
@@ -227,12 +229,21 @@ def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int, min_sa
         first = False
 
 
+def _samples_of(urls: list[str], retry_s: float) -> Iterator[dict[str, Any]]:
+    for url in urls:
+        try:
+            yield from retrying_samples(url, retry_s)
+        except ShardUnreachable as err:
+            raise DataError(str(err)) from None
+
+
 class DomainStream:
     """An infinite stream of augmented images of one domain, a pure function of its seed."""
 
     def __init__(self, urls: list[str], seed: str, augment: Augment, shuffle_buffer: int, min_samples: int = 1,
-                 label: str = "") -> None:
+                 label: str = "", retry_s: float = 120.0) -> None:
         self.urls = urls
+        self.retry_s = retry_s
         self.seed = seed
         self.augment = augment
         self.shuffle_buffer = shuffle_buffer
@@ -243,7 +254,7 @@ class DomainStream:
     def iterate(self, skip: int = 0) -> Iterator[torch.Tensor]:
         """Images from position `skip` on; skipped samples are read but not decoded."""
         samples = raw_samples(self.urls, random.Random(f"{self.seed}:shards"), self.shuffle_buffer,
-                              self.min_samples, self.label)
+                              self.min_samples, self.label, self.retry_s)
         for index, sample in enumerate(samples):
             if index < skip:
                 continue
@@ -277,9 +288,11 @@ class UnpairedBatches(IterableDataset):
         shuffle_buffer: int = 512,
         start_batch: int = 0,
         patterns: tuple[str, str] = ("", ""),
+        retry_s: float = 120.0,
     ) -> None:
         super().__init__()
         self.patterns = patterns
+        self.retry_s = retry_s
         self.urls_a, self.urls_b = urls_a, urls_b
         self.augment = augment
         self.batch_size = batch_size
@@ -295,7 +308,7 @@ class UnpairedBatches(IterableDataset):
         skip = done * self.batch_size
         streams = [
             DomainStream(urls, f"{self.seed}:{self.rank}:{worker}:{domain}", self.augment, self.shuffle_buffer,
-                         self.batch_size, _domain_label(domain, pattern) if pattern else "")
+                         self.batch_size, _domain_label(domain, pattern) if pattern else "", self.retry_s)
             for urls, domain, pattern in ((self.urls_a, "A", self.patterns[0]), (self.urls_b, "B", self.patterns[1]))
         ]
         iter_a, iter_b = (stream.iterate(skip) for stream in streams)
@@ -329,6 +342,7 @@ def train_loader(
         data_cfg.shuffle_buffer,
         start_batch,
         patterns=(data_cfg.train_a, data_cfg.train_b),
+        retry_s=data_cfg.remote_retry_s,
     )
     workers = data_cfg.workers
     return DataLoader(

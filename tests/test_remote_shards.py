@@ -1,0 +1,103 @@
+"""Network shards: read over real HTTP (a local server), read again after a server fails mid-shard, and a server
+that stays away ends the stream after data.remote_retry_s with an error naming the URL."""
+
+from __future__ import annotations
+
+import glob
+import http.server
+import logging
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from pipeline.data.remote import ShardUnreachable, retrying_samples, shard_samples
+
+
+class Server:
+    """A threaded HTTP server of `root`; `fail_after` bytes of a response then cut the connection
+    (`failures` times), as a server that dies mid-transfer."""
+
+    def __init__(self, root: Path, fail_after: int = 0, failures: int = 0) -> None:
+        outer = self
+        self.failures, self.requests = failures, 0
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(root), **kwargs)
+
+            def log_message(self, *args):
+                pass
+
+            def copyfile(self, source, outputfile):
+                outer.requests += 1
+                if outer.failures > 0:
+                    outer.failures -= 1
+                    outputfile.write(source.read(fail_after))
+                    outputfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # Cut mid-body: Content-Length promised more.
+                    return
+                super().copyfile(source, outputfile)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def shard(shards) -> Path:
+    return Path(sorted(glob.glob(shards["trainA"]))[0])
+
+
+def keys(samples) -> list[str]:
+    return [s["__key__"] for s in samples]
+
+
+def test_http_shard_has_the_samples_of_the_file(shard):
+    server = Server(shard.parent)
+    try:
+        got = list(shard_samples(f"{server.url}/{shard.name}"))
+    finally:
+        server.close()
+    want = list(shard_samples(str(shard)))
+    assert keys(got) == keys(want) and len(got) == 16
+    assert all(g["png"] == w["png"] for g, w in zip(got, want))
+
+
+def test_a_server_failing_mid_shard_is_read_again_and_each_sample_comes_once(shard, caplog):
+    server = Server(shard.parent, fail_after=shard.stat().st_size // 2, failures=2)
+    try:
+        with caplog.at_level(logging.WARNING):
+            got = list(retrying_samples(f"{server.url}/{shard.name}", retry_s=30, sleep=lambda s: None))
+    finally:
+        server.close()
+    assert keys(got) == keys(shard_samples(str(shard)))  # In order, none twice, none lost.
+    assert server.requests == 3
+    warnings = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(warnings) == 2 and f"{server.url}/{shard.name}" in warnings[0]
+    assert "data.remote_retry_s" in warnings[0]
+
+
+def test_a_server_that_stays_away_ends_the_stream_naming_the_url(shard):
+    server = Server(shard.parent)
+    url = f"{server.url}/{shard.name}"
+    server.close()
+    slept = []
+    with pytest.raises(ShardUnreachable, match=rf"shard {url} could not be read for \d+ s \(data.remote_retry_s=2\)"):
+        list(retrying_samples(url, retry_s=2, sleep=lambda s: (slept.append(s), __import__("time").sleep(s))))
+    assert slept and sum(slept) <= 2.5  # Bounded: the waits add up to the retry time, no more.
+
+
+def test_local_shards_fail_at_once(tmp_path):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar")
+    slept = []
+    with pytest.raises(tarfile.ReadError):
+        list(retrying_samples(str(bad), retry_s=30, sleep=slept.append))
+    assert slept == []
