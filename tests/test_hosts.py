@@ -4,6 +4,7 @@ ends the job on the other within dist.timeout_s, naming what was lost; the same 
 
 from __future__ import annotations
 
+import glob
 import subprocess
 import sys
 import time
@@ -152,3 +153,49 @@ def test_a_lost_host_ends_the_job_within_the_timeout_and_the_same_command_resume
     assert all(c == 0 for c, _ in results.values()), {h: log[-3000:] for h, (_, log) in results.items()}
     assert f"(step {done})" in "".join(log for _, log in results.values())
     assert load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])["step"] == total
+
+
+def http_pattern(hosts: Hosts, port: int, shards: dict[str, str], split: str) -> str:
+    names = sorted(Path(p).name for p in glob.glob(shards[split]))
+    return f"http://{hosts.addr('h1')}:{port}/{split}/{{{','.join(names)}}}"
+
+
+def test_shards_served_from_host_1_train_on_host_2_and_a_server_gone_for_good_ends_the_run(hosts, shards,
+                                                                                          tmp_path):
+    root = Path(shards["trainA"]).parent.parent
+    port = free_port()
+    server = hosts.popen("h1", [sys.executable, "-m", "http.server", str(port), "--bind", hosts.addr("h1"),
+                                "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    remote = {"data.train_a": http_pattern(hosts, port, shards, "trainA"),
+              "data.train_b": http_pattern(hosts, port, shards, "trainB"),
+              "tracking.enabled": False, "report.sample_every_steps": 0, "checkpoint.every_steps": 0}
+    t0 = time.monotonic()
+    while hosts.run("h2", [sys.executable, "-c", f"import socket; socket.create_connection(('{hosts.addr('h1')}', "
+                                                 f"{port}), timeout=1)"], timeout=10).returncode != 0:
+        assert time.monotonic() - t0 < 20, "the shard server did not start"
+        time.sleep(0.2)
+    ok = hosts.run("h2", train_cmd(0, tiny_overrides(shards, tmp_path / "ok", **remote, **{"train.steps": 60})),
+                   timeout=180, env=process_env(), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "retrying" not in ok.stderr  # 60 steps read every shard of both domains more than once, over HTTP.
+
+    retry_s = 6
+    long = tiny_overrides(shards, tmp_path / "gone", **remote, **{"train.steps": 100000, "data.remote_retry_s": retry_s,
+                                                                  "report.log_every_steps": 5})
+    with open(tmp_path / "gone.log", "w") as out:
+        trainer = hosts.popen("h2", train_cmd(0, long), env=process_env(), cwd=tmp_path, stdout=out, stderr=out)
+    metrics = tmp_path / "gone" / "metrics.jsonl"
+    t0 = time.monotonic()
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert trainer.poll() is None and time.monotonic() - t0 < 120, (tmp_path / "gone.log").read_text()[-3000:]
+        time.sleep(0.1)
+    server.kill()
+    server.wait()
+    t_gone = time.monotonic()
+    code = trainer.wait(timeout=retry_s + 90)
+    elapsed = time.monotonic() - t_gone
+    log = (tmp_path / "gone.log").read_text()
+    assert code == 2, log[-3000:]  # A data problem: one line says which shard and what to do.
+    assert "retrying in" in log and "data.remote_retry_s" in log
+    assert f"shard http://{hosts.addr('h1')}:{port}/train" in log and "could not be read for" in log
+    assert elapsed < retry_s + 60, elapsed
