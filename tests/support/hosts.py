@@ -6,7 +6,7 @@ inside the namespaces made here, the bridge has none, so traffic stays between t
 `close()` (also after a failure): every process in a host's namespace is killed by PID (`ip netns pids`, which
 lists only processes inside it), then the namespaces and the bridge are deleted.
 
-Needs root and iproute2 (`ip`) and util-linux (`unshare`); `missing_requirements()` says what is missing.
+Needs root and iproute2 (`ip`) and util-linux (`unshare`, `nsenter`); `missing_requirements()` says what is missing.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class HostsError(RuntimeError):
 
 
 def missing_requirements() -> str | None:
-    missing = [tool for tool in ("ip", "unshare") if shutil.which(tool) is None]
+    missing = [tool for tool in ("ip", "unshare", "nsenter") if shutil.which(tool) is None]
     if missing:
         return f"two-host fixture: {', '.join(missing)} not found (Debian packages iproute2, util-linux)"
     if os.geteuid() != 0:
@@ -91,7 +91,9 @@ class Hosts:
         """`cmd` as run on host `name`: in its network namespace, with its own hostname, and an /etc/hosts that
         names every host (a private mount namespace: the machine's own /etc/hosts is untouched), as a cluster's
         DNS would."""
-        return ["ip", "netns", "exec", self.ns[name], "unshare", "--uts", "--mount", "--propagation", "private",
+        # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup hierarchy slurmd needs.
+        return ["nsenter", f"--net=/run/netns/{self.ns[name]}", "unshare", "--uts", "--mount", "--propagation",
+                "private",
                 "--", "sh", "-c", f'mount --bind {self._hosts_file} /etc/hosts && hostname {name} && exec "$@"',
                 "sh", *cmd]
 

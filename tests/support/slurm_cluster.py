@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from support.runs import free_port
 
@@ -77,15 +78,27 @@ for jid in ids:
 
 
 class SlurmCluster:
-    """One slurmctld + one slurmd (node `hostname -s`, 2 CPUs) and a private munged, all under `root`."""
+    """One slurmctld + one slurmd (node `hostname -s`, 2 CPUs) and a private munged, all under `root`.
 
-    def __init__(self, root: Path | None = None, cpus: int | None = None, extra_conf: Sequence[str] = ()) -> None:
+    With `hosts` (tests/support/hosts.py), one slurmd per host (`slurmd -N <host>` inside its namespace, each node
+    at its host's address) and slurmctld on the first host: a cluster of several nodes. Its clients (sbatch,
+    scontrol, the launcher) then run on the first host too, as on a login node (`run`, `command`).
+    """
+
+    def __init__(self, root: Path | None = None, cpus: int | None = None, extra_conf: Sequence[str] = (),
+                 hosts: Any = None) -> None:
         self.extra_conf = list(extra_conf)
         """slurm.conf lines appended to the defaults (a later line wins), e.g. more partitions."""
         self.root = Path(root or tempfile.mkdtemp(prefix="slurm-test-"))
         self.root.chmod(0o755)  # munged (user munge) must reach its own folder below.
         self.cpus = cpus or min(os.cpu_count() or 2, 2)
-        self.node = socket.gethostname().split(".")[0]
+        self.hosts = hosts
+        if hosts is None:
+            self.node = socket.gethostname().split(".")[0]
+            self.nodes = [(self.node, "127.0.0.1")]
+        else:
+            self.nodes = [(name, hosts.addr(name)) for name in hosts.names]
+            self.node = self.nodes[0][0]
         self.conf = self.root / "slurm.conf"
         self.bin = self.root / "bin"
         self.procs: dict[str, subprocess.Popen] = {}
@@ -109,10 +122,11 @@ class SlurmCluster:
             self._start_munge()
             self._write_config()
             self._write_sacct()
-            self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-f", str(self.conf)])
+            self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-f", str(self.conf)], host=self.node)
             self._wait_for(lambda: self.scontrol("ping", check=False).find("UP") >= 0, timeout_s, "slurmctld")
-            self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
-            self._wait_for(self._node_idle, timeout_s, "the node to be idle in sinfo")
+            for name, _ in self.nodes:
+                self.start_slurmd(name)
+            self._wait_for(self._node_idle, timeout_s, "the nodes to be idle in sinfo")
         except BaseException:
             self.stop()
             raise
@@ -135,13 +149,27 @@ class SlurmCluster:
         self._spawn("munged", cmd, user="munge")
         self._wait_for(self.munge_socket.exists, 20, "munged's socket")
 
+    def start_slurmd(self, name: str) -> None:
+        """slurmd of node `name` (again, after its host was killed: the node returns to service)."""
+        key = "slurmd" if self.hosts is None else f"slurmd-{name}"
+        self._spawn(key, ["slurmd", "-D", "-f", str(self.conf), "-N", name], host=name)
+
+    def command(self, cmd: Sequence[str]) -> list[str]:
+        """A client command as run where the controller is reachable (the first host, or here)."""
+        return list(cmd) if self.hosts is None else self.hosts.command(self.node, cmd)
+
     def _write_config(self) -> None:
         for sub in ("state", "spool"):
             (self.root / sub).mkdir()
+        for name, _ in self.nodes:
+            (self.root / "spool" / name).mkdir()
         r = self.root
+        ctl_addr = self.nodes[0][1]
+        node_lines = [f"NodeName={name} NodeAddr={addr} CPUs={self.cpus} CoresPerSocket={self.cpus} "
+                      "ThreadsPerCore=1 RealMemory=20000 State=UNKNOWN" for name, addr in self.nodes]
         lines = [
             "ClusterName=pipelinetest",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmctldHost={self.node}({ctl_addr})",
             f"SlurmctldPort={free_port()}",
             f"SlurmdPort={free_port()}",
             "SlurmUser=root",
@@ -163,13 +191,13 @@ class SlurmCluster:
             "KillWait=10",
             "MinJobAge=900",
             f"StateSaveLocation={r / 'state'}",
-            f"SlurmdSpoolDir={r / 'spool'}",
+            # %n: each node's slurmd its own spool, pid and log file (several slurmd share this folder).
+            f"SlurmdSpoolDir={r / 'spool' / '%n'}",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}",
-            f"SlurmdPidFile={r / 'slurmd.pid'}",
+            f"SlurmdPidFile={r / 'slurmd.%n.pid'}",
             f"SlurmctldLogFile={r / 'slurmctld.log'}",
-            f"SlurmdLogFile={r / 'slurmd.log'}",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} CoresPerSocket={self.cpus} "
-            "ThreadsPerCore=1 RealMemory=20000 State=UNKNOWN",
+            f"SlurmdLogFile={r / 'slurmd.%n.log'}",
+            *node_lines,
             # Preemption as clusters configure it: a job in `urgent` preempts jobs in `debug`, which Slurm sends
             # SIGCONT + SIGTERM, kills after GraceTime, and requeues.
             "PreemptType=preempt/partition_prio",
@@ -186,8 +214,10 @@ class SlurmCluster:
         sacct.write_text(SACCT_STANDIN.replace("{python}", sys.executable))
         sacct.chmod(0o755)
 
-    def _spawn(self, name: str, cmd: list[str], user: str | None = None) -> None:
+    def _spawn(self, name: str, cmd: list[str], user: str | None = None, host: str | None = None) -> None:
         log = (self.root / f"{name}.out").open("ab")
+        if self.hosts is not None and host is not None:
+            cmd = self.hosts.command(host, cmd)
         self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, user=user, start_new_session=True)
         log.close()
@@ -205,18 +235,19 @@ class SlurmCluster:
         raise ClusterError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{self.logs_tail()}")
 
     def _node_idle(self) -> bool:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env, capture_output=True, text=True).stdout
-        states = set(out.split())  # One line per partition of the node.
-        return states == {"idle"}
+        out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False)
+        states = dict(line.split() for line in out.splitlines() if line.strip())  # One line per node and partition.
+        return set(states) == {n for n, _ in self.nodes} and set(states.values()) == {"idle"}
 
     def stop(self) -> None:
         """Cancel what still runs, then stop slurmd, slurmctld and munged by PID."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True)
+            subprocess.run(self.command(["scancel", "--full", "--user=root"]), env=self.env, capture_output=True)
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and self.squeue():
                 time.sleep(0.3)
-        for name in ("slurmd", "slurmctld", "munged"):
+        daemons = [k for k in self.procs if k.startswith("slurmd")] + ["slurmctld", "munged"]
+        for name in daemons:
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -229,8 +260,8 @@ class SlurmCluster:
 
     # Client commands.
 
-    def run(self, *cmd: str, check: bool = True) -> str:
-        out = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True)
+    def run(self, *cmd: str, check: bool = True, timeout: float | None = None) -> str:
+        out = subprocess.run(self.command(cmd), env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and out.returncode != 0:
             raise RuntimeError(f"{shlex.join(cmd)} failed ({out.returncode}): {out.stderr.strip()}")
         return out.stdout
