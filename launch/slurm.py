@@ -22,6 +22,7 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import zlib
@@ -390,6 +391,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                                                                                            "0")))))
         # Every GPU of the node stays visible: pipeline.engine.dist picks cuda:LOCAL_RANK.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        os.environ["MASTER_ADDR"] = master_address(os.environ["MASTER_ADDR"])
         import torch
 
         from pipeline.config import from_yaml
@@ -419,6 +421,26 @@ class TrainJob(submitit.helpers.Checkpointable):
         """Called by Submitit on rank 0 before it requeues: resubmit this run (its state is in run_dir)."""
         log.info("requeueing: the job resumes from the newest checkpoint in its run directory")
         return submitit.helpers.DelayedSubmission(self, resume_auto(config_yaml))
+
+
+def _slurm_node_addr(node: str) -> str | None:
+    """The NodeAddr Slurm has for `node` (`scontrol show node`), or None."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    info = dict(tok.split("=", 1) for tok in out.stdout.split() if "=" in tok)
+    return info.get("NodeAddr") or None
+
+
+def master_address(first_node: str) -> str:
+    """The first node of the job (Submitit's MASTER_ADDR, a node name): kept where it resolves, else the
+    address Slurm reaches that node at (clusters whose node names are not in DNS)."""
+    try:
+        socket.getaddrinfo(first_node, None)
+        return first_node
+    except OSError:
+        return _slurm_node_addr(first_node) or first_node
 
 
 def _slurm_job_info(job_id: str) -> dict[str, str]:
