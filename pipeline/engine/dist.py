@@ -113,6 +113,26 @@ def describe_lost_peer(error: BaseException, me: int) -> str | None:
     return ", ".join(lost) if lost else None
 
 
+def unreachable_peers(me: int, timeout_s: float = 3.0) -> str | None:
+    """'rank R on host H (address A)' for each other rank whose host does not answer at all, or None.
+
+    A TCP connection to a closed port of a live host is refused at once; a host that is down or cut off does
+    not answer within `timeout_s`. This names a silent peer, whose loss torch reports only as a timeout.
+    """
+    mine = _HOSTS[me][1] if me < len(_HOSTS) else None
+    silent = []
+    for rank, (host, address) in enumerate(_HOSTS):
+        if rank == me or not address or address == mine:
+            continue
+        try:
+            socket.create_connection((address, 9), timeout=timeout_s).close()
+        except ConnectionRefusedError:
+            continue  # It answered: the host is there.
+        except OSError:
+            silent.append(f"rank {rank} on host {host} ({address})")
+    return ", ".join(silent) if silent else None
+
+
 def init_process_group(info: DistInfo, device: torch.device, timeout_s: float = 300.0,
                        single_rank: bool = False, socket_ifname: str = "") -> None:
     """Join the job's process group (nccl on CUDA, gloo on CPU); a no-op at world size 1 unless `single_rank`

@@ -170,8 +170,11 @@ class Trainer:
             return
         lost = dist.describe_lost_peer(err, self.info.rank)
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        silent = None if lost else dist.unreachable_peers(self.info.rank)
         if lost:
             what = f"lost contact with {lost}"
+        elif silent:
+            what = (f"no answer within dist.timeout_s={self.cfg.dist.timeout_s:.0f} s; unreachable: {silent}")
         else:
             ranks = ", ".join(f"{r} on {h}" for r, (h, _) in enumerate(dist.hosts()))
             what = (f"a collective failed or got no answer within dist.timeout_s={self.cfg.dist.timeout_s:.0f} s "
