@@ -70,15 +70,9 @@ def log_text(folder: Path, job_id: str, task: int = 0) -> str:
 
 def wait_for_job(cluster: SlurmCluster, job_id: str, folder: Path, ready, what: str, timeout_s: float) -> dict:
     """Poll `scontrol show job` until `ready(info)`; fail with the job's state and logs otherwise."""
-    deadline = time.monotonic() + timeout_s
-    info: dict = {}
-    while time.monotonic() < deadline:
-        info = cluster.job(job_id)
-        if ready(info):
-            return info
-        if info.get("JobState") in BAD_END:
-            break
-        time.sleep(0.3)
+    ok, info = cluster.wait_for_job(job_id, ready, timeout_s, give_up=frozenset(BAD_END))
+    if ok:
+        return info
     pytest.fail(f"job {job_id} did not reach '{what}' within {timeout_s:.0f} s: {info.get('JobState')} "
                 f"({info.get('Reason')})\n--- rank 0 log\n{log_text(folder, job_id)[-4000:]}\n"
                 f"--- rank 1 log\n{log_text(folder, job_id, 1)[-2000:]}\n--- cluster\n{cluster.logs_tail()}")

@@ -46,10 +46,16 @@ def two_nodes():
         cluster.cleanup()
 
 
+def client_env(cluster: SlurmCluster) -> dict[str, str]:
+    """This checkout importable, and this cluster's SLURM_CONF and PATH: the one-node cluster of
+    tests/test_slurm.py may have set its own in this process's environment (same pytest worker)."""
+    return {**process_env(), "SLURM_CONF": cluster.env["SLURM_CONF"], "PATH": cluster.env["PATH"]}
+
+
 def submit(cluster: SlurmCluster, *args: str) -> tuple[str, subprocess.CompletedProcess]:
     """`python -m launch.slurm ARGS` on the first host; the job id."""
     proc = subprocess.run(cluster.command([sys.executable, "-m", "launch.slurm", "--slurm-config", "ci", *args]),
-                          env={**cluster.env, **process_env()}, cwd=ROOT, capture_output=True, text=True,
+                          env=client_env(cluster), cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return re.search(r"Submitted Slurm job (\d+)", proc.stdout).group(1), proc
@@ -61,13 +67,9 @@ def log_text(run_dir: Path, job_id: str, task: int = 0) -> str:
 
 
 def wait_for(cluster: SlurmCluster, job_id: str, run_dir: Path, ready, what: str, timeout_s: float) -> dict:
-    deadline = time.monotonic() + timeout_s
-    info: dict = {}
-    while time.monotonic() < deadline:
-        info = cluster.job(job_id)
-        if ready(info):
-            return info
-        time.sleep(0.3)
+    ok, info = cluster.wait_for_job(job_id, ready, timeout_s)
+    if ok:
+        return info
     pytest.fail(f"job {job_id} not {what} within {timeout_s:.0f} s: {info.get('JobState')} ({info.get('Reason')})\n"
                 f"--- task 0\n{log_text(run_dir, job_id)[-3000:]}\n--- task 1\n"
                 f"{log_text(run_dir, job_id, 1)[-2000:]}\n--- cluster\n{cluster.logs_tail()}")
@@ -208,11 +210,11 @@ def test_the_first_nodes_address_comes_from_slurm_where_its_name_does_not_resolv
     hosts, cluster = two_nodes
     probe = ("from launch.slurm import master_address; "
              "print(master_address('h2'), master_address('no-such-node-name'))")
-    out = subprocess.run(cluster.command([sys.executable, "-c", probe]), env={**cluster.env, **process_env()},
+    out = subprocess.run(cluster.command([sys.executable, "-c", probe]), env=client_env(cluster),
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["h2", "no-such-node-name"]  # Resolvable: kept; unknown to Slurm too: kept.
     probe = "from launch.slurm import _slurm_node_addr; print(_slurm_node_addr('h2'))"
-    out = subprocess.run(cluster.command([sys.executable, "-c", probe]), env={**cluster.env, **process_env()},
+    out = subprocess.run(cluster.command([sys.executable, "-c", probe]), env=client_env(cluster),
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == hosts.addr("h2"), out.stderr

@@ -278,6 +278,21 @@ class SlurmCluster:
         line = out.splitlines()[0] if out.strip() else ""
         return dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
 
+    def wait_for_job(self, job_id: str, ready, timeout_s: float,
+                     give_up: frozenset[str] = frozenset()) -> tuple[bool, dict[str, str]]:
+        """Poll `scontrol show job` until `ready(info)`: (True, info); (False, the last info) after `timeout_s`
+        or once the job is in a state of `give_up`."""
+        deadline = time.monotonic() + timeout_s
+        info: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if ready(info):
+                return True, info
+            if info.get("JobState") in give_up:
+                break
+            time.sleep(0.3)
+        return False, info
+
     def array_tasks(self, array_job_id: str) -> list[dict[str, str]]:
         out = self.scontrol("show", "job", "-o", str(array_job_id), check=False)
         return [dict(tok.split("=", 1) for tok in line.split() if "=" in tok) for line in out.splitlines()]
