@@ -40,7 +40,13 @@ class ModelConfig:
     ndf: int = 64
     """Discriminator filters in the first convolution."""
     norm: str = "instance"
-    """Normalisation layer: instance, batch or none."""
+    """Normalisation layer: instance, batch, none (the reference's), group (GroupNorm, model.norm_groups) or layer
+    (GroupNorm with one group)."""
+    norm_groups: int = 32
+    """Groups of model.norm=group; must divide every width (ngf, ndf and their multiples)."""
+    padding: str = "reflect"
+    """Padding of the resnet generators' residual blocks: reflect, replicate or zero (the reference's
+    padding_type)."""
     init_type: str = "normal"
     """Weight initialisation: normal, xavier, kaiming or orthogonal."""
     init_gain: float = 0.02
@@ -262,7 +268,8 @@ GENERATORS: dict[str, int] = {"resnet_9blocks": 4, "resnet_6blocks": 4, "unet_25
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.generator": tuple(GENERATORS),
     "model.discriminator": ("basic", "n_layers", "pixel"),
-    "model.norm": ("instance", "batch", "none"),
+    "model.norm": ("instance", "batch", "none", "group", "layer"),
+    "model.padding": ("reflect", "replicate", "zero"),
     "model.init_type": ("normal", "xavier", "kaiming", "orthogonal"),
     "loss.gan_mode": ("lsgan", "vanilla", "hinge"),
     "data.preprocess": ("resize_and_crop", "crop", "scale_width_and_crop", "none"),
@@ -399,7 +406,7 @@ def validate(cfg: DictConfig) -> None:
             hint = f"did you mean '{near[0]}'? " if near else ""
             raise ConfigError(f"'{key}' is '{value}'; {hint}choose one of: {', '.join(choices)}")
     positive = ["train.steps", "data.batch_per_rank", "data.crop_size", "data.load_size", "report.log_every_steps",
-                "report.sample_images", "dist.timeout_s"]
+                "report.sample_images", "dist.timeout_s", "model.norm_groups"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"'{key}' must be positive, got {OmegaConf.select(cfg, key)}")

@@ -65,6 +65,14 @@ def test_compile_mode_is_one_of_torch_compiles_modes():
         load_config([], ["perf.compile_mode=reduce_overhead"])
 
 
+def test_padding_and_norm_choices_and_groups_are_checked():
+    with pytest.raises(ConfigError, match=r"'model.padding' is 'reflection'; did you mean 'reflect'\?"):
+        load_config([], ["model.padding=reflection"])
+    with pytest.raises(ConfigError, match="'model.norm_groups' must be positive"):
+        load_config([], ["model.norm=group", "model.norm_groups=0"])
+    assert load_config([], ["model.norm=layer"]).model.norm == "layer"
+
+
 def test_missing_file_and_malformed_override():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(["nope.yaml"])

@@ -15,6 +15,7 @@ from pipeline.gan.networks import (
     GENERATOR_ARCHS,
     INIT_TYPES,
     NORMS,
+    PADDINGS,
     GroupKernelInstanceNorm2d,
     build_discriminator,
     build_generator,
@@ -172,8 +173,8 @@ def test_saved_state_dict_loads_strictly_and_gives_identical_outputs(tmp_path, k
 
 @pytest.mark.parametrize("norm", NORMS)
 def test_norms_buffers_and_the_references_bias_rule(norm):
-    G = build_generator("resnet_6blocks", ngf=8, norm=norm)
-    D = build_discriminator("basic", ndf=8, norm=norm)
+    G = build_generator("resnet_6blocks", ngf=8, norm=norm, norm_groups=4)
+    D = build_discriminator("basic", ndf=8, norm=norm, norm_groups=4)
     has_buffers = norm == "batch"  # InstanceNorm keeps no running statistics.
     assert bool(list(G.buffers())) == has_buffers and bool(list(D.buffers())) == has_buffers
     # Convolutions in front of a norm are biased only for instance norm (off for 'none', as in the reference).
@@ -182,8 +183,44 @@ def test_norms_buffers_and_the_references_bias_rule(norm):
     assert (D.model[2].bias is not None) == (norm == "instance")
     # Layers followed by no norm are always biased.
     assert G.model[23].bias is not None and D.model[0].bias is not None and D.model[11].bias is not None
-    norms = [m for m in G.modules() if isinstance(m, (nn.InstanceNorm2d, nn.BatchNorm2d))]
-    assert len(norms) == {"instance": 17, "batch": 17, "none": 0}[norm]
+    norms = [m for m in G.modules() if isinstance(m, (nn.InstanceNorm2d, nn.BatchNorm2d, nn.GroupNorm))]
+    assert len(norms) == {"instance": 17, "batch": 17, "none": 0, "group": 17, "layer": 17}[norm]
+    if norm in ("group", "layer"):
+        assert {m.num_groups for m in norms} == {4 if norm == "group" else 1} and all(m.affine for m in norms)
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_group_and_layer_norms_have_the_batch_norm_layout_without_its_buffers(norm):
+    """Same keys and parameter count as norm=batch (the reference's affine norm), no running statistics."""
+    for build, kwargs in ((build_generator, {"arch": "resnet_9blocks", "ngf": 8}),
+                          (build_generator, {"arch": "unet_128", "ngf": 8}),
+                          (build_discriminator, {"arch": "basic", "ndf": 8}),
+                          (build_discriminator, {"arch": "pixel", "ndf": 8})):
+        ours, batch = build(**kwargs, norm=norm, norm_groups=4), build(**kwargs, norm="batch")
+        statistics = ("running_mean", "running_var", "num_batches_tracked")
+        assert set(ours.state_dict()) == {k for k in batch.state_dict() if not k.endswith(statistics)}
+        assert count_parameters(ours) == count_parameters(batch)
+    with pytest.raises(ValueError, match="model.norm_groups=32"):
+        build_generator("resnet_6blocks", ngf=8, norm="group")  # 8 channels do not split into 32 groups.
+
+
+@pytest.mark.parametrize("padding,pad_type,convs", [("reflect", nn.ReflectionPad2d, (1, 5)),
+                                                    ("replicate", nn.ReplicationPad2d, (1, 5)), ("zero", None, (0, 3))])
+def test_block_padding_has_the_references_layout(padding, pad_type, convs):
+    """The reference's padding_type: a padding layer before each 3x3 block convolution, or (zero) the
+    convolution's own padding, which moves the block's keys down (conv_block.0, conv_block.4)."""
+    G = build_generator("resnet_9blocks", ngf=8, padding=padding)
+    block = G.model[10]
+    keys = {k for k in block.state_dict() if k.endswith("weight")}
+    assert keys == {f"conv_block.{i}.weight" for i in convs}
+    pads = [m for m in block.modules() if isinstance(m, (nn.ReflectionPad2d, nn.ReplicationPad2d))]
+    assert [type(m) for m in pads] == ([pad_type, pad_type] if pad_type else [])
+    assert count_parameters(G) == count_parameters(build_generator("resnet_9blocks", ngf=8))
+    x = torch.rand(1, 3, 36, 44) * 2 - 1
+    assert G(x).shape == x.shape
+    if padding != "reflect":
+        with pytest.raises(ValueError, match="applies to the resnet generators"):
+            build_generator("unet_128", ngf=8, padding=padding)
 
 
 def test_instance_norm_has_no_affine_parameters_and_batch_norm_tracks_statistics():
@@ -245,8 +282,9 @@ def test_gradients_reach_every_parameter():
 @pytest.mark.parametrize("fn,kwargs,bad", [
     (build_generator, {"arch": "resnet_7blocks"}, "resnet_7blocks"),
     (build_discriminator, {"arch": "patch"}, "patch"),
-    (build_generator, {"arch": "resnet_9blocks", "norm": "layer"}, "layer"),
-    (build_discriminator, {"arch": "basic", "norm": "group"}, "group"),
+    (build_generator, {"arch": "resnet_9blocks", "norm": "spectral"}, "spectral"),
+    (build_discriminator, {"arch": "basic", "norm": "weight"}, "weight"),
+    (build_generator, {"arch": "resnet_9blocks", "padding": "circular"}, "circular"),
     (build_generator, {"arch": "unet_256", "init_type": "uniform"}, "uniform"),
     (build_discriminator, {"arch": "pixel", "init_type": "he"}, "he"),
 ])
@@ -254,7 +292,7 @@ def test_unknown_choices_raise_value_error_naming_them(fn, kwargs, bad):
     with pytest.raises(ValueError, match=f"'{bad}'") as info:
         fn(**kwargs)
     valid = {"arch": GENERATOR_ARCHS if fn is build_generator else DISCRIMINATOR_ARCHS, "norm": NORMS,
-             "init_type": INIT_TYPES}[next(k for k, v in kwargs.items() if v == bad)]
+             "padding": PADDINGS, "init_type": INIT_TYPES}[next(k for k, v in kwargs.items() if v == bad)]
     assert all(choice in str(info.value) for choice in valid)
 
 

@@ -203,3 +203,19 @@ def test_data_bound_runs_are_told_how_many_workers_would_help(tiny, caplog):
         recorder.log_metrics({"perf/data_wait_share": 0.5}, 2)  # half the time waiting: twice the workers
     assert "data-bound: 50% of step time" in caplog.text and "data.workers=4 would feed" in caplog.text
     recorder.finish("FINISHED")
+
+
+@pytest.mark.parametrize("model", [{"model.norm": "group", "model.norm_groups": 2, "model.padding": "replicate"},
+                                   {"model.norm": "layer", "model.padding": "zero"}], ids=["group", "layer"])
+def test_the_other_norms_and_paddings_train_resume_and_are_checked_on_resume(tiny, tmp_path, model):
+    common = {"train.steps": 4, "checkpoint.every_steps": 2, "tracking.enabled": False, **model}
+    first = run(load_config([], tiny(**common, **{"control.stop_after_steps": 2})))
+    assert first.stopped and first.step == 2
+    done = run(load_config([], tiny(**common)))
+    assert done.step == 4 and all(torch.isfinite(torch.tensor(v)) for k, v in done.metrics.items()
+                                  if k.startswith("loss/"))
+    state = load_checkpoint(tmp_path / "run" / "ckpt-000000004.pt")
+    assert any(".conv_block." in k for k in state["nets"]["G_ab"])
+    other = {**common, "model.padding": "reflect" if model["model.padding"] != "reflect" else "zero"}
+    with pytest.raises(CheckpointError, match="model.padding"):
+        run(load_config([], tiny(**{**other, "train.steps": 6})))

@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.config import load_config, to_yaml
 from pipeline.data.images import to_image, to_tensor
 from pipeline.engine.checkpoint import FORMAT, save_atomic
-from pipeline.gan.networks import build_generator
+from pipeline.gan.networks import build_generator, generator_from
 from pipeline.infer.generators import PaddedGenerator, infer_generator_settings, load_generators, reflect_pad_to
 from pipeline.translate import main
 
@@ -25,8 +25,7 @@ def write_checkpoint(path: Path, overrides: list[str] = TINY, seed: int = 0, run
     """A checkpoint file in this project's format holding two seeded tiny generators (no training needed)."""
     cfg = load_config(overrides=overrides)
     torch.manual_seed(seed)
-    nets = {name: build_generator(cfg.model.generator, ngf=cfg.model.ngf, norm=cfg.model.norm) for name in
-            ("G_ab", "G_ba")}
+    nets = {name: generator_from(cfg.model) for name in ("G_ab", "G_ba")}
     state = {"format": FORMAT, "config": to_yaml(cfg), "step": 5, "mlflow_run_id": run_id,
              "nets": {name: net.state_dict() for name, net in nets.items()}}
     save_atomic(state, path)
@@ -149,6 +148,25 @@ def test_reference_layout_checkpoint_translates(ckpt, tmp_path, capsys):
 def test_reference_settings_are_read_off_the_keys(arch, norm):
     state = build_generator(arch, ngf=2, norm=norm).state_dict()
     assert infer_generator_settings(state) == {"generator": arch, "ngf": 2, "norm": norm}
+
+
+def test_zero_block_padding_is_read_off_a_reference_files_keys(tmp_path):
+    state = build_generator("resnet_6blocks", ngf=2, padding="zero").state_dict()
+    assert infer_generator_settings(state) == {"generator": "resnet_6blocks", "ngf": 2, "norm": "instance",
+                                               "padding": "zero"}
+
+
+@pytest.mark.parametrize("model", [["model.norm=group", "model.norm_groups=2"], ["model.norm=layer"],
+                                   ["model.padding=replicate"], ["model.padding=zero"]],
+                         ids=["group", "layer", "replicate", "zero"])
+def test_checkpoints_of_the_other_norms_and_paddings_translate_as_their_networks_do(tmp_path, model):
+    path = tmp_path / "ckpt-000000005.pt"
+    nets = write_checkpoint(path, [*TINY, *model])
+    random_image(tmp_path / "in" / "x.png", 37, 29, seed=4)
+    assert main(["--checkpoint", str(path), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                 "--device", "cpu", "--ext", "png"]) == 0
+    got = np.asarray(Image.open(tmp_path / "out" / "images" / "x.png"), dtype=np.int16)
+    assert np.abs(got - expected(nets["G_ab"], tmp_path / "in" / "x.png")).max() <= 1
 
 
 def test_unet_pads_small_images_and_bf16_runs(tmp_path):

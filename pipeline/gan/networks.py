@@ -23,7 +23,8 @@ from pipeline.config import GENERATORS
 
 GENERATOR_ARCHS = tuple(GENERATORS)
 DISCRIMINATOR_ARCHS = ("basic", "n_layers", "pixel")
-NORMS = ("instance", "batch", "none")
+NORMS = ("instance", "batch", "none", "group", "layer")
+PADDINGS = ("reflect", "replicate", "zero")
 INIT_TYPES = ("normal", "xavier", "kaiming", "orthogonal")
 
 NormLayer = Callable[[int], nn.Module]
@@ -38,21 +39,45 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {what} {value!r}; valid choices: {', '.join(choices)}")
 
 
-def _norm_layer(norm: str) -> tuple[NormLayer, bool]:
+def _norm_layer(norm: str, groups: int = 32) -> tuple[NormLayer, bool]:
     """The norm layer factory for `norm` and whether the convolutions in front of it carry a bias.
 
     The reference turns the bias on exactly when the norm is InstanceNorm (without affine parameters it has no
     shift of its own); it is off for `batch` (BatchNorm's shift replaces it) and, as a quirk of its
     `use_bias = norm_layer == InstanceNorm2d` test, also off for `none`. We keep that quirk so files trained
     with `--norm none` load. InstanceNorm keeps no running statistics, so instance-norm nets have no buffers.
+    `group` (GroupNorm with `groups` groups) and `layer` (GroupNorm with one group: statistics over channels
+    and positions of each sample) are ours, not the reference's: affine, so without a bias in front, like batch.
     """
     _check_choice("norm", norm, NORMS)
     if norm == "instance":
         return functools.partial(nn.InstanceNorm2d, affine=False, track_running_stats=False), True
     if norm == "batch":
         return functools.partial(nn.BatchNorm2d, affine=True, track_running_stats=True), False
+    if norm in ("group", "layer"):
+        count = groups if norm == "group" else 1
+
+        def grouped(channels: int) -> nn.Module:
+            if channels % count:
+                raise ValueError(f"model.norm=group: {channels} channels do not split into model.norm_groups="
+                                 f"{count} groups; choose a divisor of the networks' widths (ngf, ndf and their "
+                                 "multiples)")
+            return nn.GroupNorm(count, channels, affine=True)
+
+        return grouped, False
     # A parameter-free placeholder keeps the layer indices (and so the keys) of the normalised variants.
     return (lambda channels: nn.Identity()), False
+
+
+def _padding_layers(padding: str) -> tuple[list[nn.Module], int]:
+    """The reference's `padding_type` of a residual block's 3x3 convolution: a padding layer in front of it
+    (reflect, replicate), or the convolution's own zero padding (zero: one layer fewer, so other keys)."""
+    _check_choice("padding", padding, PADDINGS)
+    if padding == "reflect":
+        return [nn.ReflectionPad2d(1)], 0
+    if padding == "replicate":
+        return [nn.ReplicationPad2d(1)], 0
+    return [], 1
 
 
 class GroupKernelInstanceNorm2d(nn.InstanceNorm2d):
@@ -146,16 +171,18 @@ def init_weights(net: nn.Module, init_type: str = "normal", init_gain: float = 0
 
 
 class ResnetBlock(nn.Module):
-    """`x + conv_block(x)`: two reflection-padded 3x3 convolutions at constant width (Johnson et al.).
+    """`x + conv_block(x)`: two padded 3x3 convolutions at constant width (Johnson et al.).
 
-    Reflection padding instead of zero padding avoids border artefacts in the translated image.
+    Reflection padding (the default) instead of zero padding avoids border artefacts in the translated image.
     """
 
-    def __init__(self, dim: int, norm_layer: NormLayer, use_bias: bool, use_dropout: bool) -> None:
+    def __init__(self, dim: int, norm_layer: NormLayer, use_bias: bool, use_dropout: bool,
+                 padding: str = "reflect") -> None:
         super().__init__()
+        pads, p = _padding_layers(padding)
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(1),
-            nn.Conv2d(dim, dim, kernel_size=3, padding=0, bias=use_bias),
+            *pads,
+            nn.Conv2d(dim, dim, kernel_size=3, padding=p, bias=use_bias),
             norm_layer(dim),
             nn.ReLU(True),
         ]
@@ -163,8 +190,8 @@ class ResnetBlock(nn.Module):
             # As in the reference, this shifts the second convolution's key from conv_block.5 to conv_block.6.
             layers.append(nn.Dropout(0.5))
         layers += [
-            nn.ReflectionPad2d(1),
-            nn.Conv2d(dim, dim, kernel_size=3, padding=0, bias=use_bias),
+            *_padding_layers(padding)[0],
+            nn.Conv2d(dim, dim, kernel_size=3, padding=p, bias=use_bias),
             norm_layer(dim),
         ]
         self.conv_block = nn.Sequential(*layers)
@@ -187,11 +214,12 @@ class ResnetGenerator(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, ngf: int = 64, norm: str = "instance",
-                 use_dropout: bool = False, n_blocks: int = 9) -> None:
+                 use_dropout: bool = False, n_blocks: int = 9, padding: str = "reflect",
+                 norm_groups: int = 32) -> None:
         super().__init__()
         if n_blocks < 0:
             raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
-        norm_layer, use_bias = _norm_layer(norm)
+        norm_layer, use_bias = _norm_layer(norm, norm_groups)
         n_downsampling = 2
         layers: list[nn.Module] = [
             nn.ReflectionPad2d(3),
@@ -207,7 +235,7 @@ class ResnetGenerator(nn.Module):
                 nn.ReLU(True),
             ]
         mult = 2**n_downsampling
-        layers += [ResnetBlock(ngf * mult, norm_layer, use_bias, use_dropout) for _ in range(n_blocks)]
+        layers += [ResnetBlock(ngf * mult, norm_layer, use_bias, use_dropout, padding) for _ in range(n_blocks)]
         for i in range(n_downsampling):
             mult = 2 ** (n_downsampling - i)
             layers += [
@@ -286,11 +314,11 @@ class UnetGenerator(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, num_downs: int, ngf: int = 64,
-                 norm: str = "instance", use_dropout: bool = False) -> None:
+                 norm: str = "instance", use_dropout: bool = False, norm_groups: int = 32) -> None:
         super().__init__()
         if num_downs < 5:
             raise ValueError(f"num_downs must be >= 5, got {num_downs}")
-        norm_layer, use_bias = _norm_layer(norm)
+        norm_layer, use_bias = _norm_layer(norm, norm_groups)
         block = UnetSkipConnectionBlock(ngf * 8, ngf * 8, norm_layer, use_bias, innermost=True)
         for _ in range(num_downs - 5):
             block = UnetSkipConnectionBlock(ngf * 8, ngf * 8, norm_layer, use_bias, submodule=block,
@@ -317,11 +345,12 @@ class NLayerDiscriminator(nn.Module):
         norm: one of `NORMS`.
     """
 
-    def __init__(self, in_channels: int, ndf: int = 64, n_layers: int = 3, norm: str = "instance") -> None:
+    def __init__(self, in_channels: int, ndf: int = 64, n_layers: int = 3, norm: str = "instance",
+                 norm_groups: int = 32) -> None:
         super().__init__()
         if n_layers < 0:
             raise ValueError(f"n_layers must be >= 0, got {n_layers}")
-        norm_layer, use_bias = _norm_layer(norm)
+        norm_layer, use_bias = _norm_layer(norm, norm_groups)
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, ndf, kernel_size=4, stride=2, padding=1),
             nn.LeakyReLU(0.2, True),
@@ -355,9 +384,9 @@ class PixelDiscriminator(nn.Module):
     sequence `net`; both are kept.
     """
 
-    def __init__(self, in_channels: int, ndf: int = 64, norm: str = "instance") -> None:
+    def __init__(self, in_channels: int, ndf: int = 64, norm: str = "instance", norm_groups: int = 32) -> None:
         super().__init__()
-        norm_layer, use_bias = _norm_layer(norm)
+        norm_layer, use_bias = _norm_layer(norm, norm_groups)
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, ndf, kernel_size=1, stride=1, padding=0),
             nn.LeakyReLU(0.2, True),
@@ -373,7 +402,7 @@ class PixelDiscriminator(nn.Module):
 
 def build_generator(arch: str, ngf: int = 64, norm: str = "instance", init_type: str = "normal",
                     init_gain: float = 0.02, use_dropout: bool = False, in_channels: int = 3,
-                    out_channels: int = 3) -> nn.Module:
+                    out_channels: int = 3, padding: str = "reflect", norm_groups: int = 32) -> nn.Module:
     """An initialised generator, equal in structure to the reference's `define_G` (without its GPU wrapping).
 
     Args:
@@ -386,24 +415,31 @@ def build_generator(arch: str, ngf: int = 64, norm: str = "instance", init_type:
         use_dropout: dropout 0.5 as in the reference (off for CycleGAN).
         in_channels: channels of the input image.
         out_channels: channels of the output image.
+        padding: one of `PADDINGS`, the residual blocks' padding (the reference's `padding_type`); resnet only.
+        norm_groups: groups of `norm="group"`.
 
     Raises:
-        ValueError: for an unknown arch, norm or init_type, before anything is built.
+        ValueError: for an unknown arch, norm, padding or init_type, before anything is built.
     """
     _check_choice("generator arch", arch, GENERATOR_ARCHS)
     _check_choice("norm", norm, NORMS)
+    _check_choice("padding", padding, PADDINGS)
     _check_choice("init type", init_type, INIT_TYPES)
     net: nn.Module
     if arch in _RESNET_BLOCKS:
-        net = ResnetGenerator(in_channels, out_channels, ngf, norm, use_dropout, _RESNET_BLOCKS[arch])
+        net = ResnetGenerator(in_channels, out_channels, ngf, norm, use_dropout, _RESNET_BLOCKS[arch], padding,
+                              norm_groups)
     else:
-        net = UnetGenerator(in_channels, out_channels, _UNET_DOWNSAMPLINGS[arch], ngf, norm, use_dropout)
+        if padding != "reflect":
+            raise ValueError(f"padding {padding!r} applies to the resnet generators' blocks; the U-Net has none")
+        net = UnetGenerator(in_channels, out_channels, _UNET_DOWNSAMPLINGS[arch], ngf, norm, use_dropout,
+                            norm_groups)
     return init_weights(net, init_type, init_gain)
 
 
 def build_discriminator(arch: str, ndf: int = 64, n_layers: int = 3, norm: str = "instance",
                         init_type: str = "normal", init_gain: float = 0.02,
-                        in_channels: int = 3) -> nn.Module:
+                        in_channels: int = 3, norm_groups: int = 32) -> nn.Module:
     """An initialised discriminator, equal in structure to the reference's `define_D`.
 
     Args:
@@ -415,6 +451,7 @@ def build_discriminator(arch: str, ndf: int = 64, n_layers: int = 3, norm: str =
         init_type: one of `INIT_TYPES`.
         init_gain: see `init_weights`.
         in_channels: channels of the judged image.
+        norm_groups: groups of `norm="group"`.
 
     Raises:
         ValueError: for an unknown arch, norm or init_type, before anything is built.
@@ -424,12 +461,18 @@ def build_discriminator(arch: str, ndf: int = 64, n_layers: int = 3, norm: str =
     _check_choice("init type", init_type, INIT_TYPES)
     net: nn.Module
     if arch == "pixel":
-        net = PixelDiscriminator(in_channels, ndf, norm)
+        net = PixelDiscriminator(in_channels, ndf, norm, norm_groups)
     else:
-        net = NLayerDiscriminator(in_channels, ndf, 3 if arch == "basic" else n_layers, norm)
+        net = NLayerDiscriminator(in_channels, ndf, 3 if arch == "basic" else n_layers, norm, norm_groups)
     return init_weights(net, init_type, init_gain)
 
 
 def count_parameters(module: nn.Module) -> int:
     """Number of parameter values in `module` (shared parameters once), as the reference prints it."""
     return sum(p.numel() for p in module.parameters())
+
+
+def generator_from(model: object) -> nn.Module:
+    """`build_generator` with a model config's settings (`model.generator`, `ngf`, `norm`, `padding`, ...)."""
+    return build_generator(model.generator, ngf=model.ngf, norm=model.norm, init_type=model.init_type,
+                           init_gain=model.init_gain, padding=model.padding, norm_groups=model.norm_groups)

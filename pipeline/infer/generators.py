@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from pipeline.config import GENERATORS, ConfigError, from_yaml, load_config
 from pipeline.engine.checkpoint import CheckpointError, load_checkpoint
-from pipeline.gan.networks import build_generator, use_group_kernel_instance_norm, uses_group_kernel_norm
+from pipeline.gan.networks import generator_from, use_group_kernel_instance_norm, uses_group_kernel_norm
 from pipeline.infer.interop import load_into, read_state_dict
 
 log = logging.getLogger("pipeline.translate")
@@ -26,7 +26,7 @@ DIRECTIONS = ("AtoB", "BtoA")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _REFERENCE_FILE = re.compile(r"^(?P<prefix>.*_net_)G_(?P<which>[AB])\.pth$")
 # The generator settings a reference weight file does not record: given as --model.* options.
-MODEL_OPTIONS = ("generator", "ngf", "norm")
+MODEL_OPTIONS = ("generator", "ngf", "norm", "padding", "norm_groups")
 
 
 # Padding to what the network needs.
@@ -151,7 +151,8 @@ def _reference_files(path: Path, direction: str) -> tuple[Path, Path | None]:
 
 
 def infer_generator_settings(state: dict[str, Tensor]) -> dict[str, Any]:
-    """The model.generator / ngf / norm a reference generator state dict implies (empty if unrecognised).
+    """The model.generator / ngf / norm (/ padding) a reference generator state dict implies (empty if
+    unrecognised). Replicate and reflect padding have the same keys: reflect, the default, is assumed.
 
     The reference's files do not record their options, but their keys do: resnet files have `model.1.weight`
     (ngf filters) and one `conv_block` per residual block; unet files nest `model.` once per downsampling.
@@ -167,7 +168,9 @@ def infer_generator_settings(state: dict[str, Tensor]) -> dict[str, Any]:
     else:
         return {}
     norm = "instance" if f"{first}.bias" in state else "batch" if norm_weight in state else "none"
-    settings = {"ngf": int(state[f"{first}.weight"].shape[0]), "norm": norm}
+    settings: dict[str, Any] = {"ngf": int(state[f"{first}.weight"].shape[0]), "norm": norm}
+    if any(".conv_block.0.weight" in key for key in state):
+        settings["padding"] = "zero"  # The block's first layer is its convolution: no padding layer in front.
     return {**settings, "generator": arch} if arch else settings
 
 
@@ -204,7 +207,7 @@ def load_generators(path: str | Path, direction: str = "AtoB", model_overrides: 
         names = ("G_ab", "G_ba") if direction == "AtoB" else ("G_ba", "G_ab")
         nets = []
         for name in names:
-            net = build_generator(cfg.model.generator, ngf=cfg.model.ngf, norm=cfg.model.norm)
+            net = generator_from(cfg.model)
             load_into(net, ckpt["nets"][name], str(path), name)
             nets.append(net.eval())
         return Generators(nets[0], nets[1], cfg.model, cfg, direction, "checkpoint", ckpt.get("step"),
@@ -224,7 +227,7 @@ def load_generators(path: str | Path, direction: str = "AtoB", model_overrides: 
         if state is None:
             nets.append(None)
             continue
-        net = build_generator(cfg.model.generator, ngf=cfg.model.ngf, norm=cfg.model.norm)
+        net = generator_from(cfg.model)
         load_into(net, state, str(file), what)
         nets.append(net.eval())
     return Generators(nets[0], nets[1], cfg.model, cfg, direction, "reference")

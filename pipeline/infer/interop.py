@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from pipeline.gan.cyclegan import REFERENCE_NAMES
-from pipeline.gan.networks import build_discriminator, build_generator
+from pipeline.gan.networks import build_discriminator, generator_from
 
 # InstanceNorm statistics that PyTorch < 0.4 saved; the reference deletes them on load too.
 _STALE_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -52,7 +52,7 @@ def load_generator(path: Path, model_cfg, direction: str = "AtoB") -> nn.Module:
         ckpt = load_checkpoint(path)
     except CheckpointError:
         ckpt = None
-    net = build_generator(model_cfg.generator, ngf=model_cfg.ngf, norm=model_cfg.norm)
+    net = generator_from(model_cfg)
     if ckpt is not None:
         state = ckpt["nets"]["G_ab" if direction == "AtoB" else "G_ba"]
     else:
@@ -92,12 +92,12 @@ def nets_from_checkpoint(path: Path, model_cfg) -> dict[str, nn.Module]:
     """The four networks of one of our training checkpoints, on the CPU."""
     state = load_checkpoint(path)
     nets = {
-        "G_ab": build_generator(model_cfg.generator, ngf=model_cfg.ngf, norm=model_cfg.norm),
-        "G_ba": build_generator(model_cfg.generator, ngf=model_cfg.ngf, norm=model_cfg.norm),
+        "G_ab": generator_from(model_cfg),
+        "G_ba": generator_from(model_cfg),
         "D_a": build_discriminator(model_cfg.discriminator, ndf=model_cfg.ndf, n_layers=model_cfg.n_layers_d,
-                                   norm=model_cfg.norm),
+                                   norm=model_cfg.norm, norm_groups=model_cfg.norm_groups),
         "D_b": build_discriminator(model_cfg.discriminator, ndf=model_cfg.ndf, n_layers=model_cfg.n_layers_d,
-                                   norm=model_cfg.norm),
+                                   norm=model_cfg.norm, norm_groups=model_cfg.norm_groups),
     }
     for name, net in nets.items():
         load_into(net, state["nets"][name], str(path), name)
