@@ -196,6 +196,11 @@ class CheckpointConfig:
     """auto (newest loadable checkpoint in run_dir, if any), never, or the path of a checkpoint file."""
     init_from: str = ""
     """Warm start of a new run: a reference folder with latest_net_G_A.pth etc. (optimisers start fresh)."""
+    best_metric: str = ""
+    """Keep run_dir/best.pt, the checkpoint of the best evaluation so far by this metric (eval/AtoB/l1,
+    eval/AtoB/fid, ...: the keys training logs); never pruned, never resumed from. Empty: none."""
+    best_mode: str = "min"
+    """Whether lower (min) or higher (max) values of checkpoint.best_metric are better."""
 
 
 @dataclass
@@ -278,6 +283,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "perf.instance_norm_kernel": ("auto", "group_norm", "instance_norm"),
     "perf.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "tracking.log_checkpoints": ("all", "last", "none"),
+    "checkpoint.best_mode": ("min", "max"),
 }
 
 
@@ -415,6 +421,15 @@ def validate(cfg: DictConfig) -> None:
             f"data.load_size ({cfg.data.load_size}) is smaller than data.crop_size ({cfg.data.crop_size}); "
             "the random crop needs load_size >= crop_size"
         )
+    best = cfg.checkpoint.best_metric
+    if best and not best.startswith("eval/"):
+        raise ConfigError(f"'checkpoint.best_metric' is '{best}'; it names an evaluation metric as training logs "
+                          "it, e.g. eval/AtoB/l1 or eval/AtoB/fid")
+    if best and not (cfg.eval.every_steps > 0 and (cfg.eval.paired or cfg.eval.features)
+                     and cfg.data.test_a and cfg.data.test_b):
+        raise ConfigError(f"checkpoint.best_metric={best} needs an evaluation during training: set "
+                          "eval.every_steps > 0, eval.paired=true (paired test sets) or eval.features, and "
+                          "data.test_a / data.test_b")
     if not 0.0 <= cfg.optim.decay_start_frac <= 1.0:
         raise ConfigError(f"'optim.decay_start_frac' must lie in [0, 1], got {cfg.optim.decay_start_frac}")
     non_negative = ["train.pool_size", "data.workers", "checkpoint.every_steps", "checkpoint.keep_every_steps",

@@ -219,3 +219,51 @@ def test_the_other_norms_and_paddings_train_resume_and_are_checked_on_resume(tin
     other = {**common, "model.padding": "reflect" if model["model.padding"] != "reflect" else "zero"}
     with pytest.raises(CheckpointError, match="model.padding"):
         run(load_config([], tiny(**{**other, "train.steps": 6})))
+
+
+def eval_history(tmp_path, run_id: str, key: str) -> dict[int, float]:
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_best_checkpoint_follows_the_metric_through_pruning_and_resume(tiny, tmp_path, mode):
+    from pipeline.engine.checkpoint import find_latest_loadable
+
+    common = {"train.steps": 12, "checkpoint.every_steps": 2, "checkpoint.keep_last": 1, "eval.paired": True,
+              "eval.every_steps": 2, "checkpoint.best_metric": "eval/AtoB/l1", "checkpoint.best_mode": mode,
+              "report.sample_every_steps": 0}
+    first = run(load_config([], tiny(**common, **{"control.stop_after_steps": 6})))
+    assert first.stopped
+    done = run(load_config([], tiny(**common)))
+    assert done.step == 12 and done.run_id == first.run_id
+    history = eval_history(tmp_path, done.run_id, "eval/AtoB/l1")
+    assert sorted(history) == [2, 4, 6, 8, 10, 12]  # One series across the resume.
+    pick = min if mode == "min" else max
+    best_step = pick(history, key=lambda s: (history[s], s) if mode == "min" else (history[s], -s))
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["best"] == {"metric": "eval/AtoB/l1", "mode": mode, "value": pytest.approx(history[best_step]),
+                            "step": best_step}
+    assert best["step"] == best_step and set(best["nets"]) == {"G_ab", "G_ba", "D_a", "D_b"}
+    # Pruning kept one step checkpoint and never best.pt; resuming takes the newest step checkpoint.
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [12]
+    assert find_latest_loadable(tmp_path / "run")[0].name == "ckpt-000000012.pt"
+    logged = eval_history(tmp_path, done.run_id, "best/eval/AtoB/l1")
+    assert logged[best_step] == pytest.approx(history[best_step])
+    # Each logged best beats every evaluation before it.
+    for step, value in logged.items():
+        earlier = [history[s] for s in history if s < step]
+        assert all((value < v) if mode == "min" else (value > v) for v in earlier), (step, logged, history)
+
+
+def test_best_metric_needs_an_evaluation_and_a_known_key(tiny):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs an evaluation during training"):
+        load_config([], tiny(**{"checkpoint.best_metric": "eval/AtoB/l1"}))
+    with pytest.raises(ConfigError, match="names an evaluation metric"):
+        load_config([], tiny(**{"checkpoint.best_metric": "AtoB/l1", "eval.paired": True, "eval.every_steps": 2}))
+    cfg = load_config([], tiny(**{"checkpoint.best_metric": "eval/AtoB/fdi", "eval.paired": True,
+                                  "eval.every_steps": 2, "tracking.enabled": False}))
+    with pytest.raises(ConfigError, match=r"eval/AtoB/fdi is not among the evaluation's metrics: .*eval/AtoB/l1"):
+        run(cfg)

@@ -177,8 +177,24 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+BEST_NAME = "best.pt"
+
+
+def read_best(directory: Path) -> dict[str, Any] | None:
+    """The `best` record (metric, mode, value, step) of `directory/best.pt`, or None (absent or unreadable)."""
+    path = Path(directory) / BEST_NAME
+    if not path.exists():
+        return None
+    try:
+        return load_checkpoint(path).get("best")
+    except CheckpointError as err:
+        log.warning("ignoring %s: %s", path, err)
+        return None
+
+
 def find_latest_loadable(directory: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in `directory` that loads, skipping (with a warning) newer broken ones."""
+    """The newest step checkpoint in `directory` that loads, skipping (with a warning) newer broken ones
+    (best.pt is not a step checkpoint: it is never resumed from)."""
     for step, path in reversed(list_checkpoints(directory)):
         try:
             return path, load_checkpoint(path)

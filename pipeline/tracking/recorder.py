@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from pipeline.config import flatten, to_yaml
-from pipeline.engine.checkpoint import CheckpointError, CheckpointWriter
+from pipeline.engine.checkpoint import BEST_NAME, CheckpointError, CheckpointWriter, save_atomic
 from pipeline.engine.dist import DistInfo
 from pipeline.engine.progress import format_duration
 from pipeline.engine.version import code_version
@@ -60,6 +60,8 @@ class NullRecorder:
     def save_samples(self, make_grid: Callable[[], np.ndarray], step: int) -> None: ...
     def save_checkpoint(self, state: dict[str, Any], step: int, final: bool = False) -> str | None:
         return None
+
+    def save_best(self, state: dict[str, Any], metric: str, value: float, step: int) -> None: ...
 
     def log_result(self, name: str, values: dict[str, float], step: int) -> None: ...
     def log_generators(self, generators: dict[str, Any], example: np.ndarray) -> None: ...
@@ -175,6 +177,21 @@ class Recorder(NullRecorder):
         log.info("checkpoint %s", path)
         if self.cfg.tracking.log_checkpoints == "all" or (final and self.cfg.tracking.log_checkpoints == "last"):
             self.tracker.log_artifact(path, "checkpoints")
+
+    def save_best(self, state: dict[str, Any], metric: str, value: float, step: int) -> None:
+        """Write `run_dir/best.pt` (atomically) and record it: MLflow metric `best/<metric>` at `step` and the
+        file as the `best` artifact. A failed write is logged; training goes on (the step checkpoints are kept
+        apart from it)."""
+        path = self.run_dir / BEST_NAME
+        try:
+            save_atomic(state, path)
+        except CheckpointError as err:
+            log.error("%s; the previous best.pt (if any) is kept", err)
+            return
+        log.info("best so far: %s = %.6g at step %d (%s)", metric, value, step, path)
+        self.tracker.log_metrics({f"best/{metric}": value}, step)
+        if self.cfg.tracking.log_checkpoints != "none":
+            self.tracker.log_artifact(path, "best")
 
     def log_result(self, name: str, values: dict[str, float], step: int) -> None:
         """`run_dir/<name>.json` and MLflow `<name>/<key>` metrics at `step`.

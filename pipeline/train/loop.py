@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from pipeline.config import ConfigError
 from pipeline.data.held_out import held_out
 from pipeline.data.images import normalize
 from pipeline.data.stream import train_loader
 from pipeline.engine import dist
-from pipeline.engine.checkpoint import CheckpointWriteError, find_latest_loadable, load_checkpoint
+from pipeline.engine.checkpoint import CheckpointWriteError, find_latest_loadable, load_checkpoint, read_best
 from pipeline.engine.meter import MetricMeter, peak_memory
 from pipeline.engine.nonfinite import NonFiniteGuard, NonFiniteLossError
 from pipeline.engine.optim import lr_factor, set_lr
@@ -114,6 +115,12 @@ class Trainer:
         self.should_evaluate = Every(cfg.eval.every_steps, self.total,
                                      enabled=held_out_sets and bool(cfg.eval.paired or cfg.eval.features))
         self.should_save = Every(cfg.checkpoint.every_steps, self.total)
+        # The best evaluation so far (checkpoint.best_metric), as best.pt in run_dir records it; decided on rank 0.
+        self.best_key = cfg.checkpoint.best_metric.removeprefix("eval/")
+        best = read_best(cfg.run_dir) if self.best_key and info.is_main else None
+        same = best is not None and best.get("metric") == cfg.checkpoint.best_metric \
+            and best.get("mode") == cfg.checkpoint.best_mode
+        self.best_value: float | None = float(best["value"]) if same else None
 
     def train(self, loader: Any, stop_flag: StopFlag | None = None) -> RunResult:
         """The loop: batch, schedule, step, then each periodic job on its own interval."""
@@ -231,6 +238,33 @@ class Trainer:
     def evaluate(self, step: int) -> None:
         self.evaluation = held_out_eval(self.parts.gens.G_ab, self.parts.gens.G_ba, self.cfg, self.device)
         self.recorder.log_result("eval", self.evaluation, step)
+        if self.best_key:
+            self.keep_if_best(step)
+
+    def keep_if_best(self, step: int) -> None:
+        """Rank 0 judges the evaluation against the best so far; all ranks then gather the state if it won."""
+        verdict: Any = None
+        if self.info.is_main:
+            value = self.evaluation.get(self.best_key)
+            if value is None:
+                verdict = ("missing", sorted(self.evaluation))
+            else:
+                better = self.best_value is None or (value < self.best_value if self.cfg.checkpoint.best_mode == "min"
+                                                     else value > self.best_value)
+                verdict = ("better", float(value)) if better else ("worse", float(value))
+        kind, detail = dist.broadcast_from_main(verdict)
+        if kind == "missing":
+            raise ConfigError(f"checkpoint.best_metric={self.cfg.checkpoint.best_metric} is not among the "
+                              f"evaluation's metrics: {', '.join('eval/' + k for k in detail)}")
+        if kind != "better":
+            return
+        ranks = dist.gather_to_main(self.state.rank_state())
+        if ranks is not None:
+            checkpoint = self.state.state_dict(ranks, self.cfg, self.recorder.run_id)
+            checkpoint["best"] = {"metric": self.cfg.checkpoint.best_metric, "mode": self.cfg.checkpoint.best_mode,
+                                  "value": detail, "step": step}
+            self.recorder.save_best(checkpoint, self.cfg.checkpoint.best_metric, detail, step)
+        self.best_value = detail
 
     def save(self, step: int, final: bool) -> None:
         ranks = dist.gather_to_main(self.state.rank_state())
