@@ -70,6 +70,17 @@ def make_step(case: str, impl: str, precision: str, channels_last: bool, compile
         gens, discs = parts.gens, parts.discs
         return ReferenceStyleStep(gens, discs, build_objective(cfg.loss), reference_adam(gens.parameters()),
                                   reference_adam(discs.parameters()), parts.step.pools.a, parts.step.pools.b), crop
+    if parts.ema is not None:
+        # The trainer updates the generators' average after each applied step: time it as part of the step.
+        ema = parts.ema
+
+        def step_with_ema(real_a, real_b):
+            result = parts.step(real_a, real_b)
+            ema.update(ema.start_step + 1 if ema.started else ema.start_step)
+            return result
+
+        step_with_ema.ema = ema  # type: ignore[attr-defined]  # For timing the update on its own.
+        return step_with_ema, crop
     return parts.step, crop
 
 

@@ -72,7 +72,7 @@ class Setting:
     def name(self) -> str:
         parts = [self.impl, self.precision, f"b{self.batch}"]
         parts += ["nhwc"] if self.channels_last else []
-        parts += [e.split(".")[-1].replace("=", ":") for e in self.extra]
+        parts += [f"{e.split('=', 1)[0].split('.')[-1]}:{e.split('=', 1)[1]}" for e in self.extra]
         return " ".join(parts + (["compile"] if self.compiled else ["eager"]))
 
 
@@ -99,6 +99,8 @@ def cuda_plan() -> Plan:
     eager += [Setting("ours", p, 1, extra=("perf.instance_norm_kernel=group_norm",)) for p in ("fp32", "bf16")]
     eager += [Setting("ours", "bf16", b, channels_last=True) for b in (1, 8)]
     eager += [Setting("ours", "fp16", 1)]
+    # The generators' moving average: one fused lerp over their parameters per step (target: well under 2%).
+    eager += [Setting("ours", "bf16", 1, extra=("train.ema_decay=0.999",))]
     # Most telling first: the time budget may cut the list short.
     compiled = [Setting("ours", "bf16", 1, compiled=True, extra=("perf.compile_mode=reduce-overhead",)),
                 Setting("ours", "bf16", 1, compiled=True),
@@ -111,7 +113,8 @@ def cpu_plan() -> Plan:
     eager = [Setting("reference", "fp32", 1), Setting("ours", "fp32", 1), Setting("ours", "fp32", 2),
              Setting("ours", "bf16", 1), Setting("ours", "fp16", 1),
              Setting("ours", "fp32", 1, extra=("perf.instance_norm_kernel=instance_norm",)),
-             Setting("ours", "fp32", 1, channels_last=True)]
+             Setting("ours", "fp32", 1, channels_last=True),
+             Setting("ours", "fp32", 1, extra=("train.ema_decay=0.999",))]
     compiled = [Setting("ours", "fp32", 1, compiled=True, extra=("perf.compile_backend=aot_eager",))]
     notes = ["no CUDA device: a 32 px case (ngf = ndf = 4) on the CPU, loader with 1-2 workers, compile with the "
              "aot_eager backend; run on a GPU machine for the figures"]
@@ -226,9 +229,21 @@ def time_setting(case: str, s: Setting, device: torch.device, warmup: int, iters
         sync(device)
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    extra: dict[str, Any] = {}
+    ema = getattr(step, "ema", None)
+    if ema is not None:
+        # The average's update on its own (it is inside the timed steps too): 20 updates, the fastest.
+        updates = []
+        for _ in range(20):
+            sync(device)
+            t = time.perf_counter()
+            ema.update(ema.start_step + 1)
+            sync(device)
+            updates.append(time.perf_counter() - t)
+        extra["ema_update_s"] = min(updates)
     del step
     return {"setting": s.name, **asdict(s), "seconds": min(times), "median_s": statistics.median(times),
-            "warmup_s": warm_s, "peak_mem_gib": peak}
+            "warmup_s": warm_s, "peak_mem_gib": peak, **extra}
 
 
 def add_rates(row: dict[str, Any], flops_b1: float, peak_tflops: float | None) -> dict[str, Any]:
@@ -347,6 +362,8 @@ def fmt_step(row: dict[str, Any]) -> str:
         parts.append(f"{row['peak_mem_gib']:.2f} GiB")
     if row.get("vs_reference"):
         parts.append(f"{row['vs_reference']:.2f}x reference")
+    if "ema_overhead" in row:
+        parts.append(f"EMA update {row['ema_update_s'] * 1e3:.2f} ms = {row['ema_overhead']:.2%} of a step")
     if row.get("compiled"):
         parts.append(f"warm-up incl. compile {row['warmup_s']:.0f} s")
     return ", ".join(parts)
@@ -451,6 +468,11 @@ def main(argv: list[str] | None = None) -> int:
             reference[s.batch] = row["seconds"]
         elif "error" not in row and s.batch in reference:
             row["vs_reference"] = reference[s.batch] / row["seconds"]
+        plain = next((r for r in report["step"] if r.get("impl") == s.impl and r.get("precision") == s.precision
+                      and r.get("batch") == s.batch and not r.get("extra") and not r.get("channels_last")
+                      and "seconds" in r), None)
+        if "ema_update_s" in row and plain:
+            row["ema_overhead"] = row["ema_update_s"] / plain["seconds"]  # One update against one plain step.
         report["step"].append(row)
         print(f"step {row['setting']}: {fmt_step(row)}", flush=True)
 

@@ -122,6 +122,13 @@ class TrainConfig:
     """auto (CUDA when available), cpu or cuda."""
     pool_size: int = 50
     """Past fakes kept per discriminator and rank for the D step; 0 disables the history."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of both generators' weights with this decay per update (e.g. 0.999);
+    samples, evaluation, translate, export and the logged models then use it. 0: no average."""
+    ema_start_step: int = 0
+    """Step at which the average starts, as a copy of the weights."""
+    ema_every: int = 1
+    """Steps between updates of the average."""
 
 
 @dataclass
@@ -421,6 +428,8 @@ def validate(cfg: DictConfig) -> None:
             f"data.load_size ({cfg.data.load_size}) is smaller than data.crop_size ({cfg.data.crop_size}); "
             "the random crop needs load_size >= crop_size"
         )
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"'train.ema_decay' must lie in [0, 1) (0: no EMA), got {cfg.train.ema_decay}")
     best = cfg.checkpoint.best_metric
     if best and not best.startswith("eval/"):
         raise ConfigError(f"'checkpoint.best_metric' is '{best}'; it names an evaluation metric as training logs "
@@ -434,11 +443,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"'optim.decay_start_frac' must lie in [0, 1], got {cfg.optim.decay_start_frac}")
     non_negative = ["train.pool_size", "data.workers", "checkpoint.every_steps", "checkpoint.keep_every_steps",
                     "control.max_nonfinite_steps", "perf.threads", "eval.every_steps", "report.sample_every_steps",
-                    "control.stop_after_steps", "checkpoint.min_free_mb"]
+                    "control.stop_after_steps", "checkpoint.min_free_mb", "train.ema_start_step"]
     for key in non_negative:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"'{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")
-    for key in ("checkpoint.keep_last", "eval.batch_size"):
+    for key in ("checkpoint.keep_last", "eval.batch_size", "train.ema_every"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
 

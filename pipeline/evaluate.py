@@ -136,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     loaded, errors = {}, []
     for direction in directions:
         try:
-            loaded[direction] = load_generators(args.checkpoint, direction, model_overrides(args))
+            loaded[direction] = load_generators(args.checkpoint, direction, model_overrides(args), args.weights)
         except CheckpointError as err:
             errors.append(err)
     if not loaded:

@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # "torchvision is not installed. Skipping torchvision::nms" and friends: irrelevant to generators.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
-        gens = load_generators(args.checkpoint, args.direction, model_overrides(args))
+        gens = load_generators(args.checkpoint, args.direction, model_overrides(args), args.weights)
         s = gens.cfg.data.crop_size
         shapes = [] if args.no_check else args.check or [(1, s, s), (2, s + 3, max(s - 5, 1))]
         worst = export(gens, args.format, args.output, shapes, args.tolerance, args.opset,

@@ -27,6 +27,7 @@ from pipeline.infer.generators import (
     DIRECTIONS,
     MODEL_OPTIONS,
     PRECISIONS,
+    WEIGHTS,
     load_generators,
     log,
 )
@@ -43,6 +44,9 @@ def add_generator_args(parser: argparse.ArgumentParser, directions: Sequence[str
                         help="our ckpt-*.pt, a reference *_net_G_A.pth / *_net_G_B.pth file, or a reference folder")
     parser.add_argument("--direction", choices=directions, default=default,
                         help="AtoB uses G_ab (reference G_A), BtoA G_ba (reference G_B)")
+    parser.add_argument("--weights", choices=WEIGHTS, default="auto",
+                        help="ema: the generators' moving average (train.ema_decay); raw: the trained weights; "
+                             "auto (default): ema when the checkpoint has it")
     for option in MODEL_OPTIONS:
         parser.add_argument(f"--model.{option}", dest=f"model_{option}", default=None,
                             help=f"for reference files: model.{option} they were trained with")
@@ -72,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--batch-size must be positive")
     try:
         device = select_device(args.device)
-        gens = load_generators(args.checkpoint, args.direction, model_overrides(args))
+        gens = load_generators(args.checkpoint, args.direction, model_overrides(args), args.weights)
         log.info("translating %s with %s (%s, %s) on %s", args.input, args.checkpoint, args.direction,
                  gens.model.generator, device)
         manifest = translate_source(

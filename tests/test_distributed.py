@@ -181,3 +181,15 @@ def test_a_process_group_of_one_rank_equals_a_plain_run_bitwise(shards, tmp_path
     b = load_checkpoint(tmp_path / "group" / "ckpt-000000004.pt")
     assert all(torch.equal(v, b["nets"][n][k]) for n, net in a["nets"].items() for k, v in net.items())
     assert torch.equal(a["ranks"][0]["pool_a"]["images"], b["ranks"][0]["pool_a"]["images"])
+
+
+def test_the_generators_average_is_equal_on_every_rank_without_communication(tmp_path):
+    # The worker gathers all parameters, the average's included (after the four networks'), after every step
+    # and exits non-zero on a difference between ranks.
+    last = run_workers(tmp_path, 2, 3, "float32", [*TINY, "train.ema_decay=0.5"])["params"][-1]
+    cfg = load_config([], TINY)
+    gens, discs = build_networks(cfg.model)
+    n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (gens, discs))
+    assert last.numel() == 2 * n_g + n_d
+    # After 3 steps at decay 0.5 the average is not the weights.
+    assert not torch.equal(last[n_g + n_d:], last[:n_g])

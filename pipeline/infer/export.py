@@ -40,6 +40,7 @@ def metadata(gens: Generators) -> dict[str, Any]:
         "output": "translated: float32 (N, 3, H, W) in [-1, 1]",
         "source": gens.source,
         "step": gens.step,
+        "weights": gens.weights,
     }
 
 

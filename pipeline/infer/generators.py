@@ -107,6 +107,8 @@ class Generators:
     step: int | None = None
     run_id: str | None = None
     """MLflow run id recorded in our checkpoint."""
+    weights: str = "raw"
+    """'ema' (the generators' moving average) or 'raw'."""
 
     @property
     def multiple(self) -> int:
@@ -174,7 +176,11 @@ def infer_generator_settings(state: dict[str, Tensor]) -> dict[str, Any]:
     return {**settings, "generator": arch} if arch else settings
 
 
-def load_generators(path: str | Path, direction: str = "AtoB", model_overrides: Sequence[str] = ()) -> Generators:
+WEIGHTS = ("auto", "ema", "raw")
+
+
+def load_generators(path: str | Path, direction: str = "AtoB", model_overrides: Sequence[str] = (),
+                    weights: str = "auto") -> Generators:
     """Generators from one of our checkpoints, a reference `*_net_G_{A,B}.pth` file or a reference folder.
 
     Args:
@@ -182,6 +188,8 @@ def load_generators(path: str | Path, direction: str = "AtoB", model_overrides: 
         direction: AtoB (our G_ab, the reference's G_A) or BtoA.
         model_overrides: `model.generator=...`-style settings for reference files, which do not record their
             architecture (defaults: the paper's resnet_9blocks, ngf 64, instance norm).
+        weights: ema (the generators' moving average, train.ema_decay), raw (the trained weights), or auto: ema
+            when the checkpoint has it. Reference files have raw weights only.
 
     Raises:
         CheckpointError: unreadable file, wrong direction, or weights that do not fit the architecture.
@@ -189,6 +197,8 @@ def load_generators(path: str | Path, direction: str = "AtoB", model_overrides: 
     """
     if direction not in DIRECTIONS:
         raise ConfigError(f"direction must be AtoB or BtoA, got '{direction}'")
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got '{weights}'")
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"'{path}' does not exist")
@@ -205,14 +215,22 @@ def load_generators(path: str | Path, direction: str = "AtoB", model_overrides: 
             raise ConfigError(f"'{path}' records its architecture; --model.* options are for reference files only")
         cfg = from_yaml(ckpt["config"])
         names = ("G_ab", "G_ba") if direction == "AtoB" else ("G_ba", "G_ab")
+        ema = ckpt.get("ema") if ckpt.get("ema", {}).get("started") else None
+        if weights == "ema" and ema is None:
+            raise CheckpointError(f"'{path}' has no generator EMA (trained without train.ema_decay, or stopped "
+                                  "before train.ema_start_step): use --weights raw")
+        use_ema = ema is not None and weights != "raw"
         nets = []
         for name in names:
             net = generator_from(cfg.model)
-            load_into(net, ckpt["nets"][name], str(path), name)
+            load_into(net, (ema["nets"] if use_ema else ckpt["nets"])[name], str(path), name)
             nets.append(net.eval())
+        log.info("%s: %s weights", path.name, "EMA" if use_ema else "raw")
         return Generators(nets[0], nets[1], cfg.model, cfg, direction, "checkpoint", ckpt.get("step"),
-                          ckpt.get("mlflow_run_id") or None)
+                          ckpt.get("mlflow_run_id") or None, "ema" if use_ema else "raw")
 
+    if weights == "ema":
+        raise CheckpointError(f"'{path}' is a reference-implementation file: it has raw weights only (--weights raw)")
     forward_file, reverse_file = _reference_files(path, direction)
     states = [read_state_dict(file) if file is not None else None for file in (forward_file, reverse_file)]
     # Settings given explicitly win over those read off the file's keys.

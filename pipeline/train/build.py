@@ -13,6 +13,7 @@ from pipeline.engine import dist
 from pipeline.engine.kernels import configure_kernels
 from pipeline.engine.optim import build_adam
 from pipeline.gan.cyclegan import Discriminators, Generators, build_networks, build_objective
+from pipeline.gan.ema import GeneratorEMA
 from pipeline.gan.image_pool import ImagePool
 from pipeline.gan.networks import use_sliced_reflection_pad, uses_group_kernel_norm
 from pipeline.gan.step import Optimisers, Pools, StepNetworks, StepSettings, TrainStep
@@ -27,6 +28,13 @@ class Components:
     gens: Generators
     discs: Discriminators
     step: TrainStep
+    ema: GeneratorEMA | None = None
+    """The generators' moving average (train.ema_decay > 0), else None."""
+
+    @property
+    def eval_gens(self) -> Generators:
+        """What samples, evaluation and the logged models use: the average when there is one."""
+        return self.ema.gens if self.ema is not None else self.gens
 
     @property
     def nets(self) -> dict[str, torch.nn.Module]:
@@ -54,6 +62,8 @@ def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device)
     memory_format = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
     gens.to(device, memory_format=memory_format)
     discs.to(device, memory_format=memory_format)
+    ema = (GeneratorEMA(gens, cfg.train.ema_decay, cfg.train.ema_start_step, cfg.train.ema_every)
+           if cfg.train.ema_decay > 0 else None)  # Before compiling: the average is a plain eager copy.
     if cfg.perf.compile:
         # D is called with and without requires_grad and on pooled inputs: each is a recompile (guards), so
         # the default limit of 8 is hit and dynamo silently falls back to eager. Raise it.
@@ -83,4 +93,4 @@ def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device)
                               distributed=distributed, memory_format=memory_format,
                               cudagraphs=uses_cudagraphs(cfg.perf, device)),
     )
-    return Components(gens, discs, step)
+    return Components(gens, discs, step, ema)

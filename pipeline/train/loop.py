@@ -81,7 +81,7 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     loader = train_loader(cfg.data, cfg.train.seed, info.rank, start_batch=start_step,
                           pin_memory=device.type == "cuda")
     parts = build_components(cfg, info, device)
-    state = TrainingState(parts.nets, parts.step.optimisers, parts.step.pools, device)
+    state = TrainingState(parts.nets, parts.step.optimisers, parts.step.pools, device, parts.ema)
     if resume is not None:
         state.load_state_dict(resume[1], info.rank, info.world_size)
         log.info("resumed from %s (step %d)", resume[0], start_step)
@@ -136,6 +136,8 @@ class Trainer:
                 real_a, real_b, data_s = self.next_batch(batches)
                 lr = self.set_lr(step)
                 result = self.parts.step(real_a, real_b, stop_requested=bool(stop_flag) or self.chunk_done(step))
+                if result.applied and self.parts.ema is not None:
+                    self.parts.ema.update(step)
                 self.account(step, result, data_s)
                 if self.should_log(step):
                     self.log_metrics(step, lr)
@@ -233,10 +235,11 @@ class Trainer:
             size, count = self.cfg.data.crop_size, self.cfg.report.sample_images
             self._held["a"] = held_out(self.cfg.data.test_a, count, size)[1].to(self.device)
             self._held["b"] = held_out(self.cfg.data.test_b, count, size)[1].to(self.device)
-        return sample_grid(self.parts.gens, self._held["a"], self._held["b"])
+        return sample_grid(self.parts.eval_gens, self._held["a"], self._held["b"])
 
     def evaluate(self, step: int) -> None:
-        self.evaluation = held_out_eval(self.parts.gens.G_ab, self.parts.gens.G_ba, self.cfg, self.device)
+        gens = self.parts.eval_gens
+        self.evaluation = held_out_eval(gens.G_ab, gens.G_ba, self.cfg, self.device)
         self.recorder.log_result("eval", self.evaluation, step)
         if self.best_key:
             self.keep_if_best(step)
@@ -283,4 +286,5 @@ class Trainer:
         # Two images: with one, torch.export (inside MLflow's log_model) warns that it specialised the batch
         # dimension to 1, a warning users cannot act on.
         example = torch.zeros(2, 3, self.cfg.data.crop_size, self.cfg.data.crop_size).numpy()
-        self.recorder.log_generators({"G_ab": self.parts.gens.G_ab, "G_ba": self.parts.gens.G_ba}, example)
+        gens = self.parts.eval_gens
+        self.recorder.log_generators({"G_ab": gens.G_ab, "G_ba": gens.G_ba}, example)

@@ -47,8 +47,9 @@ class TrainingState:
     states. `state_dict()` / `load_state_dict()` are the checkpoint format's two directions."""
 
     def __init__(self, nets: dict[str, torch.nn.Module], optimisers: Optimisers, pools: Pools,
-                 device: torch.device) -> None:
+                 device: torch.device, ema: Any = None) -> None:
         self.nets, self.optimisers, self.pools, self.device = nets, optimisers, pools, device
+        self.ema = ema
         self.step = 0
         self.images_seen = 0
         self.nonfinite_steps = 0
@@ -59,7 +60,7 @@ class TrainingState:
                 "rng": rng_state(self.device)}
 
     def state_dict(self, rank_states: list[dict[str, Any]], cfg: DictConfig, run_id: str | None) -> dict[str, Any]:
-        return {
+        state = {
             "format": FORMAT,
             "step": self.step,
             "images_seen": self.images_seen,
@@ -75,6 +76,9 @@ class TrainingState:
             "mlflow_run_id": run_id or "",
             "code_version": code_version(),
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any], rank: int, world_size: int) -> None:
         """Restore a checkpoint's state on this rank; on a world-size change pools are redistributed or refilled."""
@@ -83,6 +87,12 @@ class TrainingState:
         self.optimisers.g.load_state_dict(state["opt_g"])
         self.optimisers.d.load_state_dict(state["opt_d"])
         self.optimisers.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                log.warning("the checkpoint has no generator EMA (trained without train.ema_decay): the average "
+                            "starts from the current weights at the next step")
         self.step, self.images_seen = state["step"], state["images_seen"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         saved = state["ranks"]

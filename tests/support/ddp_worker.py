@@ -28,7 +28,9 @@ def fixed_batch(rank: int, step: int, dtype: torch.dtype, batch: int = 1) -> tup
 
 
 def flat_params(components) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for net in components.nets.values() for p in net.parameters()])
+    """All parameters of the four networks, and of the generators' average when there is one."""
+    nets = list(components.nets.values()) + ([components.ema.gens] if components.ema is not None else [])
+    return torch.cat([p.detach().reshape(-1) for net in nets for p in net.parameters()])
 
 
 def main(out: str, steps: int, dtype_name: str, overrides: list[str]) -> None:
@@ -47,6 +49,8 @@ def main(out: str, steps: int, dtype_name: str, overrides: list[str]) -> None:
         real_a, real_b = fixed_batch(info.rank, step, dtype)
         result = parts.step(real_a, real_b)
         assert result.applied and not result.stop
+        if parts.ema is not None:
+            parts.ema.update(step + 1)
         flat = flat_params(parts)
         gathered = dist.gather_objects(flat)
         for rank, other in enumerate(gathered):
