@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.runs import ROOT, process_env, single_rank_cmd, tiny_overrides, train_cmd
+from support.runs import ROOT, nets_equal, process_env, single_rank_cmd, tiny_overrides, train_cmd
 
 from pipeline.engine.checkpoint import load_checkpoint
 
@@ -62,10 +62,6 @@ def loss_keys(rows: list[dict]) -> list[str]:
 
 def relative(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
-
-
-def nets_equal(a: dict, b: dict) -> bool:
-    return all(torch.equal(v, b["nets"][n][k]) for n, net in a["nets"].items() for k, v in net.items())
 
 
 def test_200_steps_in_fp32_bf16_and_fp16_are_finite_and_low_precision_tracks_fp32(shards, tmp_path):

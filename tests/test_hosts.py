@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.hosts import Hosts, missing_requirements
-from support.runs import free_port, process_env, tiny_overrides, train_cmd
+from support.runs import free_port, nets_equal, process_env, tiny_overrides, train_cmd
 
 from pipeline.engine.checkpoint import list_checkpoints, load_checkpoint
 
@@ -63,10 +63,6 @@ def wait_for_checkpoint(run_dir: Path, procs: dict[str, subprocess.Popen], timeo
         assert all(p.poll() is None for p in procs.values()), "an agent ended before the first checkpoint"
         assert time.monotonic() - t0 < timeout, "no checkpoint in time"
         time.sleep(0.1)
-
-
-def nets_equal(a: dict, b: dict) -> bool:
-    return all(torch.equal(v, b["nets"][n][k]) for n, net in a["nets"].items() for k, v in net.items())
 
 
 def test_torchrun_across_two_hosts_equals_two_ranks_on_one_host(hosts, shards, tmp_path):

@@ -11,7 +11,7 @@ import time
 import mlflow
 import pytest
 import torch
-from support.runs import process_env, tiny_overrides, train_cmd
+from support.runs import nets_equal, process_env, tiny_overrides, train_cmd
 
 from pipeline.engine.checkpoint import list_checkpoints, load_checkpoint
 from pipeline.engine.stop import EXIT_STOPPED
@@ -33,10 +33,6 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> No
 def metric_steps(tmp_path, run_id: str, key: str) -> list[int]:
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     return [m.step for m in client.get_metric_history(run_id, key)]
-
-
-def nets_equal(a: dict, b: dict) -> bool:
-    return all(torch.equal(v, b["nets"][n][k]) for n, net in a["nets"].items() for k, v in net.items())
 
 
 @pytest.mark.parametrize("nproc", [0, 2], ids=["1-process", "2-ranks"])

@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow import MlflowClient
 from support.hosts import Hosts
 from support.hosts import missing_requirements as hosts_missing
-from support.runs import ROOT, process_env, tiny_overrides, train_cmd
+from support.runs import ROOT, nets_equal, process_env, tiny_overrides, train_cmd
 from support.slurm_cluster import ClusterError, SlurmCluster, missing_requirements
 
 from pipeline.engine.checkpoint import list_checkpoints, load_checkpoint
@@ -115,7 +114,7 @@ def test_a_2_node_job_equals_2_ranks_on_one_host_and_reports_both_hosts(two_node
     assert one.returncode == 0, one.stderr[-3000:]
     a = load_checkpoint(run_dir / "ckpt-000000006.pt")
     b = load_checkpoint(tmp_path / "one" / "run" / "ckpt-000000006.pt")
-    assert all(torch.equal(v, b["nets"][n][k]) for n, net in a["nets"].items() for k, v in net.items())
+    assert nets_equal(a, b)
     run, steps = lr_steps(run_dir)
     assert run.info.status == "FINISHED" and steps == [2, 4, 6] and run.data.tags["world_size"] == "2"
 

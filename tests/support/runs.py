@@ -76,3 +76,10 @@ def torchrun_cmd(nproc: int, *args: str, rendezvous: tuple[str, ...] | list[str]
 def single_rank_cmd(overrides: list[str]) -> list[str]:
     """The trainer under torchrun in a process group of one rank (tests/support/single_rank_train.py)."""
     return torchrun_cmd(1, str(SINGLE_RANK), *overrides)
+
+
+def nets_equal(a: dict, b: dict) -> bool:
+    """Whether two checkpoints hold the same four networks, bit for bit."""
+    import torch
+
+    return all(torch.equal(v, b["nets"][n][k]) for n, net in a["nets"].items() for k, v in net.items())
