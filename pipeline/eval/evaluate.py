@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from pipeline.data.held_out import iter_inputs, iter_tensors
 from pipeline.data.images import normalize, quantize, to_image, to_tensor, to_uint8
 from pipeline.data.stream import DataError
+from pipeline.engine import dist
 from pipeline.eval.metrics import distribution, paired
 from pipeline.eval.metrics.features import load_extractor
 from pipeline.infer.generators import required_multiple
@@ -27,32 +29,68 @@ log = logging.getLogger("pipeline.evaluate")
 # Held-out evaluation of one direction.
 
 
+@dataclass(frozen=True)
+class Share:
+    """Which images of a held-out set this process evaluates: those whose position is `rank` modulo `world`.
+
+    The ranks of a run each take their share and gather features and per-image scores, so N ranks evaluate
+    about N times faster and get the numbers of one process evaluating everything (rows reordered to the set's
+    order before any metric sees them).
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    def takes(self, index: int) -> bool:
+        return index % self.world == self.rank
+
+    @classmethod
+    def of_process_group(cls) -> Share:
+        """This rank's share under torch.distributed; the whole set otherwise."""
+        if not dist.is_distributed():
+            return cls()
+        return cls(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+
 class _Features:
-    """Runs an extractor over images of any sizes, batching images of equal size; collects (N, D) rows."""
+    """Runs an extractor over images of any sizes, batching images of equal size; collects (index, row)."""
 
     def __init__(self, extractor: nn.Module | None, device: torch.device, batch_size: int) -> None:
         self.extractor, self.device, self.batch_size = extractor, device, batch_size
-        self.pending: dict[tuple[int, ...], list[Tensor]] = {}
+        self.pending: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
+        self.indices: list[int] = []
         self.rows: list[np.ndarray] = []
 
-    def add(self, image: Tensor) -> None:
+    def add(self, index: int, image: Tensor) -> None:
         if self.extractor is None:
             return
         group = self.pending.setdefault(tuple(image.shape), [])
-        group.append(image)
+        group.append((index, image))
         if len(group) >= self.batch_size:
             self._run(tuple(image.shape))
         elif sum(map(len, self.pending.values())) > 4 * self.batch_size:  # Many sizes: do not hoard images.
             self._run(max(self.pending, key=lambda shape: len(self.pending[shape])))
 
     def _run(self, shape: tuple[int, ...]) -> None:
-        batch = torch.stack(self.pending.pop(shape)).to(self.device)
+        items = self.pending.pop(shape)
+        batch = torch.stack([image for _, image in items]).to(self.device)
+        self.indices.extend(index for index, _ in items)
         self.rows.append(self.extractor(batch).double().cpu().numpy())
 
-    def result(self) -> np.ndarray:
+    def result(self) -> tuple[list[int], np.ndarray]:
+        """(set positions, their feature rows) of this process's images."""
         for shape in list(self.pending):
             self._run(shape)
-        return np.concatenate(self.rows) if self.rows else np.zeros((0, 0))
+        return self.indices, (np.concatenate(self.rows) if self.rows else np.zeros((0, 0)))
+
+
+def _in_set_order(parts: list[tuple[list[int], np.ndarray]]) -> np.ndarray:
+    """Every rank's (positions, rows) as one (N, D) array in the set's order."""
+    indices = [i for part_indices, _ in parts for i in part_indices]
+    rows = [rows for part_indices, rows in parts if len(part_indices)]
+    if not rows:
+        return np.zeros((0, 0))
+    return np.concatenate(rows)[np.argsort(indices, kind="stable")]
 
 
 @torch.no_grad()
@@ -60,6 +98,7 @@ def evaluate_direction(
     net: nn.Module, reverse: nn.Module | None, multiple: int, source: str, target: str, device: torch.device,
     features: nn.Module | None = None, size: int = 0, paired_keys: bool = False, batch_size: int = 8,
     precision: str = "fp32", max_images: int = 0, kid_subsets: int = 100, kid_subset_size: int = 1000,
+    share: Share = Share(),
 ) -> dict[str, float]:
     """Metrics of `net` translating the images of `source`, against the real images of `target`.
 
@@ -75,6 +114,8 @@ def evaluate_direction(
         precision: fp32, bf16 or fp16 for the generators.
         max_images: use at most this many images of each set (0: all).
         kid_subsets, kid_subset_size: KID's subsets.
+        share: the images this process translates and embeds; with more than one process (`Share.world`),
+            every process of the group must call this with its own share, and all get the whole set's result.
 
     Returns:
         `images` and `real_images` (counts); `fid`, `kid`, `kid_subset_size` (0: whole sets) and `kid_std`
@@ -85,7 +126,11 @@ def evaluate_direction(
     for module, _ in modes:
         module.eval()
     try:
-        # Real target images: features, and the ground truth when paired (kept as 8-bit).
+        # This share's sources; with pairs, their keys first, so that each rank keeps only its own ground truth.
+        mine = ({item.key for i, item in enumerate(itertools.islice(iter_inputs(source), max_images or None))
+                 if share.takes(i)} if paired_keys else set())
+
+        # Real target images: features of this share, and the ground truth of this share's sources (8-bit).
         real = _Features(features, device, batch_size)
         truth: dict[str, Tensor] = {}
         real_count = 0
@@ -96,67 +141,79 @@ def evaluate_direction(
             targets: Iterator[tuple[str, Tensor]] = ((k, im) for k, im in iter_tensors(target, size, 0) if k in keys)
         else:
             targets = iter_tensors(target, size, max_images)
-        for key, image in targets:
-            real_count += 1
-            real.add(image)
-            if paired_keys:
+        for index, (key, image) in enumerate(targets):
+            if share.takes(index):
+                real_count += 1
+                real.add(index, image)
+            if key in mine:
                 truth[key] = to_uint8(image)
         real_features = real.result()
 
         # Translate, and run the reverse generator on the translations as they come (bounded memory).
         fake = _Features(features, device, batch_size)
-        inputs: dict[str, Tensor] = {}
-        per_image: dict[str, list[float]] = {k: [] for k in ("l1", "psnr", "ssim", "l1_identity", "psnr_identity",
-                                                             "ssim_identity", "cycle_l1")}
+        inputs: dict[int, Tensor] = {}
+        per_image: dict[str, list[tuple[int, float]]] = {k: [] for k in _PER_IMAGE}
         count = 0
 
-        def sources() -> Iterator[tuple[str, Tensor]]:
-            for key, image in iter_tensors(source, size, max_images):
-                inputs[key] = image
-                yield key, image
+        def sources() -> Iterator[tuple[tuple[int, str], Tensor]]:
+            for index, (key, image) in enumerate(iter_tensors(source, size, max_images)):
+                if share.takes(index):
+                    inputs[index] = image
+                    yield (index, key), image
 
-        def translations() -> Iterator[tuple[str, Tensor]]:
+        def translations() -> Iterator[tuple[int, Tensor]]:
             nonlocal count
-            for key, out in translate_images(net, multiple, sources(), device, batch_size, precision):
+            for (index, key), out in translate_images(net, multiple, sources(), device, batch_size, precision):
                 out = quantize(out)
                 count += 1
-                fake.add(out)
+                fake.add(index, out)
                 if key in truth:
-                    _paired(per_image, out, inputs[key], normalize(truth.pop(key)))
-                yield key, out
+                    _paired(per_image, index, out, inputs[index], normalize(truth.pop(key)))
+                yield index, out
 
         if reverse is not None:
-            for key, rec in translate_images(reverse, multiple, translations(), device, batch_size, precision):
-                per_image["cycle_l1"].append(paired.l1(rec[None], inputs.pop(key)[None]).item())
+            for index, rec in translate_images(reverse, multiple, translations(), device, batch_size, precision):
+                per_image["cycle_l1"].append((index, paired.l1(rec[None], inputs.pop(index)[None]).item()))
         else:
-            for key, _ in translations():
-                inputs.pop(key)
+            for index, _ in translations():
+                inputs.pop(index)
     finally:
         for module, was_training in modes:
             module.train(was_training)
 
+    if share.world > 1:
+        parts = dist.gather_objects((count, real_count, real_features, fake.result(), per_image))
+    else:
+        parts = [(count, real_count, real_features, fake.result(), per_image)]
+    count, real_count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    scores = {name: [v for _, v in sorted(item for p in parts for item in p[4][name])] for name in _PER_IMAGE}
+
     results: dict[str, float] = {"images": float(count), "real_images": float(real_count)}
     if features is not None:
-        fake_features = fake.result()
-        results["fid"] = distribution.fid(fake_features, real_features)
-        kid = distribution.kid(fake_features, real_features, kid_subsets, kid_subset_size)
+        fake_rows, real_rows = _in_set_order([p[3] for p in parts]), _in_set_order([p[2] for p in parts])
+        results["fid"] = distribution.fid(fake_rows, real_rows)
+        kid = distribution.kid(fake_rows, real_rows, kid_subsets, kid_subset_size)
         results["kid"] = kid.value
         results["kid_subset_size"] = float(kid.subset_size)
         if kid.std is not None:
             results["kid_std"] = kid.std
     if paired_keys:
-        pairs = len(per_image["l1"])
+        pairs = len(scores["l1"])
         if not pairs:
             raise DataError(f"no sample keys are shared by '{source}' and '{target}': no pairs")
         results["pairs"] = float(pairs)
         for name in ("l1", "psnr", "ssim", "l1_identity", "psnr_identity", "ssim_identity"):
-            results[name] = paired.mean_finite_aware(per_image[name])
+            results[name] = paired.mean_finite_aware(scores[name])
     if reverse is not None:
-        results["cycle_l1"] = sum(per_image["cycle_l1"]) / max(len(per_image["cycle_l1"]), 1)
+        results["cycle_l1"] = sum(scores["cycle_l1"]) / max(len(scores["cycle_l1"]), 1)
     return results
 
 
-def _paired(per_image: dict[str, list[float]], out: Tensor, source: Tensor, truth: Tensor) -> None:
+_PER_IMAGE = ("l1", "psnr", "ssim", "l1_identity", "psnr_identity", "ssim_identity", "cycle_l1")
+
+
+def _paired(per_image: dict[str, list[tuple[int, float]]], index: int, out: Tensor, source: Tensor,
+            truth: Tensor) -> None:
     if truth.shape != out.shape:
         # Ground truth at another size (only with size=0): compare at the translation's size.
         truth = to_tensor(to_image(truth).resize((out.shape[-1], out.shape[-2]), Image.BICUBIC))
@@ -164,9 +221,9 @@ def _paired(per_image: dict[str, list[float]], out: Tensor, source: Tensor, trut
         if image.shape != truth.shape:
             continue
         x, y = image[None], truth[None]
-        per_image["l1" + suffix].append(paired.l1(x, y).item())
-        per_image["psnr" + suffix].append(paired.psnr(x, y).item())
-        per_image["ssim" + suffix].append(paired.ssim(x, y).item())
+        per_image["l1" + suffix].append((index, paired.l1(x, y).item()))
+        per_image["psnr" + suffix].append((index, paired.psnr(x, y).item()))
+        per_image["ssim" + suffix].append((index, paired.ssim(x, y).item()))
 
 
 # Periodic evaluation during training.
@@ -193,9 +250,10 @@ def held_out_eval(g_ab: nn.Module, g_ba: nn.Module, cfg: Any, device: torch.devi
     out: dict[str, float] = {}
     features = cached_extractor(cfg.eval.features, device) if cfg.eval.features else None
     multiple = required_multiple(cfg.model.generator)
+    share = Share.of_process_group()  # Every rank its share; the gathered result is the same on all of them.
     for direction, net, reverse, source, target in (("AtoB", g_ab, g_ba, data.test_a, data.test_b),
                                                     ("BtoA", g_ba, g_ab, data.test_b, data.test_a)):
         result = evaluate_direction(net, reverse, multiple, source, target, device, features, size,
-                                    paired_keys=cfg.eval.paired, batch_size=cfg.eval.batch_size)
+                                    paired_keys=cfg.eval.paired, batch_size=cfg.eval.batch_size, share=share)
         out.update({f"{direction}/{k}": v for k, v in result.items() if k not in ("images", "real_images")})
     return out
