@@ -7,9 +7,13 @@ page like the reference implementation's (`OUT/index.html`, input | output per r
 
 Any image size works: each image is reflect-padded to the multiple of 2**downsamplings the generator needs (4 for
 resnet_*, 2**num_downs for unet_*), translated and cropped back. Images whose padded sizes agree are batched
-together. The checkpoint is one of ours (`ckpt-*.pt`: G_ab for AtoB, G_ba for BtoA, architecture from the saved
-config) or a reference-implementation weight file (`latest_net_G_A.pth` is A->B, `..._G_B.pth` B->A; its
-architecture is read off its keys, or given with `--model.*` options) or a reference folder holding both.
+together. Images too large for the device's memory take `--tile SIZE`: the generator runs layer by layer, each
+layer in SIZE x SIZE tiles with the halo its kernel needs and norm statistics over the whole image, so the output
+is the untiled one's (no seams, no colour shifts) with memory bounded by the tile size.
+
+The checkpoint is one of ours (`ckpt-*.pt`: G_ab for AtoB, G_ba for BtoA, architecture from the saved config)
+or a reference-implementation weight file (`latest_net_G_A.pth` is A->B, `..._G_B.pth` B->A; its architecture
+is read off its keys, or given with `--model.*` options) or a reference folder holding both.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from pipeline.config import ConfigError
 from pipeline.data.stream import DataError
 from pipeline.engine.checkpoint import CheckpointError
+from pipeline.engine.progress import Progress
 from pipeline.infer.generators import (
     DIRECTIONS,
     MODEL_OPTIONS,
@@ -68,12 +73,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="resize inputs to SIZE x SIZE first (the reference's test transform); 0 keeps sizes")
     parser.add_argument("--ext", choices=("keep", "png", "jpg", "webp"), default="keep",
                         help="output format: keep each input's file name and format (default), or convert")
+    parser.add_argument("--tile", type=int, default=0, metavar="SIZE",
+                        help="translate each image layer by layer in SIZE x SIZE tiles: memory bounded by SIZE "
+                             "for images of any size, the same output as untiled (whole-image norm statistics, "
+                             "no seams); 0 (default) translates whole images in batches")
     parser.add_argument("--page-rows", type=int, default=100, help="images shown on index.html")
     parser.add_argument("--sheet-rows", type=int, default=16, help="images in contact_sheet.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.batch_size < 1:
         parser.error("--batch-size must be positive")
+    if args.tile < 0:
+        parser.error("--tile must be a positive number of pixels (or 0: untiled)")
+    tiles = Progress(None, unit="tiles", enabled=args.tile > 0)
+    tiles.label = "tiles"
     try:
         device = select_device(args.device)
         gens = load_generators(args.checkpoint, args.direction, model_overrides(args), args.weights)
@@ -82,8 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = translate_source(
             gens, args.input, args.output, device, args.batch_size, args.precision, args.size, args.ext,
             args.page_rows, args.sheet_rows,
-            progress=lambda n: n % 500 == 0 and log.info("%d images translated", n),
+            progress=lambda n: n % 500 == 0 and log.info("%d images translated", n), tile=args.tile,
+            tile_progress=tiles,
         )
+        tiles.close()
     except (CheckpointError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
     ("bench_ddp.py", {"world_size", "seconds_per_step", "images_per_s", "peak_rss_gb_per_rank"}),
     ("bench_shards.py", {"stage", "variant", "workers", "rate", "unit", "speedup"}),
     ("ema_vs_raw.py", {"seed", "raw_l1", "ema_l1", "identity_l1", "ratio"}),
+    ("tiled_memory.py", {"mode", "tile", "seconds", "peak_rss_gb", "added_rss_gb"}),
 ])
 def test_benchmark_smoke(tmp_path, script, keys):
     out = tmp_path / "result.json"

@@ -170,3 +170,30 @@ def test_both_instance_norm_kernels_agree_on_cuda():
     g = torch.randn_like(reference)
     assert torch.allclose(torch.autograd.grad(grouped, x, g)[0], torch.autograd.grad(reference, x, g)[0],
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_tiled_translation_on_cuda_equals_untiled_and_bounds_device_memory(precision):
+    from pipeline.gan.networks import build_generator
+    from pipeline.infer.generators import PaddedGenerator
+    from pipeline.infer.translate import translate_tiled
+
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    net = build_generator("resnet_9blocks", ngf=32, init_gain=0.3).eval().to(cuda)
+    x = torch.rand(3, 1000, 1300, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is not None):
+        want = PaddedGenerator(net, 4)(x[None].to(cuda))[0].float().cpu()
+    untiled_peak = torch.cuda.max_memory_allocated() - base
+    torch.cuda.reset_peak_memory_stats()
+    got = next(translate_tiled(net, 4, [("x", x)], cuda, 128, precision))[1]
+    tiled_peak = torch.cuda.max_memory_allocated() - base
+    print(f"{precision}: CUDA peak untiled {untiled_peak / 2**30:.2f} GB, tiled (128) {tiled_peak / 2**30:.2f} GB")
+    assert tiled_peak < untiled_peak / 4
+    if precision == "fp32":
+        assert (got - want).abs().max() < 1e-4
+    else:
+        assert (got - want).abs().mean() < 0.02

@@ -23,7 +23,7 @@ class Progress:
             stream: where to write (default sys.stderr).
             every_s: seconds between updates (default 0.2 on a terminal, 5 otherwise).
             enabled: False makes every call a no-op.
-            unit: "files", or "bytes" (shown in MB and MB/s).
+            unit: "bytes" (shown in MB and MB/s), or what is counted ("files", "tiles").
         """
         self.total, self.done, self.enabled, self.unit = total, 0, enabled, unit
         self.stream = stream or sys.stderr
@@ -40,8 +40,8 @@ class Progress:
             done, speed = f"{self.done / 1e6:,.1f}", f"{rate / 1e6:,.1f} MB/s"
             total = f"{self.total / 1e6:,.1f} MB" if self.total else "? MB"
         else:
-            done, speed = f"{self.done:,}", f"{rate:,.0f} files/s"
-            total = f"{self.total:,} files" if self.total else "? files"
+            done, speed = f"{self.done:,}", f"{rate:,.0f} {self.unit}/s"
+            total = f"{self.total:,} {self.unit}" if self.total else f"? {self.unit}"
         if not self.total:
             return f"{self.label}: {done}/{total}, {speed}"
         eta = format_duration((self.total - self.done) / rate) if rate > 0 else "?"

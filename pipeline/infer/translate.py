@@ -20,12 +20,14 @@ from pipeline.config import ConfigError
 from pipeline.data.held_out import InputImage, iter_inputs
 from pipeline.data.images import resize_square, to_image, to_tensor
 from pipeline.data.stream import DataError
+from pipeline.engine.progress import Progress
 from pipeline.infer.generators import (
     PRECISIONS,
     Generators,
     padded_size,
     reflect_pad_to,
 )
+from pipeline.infer.tiled import TiledForward
 
 # Inputs.
 
@@ -76,6 +78,25 @@ def translate_images(net: nn.Module, multiple: int, images: Iterable[tuple[Any, 
             yield from run(max(pending, key=lambda g: len(pending[g])))
     for group in list(pending):
         yield from run(group)
+
+
+@torch.no_grad()
+def translate_tiled(net: nn.Module, multiple: int, images: Iterable[tuple[Any, Tensor]], device: torch.device,
+                    tile: int, precision: str = "fp32", progress: Progress | None = None,
+                    ) -> Iterator[tuple[Any, Tensor]]:
+    """`translate_images` one image at a time, each layer of the generator tile by tile (`TiledForward`): the
+    same translations (up to float rounding) with device memory bounded by `tile`, for images of any size.
+
+    `progress` counts tiles; its total grows by each image's count as the image starts.
+    """
+    runner = TiledForward(tile, device, PRECISIONS[precision], on_tile=progress.update if progress else None)
+    for tag, image in images:
+        padded, top, left = reflect_pad_to(image[None], padded_size(image.shape[-2], multiple),
+                                           padded_size(image.shape[-1], multiple))
+        if progress is not None:
+            progress.total = (progress.total or 0) + runner.count_tiles(net, tuple(padded.shape))
+        out = runner(net, padded)
+        yield tag, out[0, :, top : top + image.shape[-2], left : left + image.shape[-1]]
 
 
 def select_device(name: str) -> torch.device:
@@ -169,8 +190,13 @@ def output_name(name: str, ext: str) -> str:
 
 def translate_source(gens: Generators, source: str, out: Path, device: torch.device, batch_size: int = 8,
                      precision: str = "fp32", size: int = 0, ext: str = "keep", page_rows: int = 100,
-                     sheet_rows: int = 16, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Translate every image of `source` into `out/images/`, write the results page; returns the manifest."""
+                     sheet_rows: int = 16, progress: Callable[[int], None] | None = None, tile: int = 0,
+                     tile_progress: Progress | None = None) -> dict[str, Any]:
+    """Translate every image of `source` into `out/images/`, write the results page; returns the manifest.
+
+    `tile` > 0 translates each image layer by layer in tiles of that many pixels (`translate_tiled`), counting
+    them on `tile_progress`.
+    """
     out.mkdir(parents=True, exist_ok=True)
     net = gens.to(device).net.eval()
     skipped: list[str] = []
@@ -188,7 +214,9 @@ def translate_source(gens: Generators, source: str, out: Path, device: torch.dev
     # Encoding and writing files overlaps with the next batch's forward pass.
     with ThreadPoolExecutor(max_workers=2) as pool:
         writes = []
-        for name, translation in translate_images(net, gens.multiple, tensors(), device, batch_size, precision):
+        translations = (translate_tiled(net, gens.multiple, tensors(), device, tile, precision, tile_progress)
+                        if tile else translate_images(net, gens.multiple, tensors(), device, batch_size, precision))
+        for name, translation in translations:
             item = inputs.pop(name)
             image = to_image(translation)
             target = output_name(name, ext)
