@@ -29,6 +29,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    method: str = "cyclegan"
+    """What is trained: cyclegan (two generators, cycle loss), cut or fastcut (one generator, PatchNCE loss:
+    Park et al. 2020). cut and fastcut first apply their presets (METHOD_PRESETS), which config files and
+    overrides then change."""
     generator: str = "resnet_9blocks"
     """Generator architecture: resnet_9blocks, resnet_6blocks, unet_256 or unet_128."""
     discriminator: str = "basic"
@@ -47,6 +51,12 @@ class ModelConfig:
     padding: str = "reflect"
     """Padding of the resnet generators' residual blocks: reflect, replicate or zero (the reference's
     padding_type)."""
+    antialias: bool = True
+    """cut/fastcut: blur-pooled downsampling in the generator and discriminator (the CUT code's default; false is
+    its --no_antialias)."""
+    antialias_up: bool = True
+    """cut/fastcut: antialiased upsampling in the generator (false is --no_antialias_up; both false give the
+    CycleGAN reference's generator)."""
     init_type: str = "normal"
     """Weight initialisation: normal, xavier, kaiming or orthogonal."""
     init_gain: float = 0.02
@@ -63,6 +73,38 @@ class LossConfig:
     """Weight of the B->A->B cycle loss."""
     lambda_idt: float = 0.5
     """Identity loss weight relative to lambda_a/lambda_b; 0 disables it and skips its forward passes."""
+
+
+@dataclass
+class CutConfig:
+    """The PatchNCE objective of model.method=cut|fastcut (SPEC-CUT.md); unused by cyclegan."""
+
+    lambda_gan: float = 1.0
+    """Weight of the adversarial term."""
+    lambda_nce: float = 1.0
+    """Weight of each PatchNCE term (cut: 1, fastcut: 10)."""
+    nce_idt: bool = True
+    """Identity NCE: G also translates real B and PatchNCE(y, G(y)) is averaged with PatchNCE(x, G(x))."""
+    nce_layers: str = "0,4,8,12,16"
+    """Generator layers whose features PatchNCE compares (indices of its top-level module list)."""
+    num_patches: int = 256
+    """Positions sampled per layer and image (fewer where a layer has fewer)."""
+    nce_t: float = 0.07
+    """Temperature of the PatchNCE logits."""
+    mlp_width: int = 256
+    """Width of the patch sampler F's two-layer MLPs."""
+    flip_equivariance: bool = False
+    """With probability 0.5 per step, flip the input horizontally before G and the queries back (fastcut)."""
+
+
+# What model.method=cut|fastcut sets before config files and overrides (SPEC-CUT.md): CUT's initialisation,
+# its loss weights and its schedule's shape (CUT 200 + 200 epochs, FastCUT 150 + 50).
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "cut": {"model": {"init_type": "xavier"}, "optim": {"decay_start_frac": 0.5}, "train": {"pool_size": 0},
+            "cut": {"lambda_nce": 1.0, "nce_idt": True, "flip_equivariance": False}},
+    "fastcut": {"model": {"init_type": "xavier"}, "optim": {"decay_start_frac": 0.75}, "train": {"pool_size": 0},
+                "cut": {"lambda_nce": 10.0, "nce_idt": False, "flip_equivariance": True}},
+}
 
 
 @dataclass
@@ -260,6 +302,7 @@ class Config:
     """Folder of this run's checkpoints, samples, logs and resolved config."""
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    cut: CutConfig = field(default_factory=CutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -278,6 +321,7 @@ GENERATORS: dict[str, int] = {"resnet_9blocks": 4, "resnet_6blocks": 4, "unet_25
 
 # Closed sets of string values, checked after merging so the error can list the choices.
 CHOICES: dict[str, tuple[str, ...]] = {
+    "model.method": ("cyclegan", "cut", "fastcut"),
     "model.generator": tuple(GENERATORS),
     "model.discriminator": ("basic", "n_layers", "pixel"),
     "model.norm": ("instance", "batch", "none", "group", "layer"),
@@ -384,9 +428,13 @@ class Schema:
             reason = str(err).splitlines()[0]
             raise ConfigError(f"bad value for '{self.prefix}{key}' in {source}: {reason}") from None
 
-    def load(self, yaml_files: Sequence[tuple[Path, str]], overrides: Sequence[str]) -> DictConfig:
-        """Defaults, then each (file, how to name it in errors), then overrides; writable and not yet validated."""
+    def load(self, yaml_files: Sequence[tuple[Path, str]], overrides: Sequence[str],
+             presets: Sequence[tuple[dict[str, Any], str]] = ()) -> DictConfig:
+        """Defaults, then `presets` (settings, their name), then each (file, how to name it in errors), then
+        overrides; writable and not yet validated."""
         cfg: DictConfig = OmegaConf.structured(self.cls)
+        for preset, label in presets:
+            cfg = self.merge(cfg, preset, label)
         for path, label in yaml_files:
             cfg = self.merge(cfg, OmegaConf.load(path) or OmegaConf.create({}), label)
         for item in overrides:
@@ -418,7 +466,8 @@ def validate(cfg: DictConfig) -> None:
             near = difflib.get_close_matches(str(value), choices, n=1)
             hint = f"did you mean '{near[0]}'? " if near else ""
             raise ConfigError(f"'{key}' is '{value}'; {hint}choose one of: {', '.join(choices)}")
-    positive = ["train.steps", "data.batch_per_rank", "data.crop_size", "data.load_size", "report.log_every_steps",
+    positive = ["cut.num_patches", "cut.mlp_width", "cut.nce_t",
+                "train.steps", "data.batch_per_rank", "data.crop_size", "data.load_size", "report.log_every_steps",
                 "report.sample_images", "dist.timeout_s", "model.norm_groups"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
@@ -428,6 +477,17 @@ def validate(cfg: DictConfig) -> None:
             f"data.load_size ({cfg.data.load_size}) is smaller than data.crop_size ({cfg.data.crop_size}); "
             "the random crop needs load_size >= crop_size"
         )
+    if cfg.model.method != "cyclegan":
+        if not cfg.model.generator.startswith("resnet_"):
+            raise ConfigError(f"model.method={cfg.model.method} trains a ResNet generator; model.generator is "
+                              f"'{cfg.model.generator}': choose resnet_9blocks or resnet_6blocks")
+        try:
+            layers = [int(x) for x in str(cfg.cut.nce_layers).split(",") if x.strip()]
+        except ValueError:
+            layers = []
+        if not layers or min(layers) < 0:
+            raise ConfigError(f"'cut.nce_layers' is '{cfg.cut.nce_layers}'; give comma-separated generator layer "
+                              "indices, e.g. 0,4,8,12,16")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"'train.ema_decay' must lie in [0, 1) (0: no EMA), got {cfg.train.ema_decay}")
     best = cfg.checkpoint.best_metric
@@ -471,6 +531,10 @@ def load_config(yaml_paths: Sequence[str | os.PathLike] = (), overrides: Sequenc
             raise ConfigError(f"config file '{path}' does not exist (see configs/ for the shipped ones)")
         files.append((Path(path), f"config file '{path}'"))
     cfg = SCHEMA.load(files, overrides)
+    if cfg.model.method in METHOD_PRESETS:
+        # The method's preset sits under the files and overrides: what they set wins over it.
+        preset = METHOD_PRESETS[cfg.model.method]
+        cfg = SCHEMA.load(files, overrides, [(preset, f"the model.method={cfg.model.method} preset")])
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

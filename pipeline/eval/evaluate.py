@@ -239,20 +239,25 @@ def cached_extractor(path: str, device: torch.device) -> nn.Module:
     return _EXTRACTORS[key]
 
 
-def held_out_eval(g_ab: nn.Module, g_ba: nn.Module, cfg: Any, device: torch.device) -> dict[str, float]:
+def held_out_eval(translators: dict[str, nn.Module], cfg: Any, device: torch.device) -> dict[str, float]:
     """What training evaluates every `eval.every_steps` and at the end, on data.test_a / data.test_b.
 
-    Always: the cycle error of both directions. With `eval.paired`: per-direction L1/PSNR/SSIM against the
-    ground truth (of the 8-bit translations, the one paired L1 of this code) next to the input's. With
-    `eval.features`: FID and KID of both directions. Keys: `AtoB/fid`, `AtoB/l1`, `BtoA/cycle_l1`, ...
+    `translators`: direction -> generator (CycleGAN: AtoB and BtoA; CUT: AtoB only).
+
+    Always: the cycle error of both directions (where both generators exist). With `eval.paired`:
+    per-direction L1/PSNR/SSIM against the ground truth (of the 8-bit translations, the one paired L1 of this
+    code) next to the input's. With `eval.features`: FID and KID of each direction. Keys: `AtoB/fid`,
+    `AtoB/l1`, `BtoA/cycle_l1`, ...
     """
     data, size = cfg.data, cfg.data.crop_size
     out: dict[str, float] = {}
     features = cached_extractor(cfg.eval.features, device) if cfg.eval.features else None
     multiple = required_multiple(cfg.model.generator)
     share = Share.of_process_group()  # Every rank its share; the gathered result is the same on all of them.
-    for direction, net, reverse, source, target in (("AtoB", g_ab, g_ba, data.test_a, data.test_b),
-                                                    ("BtoA", g_ba, g_ab, data.test_b, data.test_a)):
+    sets = {"AtoB": (data.test_a, data.test_b), "BtoA": (data.test_b, data.test_a)}
+    for direction, net in translators.items():
+        source, target = sets[direction]
+        reverse = translators.get("BtoA" if direction == "AtoB" else "AtoB")
         result = evaluate_direction(net, reverse, multiple, source, target, device, features, size,
                                     paired_keys=cfg.eval.paired, batch_size=cfg.eval.batch_size, share=share)
         out.update({f"{direction}/{k}": v for k, v in result.items() if k not in ("images", "real_images")})

@@ -19,10 +19,12 @@ from pipeline.gan.cyclegan import Generators
 class GeneratorEMA:
     """`gens`: the averaged generators (eval mode, no gradients), updated by `update(step)` after each step."""
 
-    def __init__(self, source: Generators, decay: float, start_step: int = 0, every: int = 1) -> None:
+    def __init__(self, source: Generators, decay: float, start_step: int = 0, every: int = 1,
+                 names: tuple[str, ...] = ("G_ab", "G_ba")) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
         self.source, self.decay, self.start_step, self.every = source, decay, start_step, max(1, every)
+        self.names = names  # The translating networks of `source` (checkpointed under these names).
         self.gens: Generators = copy.deepcopy(source).eval().requires_grad_(False)
         self.started = False
         # Parameters and buffers are updated in place (optimiser steps, load_state_dict): list them once.
@@ -47,7 +49,7 @@ class GeneratorEMA:
             mine.copy_(theirs)
 
     def nets(self) -> dict[str, nn.Module]:
-        return {"G_ab": self.gens.G_ab, "G_ba": self.gens.G_ba}
+        return {name: getattr(self.gens, name) for name in self.names}
 
     def state_dict(self) -> dict[str, Any]:
         return {"started": self.started, "decay": self.decay, "start_step": self.start_step, "every": self.every,

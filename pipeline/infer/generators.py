@@ -17,7 +17,9 @@ from torch import Tensor, nn
 
 from pipeline.config import GENERATORS, ConfigError, from_yaml, load_config
 from pipeline.engine.checkpoint import CheckpointError, load_checkpoint
-from pipeline.gan.networks import generator_from, use_group_kernel_instance_norm, uses_group_kernel_norm
+from pipeline.gan.methods import DIRECTIONS as METHOD_DIRECTIONS
+from pipeline.gan.methods import translator_from
+from pipeline.gan.networks import use_group_kernel_instance_norm, uses_group_kernel_norm
 from pipeline.infer.interop import load_into, read_state_dict
 
 log = logging.getLogger("pipeline.translate")
@@ -25,6 +27,8 @@ log = logging.getLogger("pipeline.translate")
 DIRECTIONS = ("AtoB", "BtoA")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _REFERENCE_FILE = re.compile(r"^(?P<prefix>.*_net_)G_(?P<which>[AB])\.pth$")
+# CUT's reference code saves its one generator as `<epoch>_net_G.pth` (A->B).
+_CUT_FILE = re.compile(r"^(?P<prefix>.*_net_)G\.pth$")
 # The generator settings a reference weight file does not record: given as --model.* options.
 MODEL_OPTIONS = ("generator", "ngf", "norm", "padding", "norm_groups")
 
@@ -132,6 +136,11 @@ class Generators:
 def _reference_files(path: Path, direction: str) -> tuple[Path, Path | None]:
     """(file of `direction`, file of the opposite direction or None) for a reference file or folder."""
     which = "A" if direction == "AtoB" else "B"
+    cut = path / "latest_net_G.pth" if path.is_dir() else path
+    if _CUT_FILE.match(cut.name) and cut.is_file() and not (path / "latest_net_G_A.pth").is_file():
+        if direction != "AtoB":
+            raise CheckpointError(f"'{cut}' is a CUT generator (one generator, A->B): it has no B->A direction")
+        return cut, None
     if path.is_dir():
         forward = path / f"latest_net_G_{which}.pth"
         if not forward.is_file():
@@ -160,6 +169,15 @@ def infer_generator_settings(state: dict[str, Tensor]) -> dict[str, Any]:
     (ngf filters) and one `conv_block` per residual block; unet files nest `model.` once per downsampling.
     The first convolution has a bias exactly for instance norm; batch norm has affine weights after it.
     """
+    if "model.1.weight" in state and any(key.endswith(".filt") for key in state):
+        # CUT's antialiased generator: blur-pool filters (3x3 down, 4x4 up) are saved buffers.
+        blocks = {key.split(".")[1] for key in state if ".conv_block." in key}
+        arch = {6: "resnet_6blocks", 9: "resnet_9blocks"}.get(len(blocks))
+        sizes = {state[key].shape[-1] for key in state if key.endswith(".filt")}
+        settings = {"method": "cut", "ngf": int(state["model.1.weight"].shape[0]),
+                    "norm": "instance" if "model.1.bias" in state else "none", "antialias": 3 in sizes,
+                    "antialias_up": 4 in sizes}
+        return {**settings, "generator": arch} if arch else settings
     if "model.1.weight" in state:
         blocks = {key.split(".")[1] for key in state if ".conv_block." in key}
         arch = {6: "resnet_6blocks", 9: "resnet_9blocks"}.get(len(blocks))
@@ -214,17 +232,23 @@ def load_generators(path: str | Path, direction: str = "AtoB", model_overrides: 
         if model_overrides:
             raise ConfigError(f"'{path}' records its architecture; --model.* options are for reference files only")
         cfg = from_yaml(ckpt["config"])
-        names = ("G_ab", "G_ba") if direction == "AtoB" else ("G_ba", "G_ab")
+        method_names = METHOD_DIRECTIONS[cfg.model.method]
+        if direction not in method_names:
+            raise CheckpointError(f"'{path}' is a {cfg.model.method} checkpoint: one generator, A->B only; it has "
+                                  f"no {direction} direction")
+        names = tuple(method_names[d] for d in (direction, "BtoA" if direction == "AtoB" else "AtoB")
+                      if d in method_names)
         ema = ckpt.get("ema") if ckpt.get("ema", {}).get("started") else None
         if weights == "ema" and ema is None:
             raise CheckpointError(f"'{path}' has no generator EMA (trained without train.ema_decay, or stopped "
                                   "before train.ema_start_step): use --weights raw")
         use_ema = ema is not None and weights != "raw"
-        nets = []
+        nets: list[nn.Module | None] = []
         for name in names:
-            net = generator_from(cfg.model)
+            net = translator_from(cfg.model)
             load_into(net, (ema["nets"] if use_ema else ckpt["nets"])[name], str(path), name)
             nets.append(net.eval())
+        nets += [None] * (2 - len(nets))
         log.info("%s: %s weights", path.name, "EMA" if use_ema else "raw")
         return Generators(nets[0], nets[1], cfg.model, cfg, direction, "checkpoint", ckpt.get("step"),
                           ckpt.get("mlflow_run_id") or None, "ema" if use_ema else "raw")
@@ -245,7 +269,7 @@ def load_generators(path: str | Path, direction: str = "AtoB", model_overrides: 
         if state is None:
             nets.append(None)
             continue
-        net = generator_from(cfg.model)
+        net = translator_from(cfg.model)
         load_into(net, state, str(file), what)
         nets.append(net.eval())
     return Generators(nets[0], nets[1], cfg.model, cfg, direction, "reference")

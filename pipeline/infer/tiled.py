@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import ConfigError
+from pipeline.gan.cut.networks import CUTGenerator, Downsample, Upsample
 from pipeline.gan.networks import ResnetBlock, ResnetGenerator, UnetGenerator, UnetSkipConnectionBlock
 
 _PADS = (nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad2d, nn.ConstantPad2d)
@@ -65,9 +66,10 @@ class TiledForward:
     """Runs a generator over (N, C, H, W) host tensors layer by layer, with at most `tile` x `tile` output
     positions of a layer on `device` at a time.
 
-    Supports the module types of our and the reference's generators (ResNet and U-Net: convolutions, transposed
-    convolutions, padding, InstanceNorm / GroupNorm / BatchNorm in eval mode, pointwise activations, residual
-    and skip connections); anything else is a TileError naming it.
+    Supports the module types of our and the reference's generators (ResNet and U-Net, and CUT's antialiased
+    ResNet: convolutions, transposed convolutions, blur-pool down- and upsampling, padding, InstanceNorm /
+    GroupNorm / BatchNorm in eval mode, pointwise activations, residual and skip connections); anything else is
+    a TileError naming it.
     """
 
     def __init__(self, tile: int, device: torch.device, precision_dtype: torch.dtype | None = None,
@@ -99,8 +101,15 @@ class TiledForward:
 
     def _run(self, module: nn.Module, x: Tensor, owned: bool) -> Tensor:
         """`module(x)`; `owned`: x is referenced nowhere else, so it may be overwritten."""
-        if isinstance(module, (ResnetGenerator, UnetGenerator)):
+        if isinstance(module, (ResnetGenerator, UnetGenerator, CUTGenerator)):
             return self._run(module.model, x, owned)
+        if isinstance(module, Downsample):  # Blur-pool: reflection pad 1, depthwise 3x3 filter at stride 2.
+            return self._conv2d(x, module.filt, None, (2, 2), (1, 1), module.channels, (1, 1, 1, 1), "reflect")
+        if isinstance(module, Upsample):
+            # Replication pad 1, depthwise transposed 4x4 at stride 2 and padding 2, one pixel cropped on each
+            # side: the cropping is one more row of the transposed convolution's padding (3).
+            padded = self._run(module.pad, x, owned)
+            return self._conv_transpose2d(padded, module.filt, None, (2, 2), (3, 3), (0, 0), (1, 1), module.channels)
         if isinstance(module, nn.Sequential):
             return self._sequence(list(module), x, owned)
         if isinstance(module, ResnetBlock):
@@ -158,7 +167,6 @@ class TiledForward:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _conv(self, conv: nn.Conv2d, x: Tensor, pad: nn.Module | None) -> Tensor:
-        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
         if pad is not None:
             left, right, top, bottom = pad.padding
             mode = _pad_mode(pad)
@@ -170,10 +178,18 @@ class TiledForward:
             bottom, right = top, left
             if mode == "circular":
                 raise TileError("--tile: circular padding is not supported; translate without --tile")
+        return self._conv2d(x, conv.weight, conv.bias, conv.stride, conv.dilation, conv.groups,
+                            (left, right, top, bottom), mode)
+
+    def _conv2d(self, x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int],
+                dilation: tuple[int, int], groups: int, pads: tuple[int, int, int, int], mode: str) -> Tensor:
+        """F.conv2d of x padded by pads (left, right, top, bottom) in `mode`, one output tile at a time."""
+        (kh, kw), (sh, sw), (dh, dw) = weight.shape[-2:], stride, dilation
+        left, right, top, bottom = pads
         n, _, h, w = x.shape
         oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
         ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
-        out = torch.empty((n, conv.out_channels, oh, ow), device="meta" if x.is_meta else "cpu")
+        out = torch.empty((n, weight.shape[0], oh, ow), device="meta" if x.is_meta else "cpu")
         for o0, o1, p0, p1 in _grid(oh, ow, self.tile):
             self._step()
             if x.is_meta:
@@ -186,17 +202,24 @@ class TiledForward:
             if col_mask is not None:
                 window *= col_mask.to(self.device).view(1, 1, 1, -1)
             with self._autocast():
-                y = F.conv2d(window, conv.weight, conv.bias, (sh, sw), 0, (dh, dw), conv.groups)
+                y = F.conv2d(window, weight, bias, (sh, sw), 0, (dh, dw), groups)
             out[:, :, o0:o1, p0:p1] = y.float().cpu()
         return out
 
     def _conv_transpose(self, conv: nn.ConvTranspose2d, x: Tensor) -> Tensor:
-        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-        (ph, pw), (eh, ew) = conv.padding, conv.output_padding
+        return self._conv_transpose2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.output_padding,
+                                      conv.dilation, conv.groups)
+
+    def _conv_transpose2d(self, x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int],
+                          padding: tuple[int, int], output_padding: tuple[int, int], dilation: tuple[int, int],
+                          groups: int) -> Tensor:
+        """F.conv_transpose2d one output tile at a time, each from the inputs that reach it."""
+        (kh, kw), (sh, sw), (dh, dw) = weight.shape[-2:], stride, dilation
+        (ph, pw), (eh, ew) = padding, output_padding
         n, _, h, w = x.shape
         oh = (h - 1) * sh - 2 * ph + dh * (kh - 1) + eh + 1
         ow = (w - 1) * sw - 2 * pw + dw * (kw - 1) + ew + 1
-        out_channels = conv.out_channels
+        out_channels = weight.shape[1] * groups
         out = torch.empty((n, out_channels, oh, ow), device="meta" if x.is_meta else "cpu")
         for o0, o1, p0, p1 in _grid(oh, ow, self.tile):
             self._step()
@@ -206,13 +229,12 @@ class TiledForward:
             i0, i1 = max(0, math.ceil((o0 + ph - dh * (kh - 1)) / sh)), min(h - 1, (o1 - 1 + ph) // sh)
             j0, j1 = max(0, math.ceil((p0 + pw - dw * (kw - 1)) / sw)), min(w - 1, (p1 - 1 + pw) // sw)
             tile = torch.zeros((n, out_channels, o1 - o0, p1 - p0), device=self.device)
-            if conv.bias is not None:
-                tile += conv.bias.float().view(1, -1, 1, 1)
+            if bias is not None:
+                tile += bias.float().view(1, -1, 1, 1)
             if i0 <= i1 and j0 <= j1:
                 window = x[:, :, i0 : i1 + 1, j0 : j1 + 1].to(self.device)
                 with self._autocast():
-                    raw = F.conv_transpose2d(window, conv.weight, conv.bias, (sh, sw), 0, 0, conv.groups,
-                                             (dh, dw))
+                    raw = F.conv_transpose2d(window, weight, bias, (sh, sw), 0, 0, groups, (dh, dw))
                 # raw[r] is output i0 * stride - padding + r; it may end before o1 (output_padding rows
                 # that no input reaches hold the bias alone).
                 r0, c0 = o0 - (i0 * sh - ph), p0 - (j0 * sw - pw)

@@ -12,9 +12,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pipeline.engine import dist
 from pipeline.engine.kernels import configure_kernels
 from pipeline.engine.optim import build_adam
-from pipeline.gan.cyclegan import Discriminators, Generators, build_networks, build_objective
+from pipeline.gan.cut.model import PatchSampling, build_cut_networks, build_cut_objective
+from pipeline.gan.cut.step import CUTStep
+from pipeline.gan.cyclegan import build_networks, build_objective
 from pipeline.gan.ema import GeneratorEMA
 from pipeline.gan.image_pool import ImagePool
+from pipeline.gan.methods import DIRECTIONS
 from pipeline.gan.networks import use_sliced_reflection_pad, uses_group_kernel_norm
 from pipeline.gan.step import Optimisers, Pools, StepNetworks, StepSettings, TrainStep
 
@@ -25,20 +28,25 @@ log = logging.getLogger("pipeline.train")
 class Components:
     """The networks of one rank and the step that trains them (through DDP wrappers when distributed)."""
 
-    gens: Generators
-    discs: Discriminators
-    step: TrainStep
+    gens: torch.nn.Module
+    """CycleGAN's `Generators` (G_ab, G_ba) or CUT's `CUTGenerators` (G and the patch sampler F)."""
+    discs: torch.nn.Module
+    step: TrainStep | CUTStep
+    nets: dict[str, torch.nn.Module]
+    """What checkpoints hold, by name: G_ab, G_ba, D_a, D_b; or G, F, D."""
+    directions: dict[str, str]
+    """Direction (AtoB, BtoA) -> the attribute of `gens` that translates it."""
     ema: GeneratorEMA | None = None
     """The generators' moving average (train.ema_decay > 0), else None."""
 
     @property
-    def eval_gens(self) -> Generators:
+    def eval_gens(self) -> torch.nn.Module:
         """What samples, evaluation and the logged models use: the average when there is one."""
         return self.ema.gens if self.ema is not None else self.gens
 
-    @property
-    def nets(self) -> dict[str, torch.nn.Module]:
-        return {"G_ab": self.gens.G_ab, "G_ba": self.gens.G_ba, "D_a": self.discs.D_a, "D_b": self.discs.D_b}
+    def translators(self) -> dict[str, torch.nn.Module]:
+        """Direction -> the generator that samples, evaluation and the logged models use."""
+        return {d: getattr(self.eval_gens, name) for d, name in self.directions.items()}
 
 
 def uses_cudagraphs(perf: DictConfig, device: torch.device) -> bool:
@@ -52,6 +60,8 @@ def uses_cudagraphs(perf: DictConfig, device: torch.device) -> bool:
 
 def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device) -> Components:
     """Networks (identical on every rank: seeded from train.seed), optimisers, this rank's pools, DDP."""
+    if cfg.model.method != "cyclegan":
+        return build_cut_components(cfg, info, device)
     configure_kernels(cfg.perf, device)
     torch.manual_seed(cfg.train.seed)
     gens, discs = build_networks(cfg.model, fused=cfg.perf.fused_calls,
@@ -93,4 +103,45 @@ def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device)
                               distributed=distributed, memory_format=memory_format,
                               cudagraphs=uses_cudagraphs(cfg.perf, device)),
     )
-    return Components(gens, discs, step, ema)
+    nets = {"G_ab": gens.G_ab, "G_ba": gens.G_ba, "D_a": discs.D_a, "D_b": discs.D_b}
+    return Components(gens, discs, step, nets, DIRECTIONS["cyclegan"], ema)
+
+
+def build_cut_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device) -> Components:
+    """CUT / FastCUT: G + F in one module and D, one Adam over G and F (per-parameter, so the same as the
+    reference's two), one for D, this rank's patch sampling; the same DDP, EMA and compile settings."""
+    configure_kernels(cfg.perf, device)
+    torch.manual_seed(cfg.train.seed)
+    objective = build_cut_objective(cfg.loss, cfg.cut)
+    gens, disc = build_cut_networks(cfg.model, cfg.cut, objective,
+                                    group_kernel_norm=uses_group_kernel_norm(cfg.perf.instance_norm_kernel, device))
+    if cfg.perf.deterministic:
+        for net in (gens, disc):
+            use_sliced_reflection_pad(net)
+    memory_format = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
+    gens.to(device, memory_format=memory_format)
+    disc.to(device, memory_format=memory_format)
+    ema = (GeneratorEMA(gens, cfg.train.ema_decay, cfg.train.ema_start_step, cfg.train.ema_every, names=("G",))
+           if cfg.train.ema_decay > 0 else None)
+    if cfg.perf.compile:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        mode = None if cfg.perf.compile_mode == "default" else cfg.perf.compile_mode
+        for net in (gens.G, disc):
+            net.compile(backend=cfg.perf.compile_backend, mode=mode)
+    opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, device)
+    opt_d = build_adam(disc.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, device)
+    distributed = dist.is_distributed()
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        gens_call, disc_call = DDP(gens, device_ids=ids), DDP(disc, device_ids=ids)
+    else:
+        gens_call, disc_call = gens, disc
+    step = CUTStep(
+        gens=gens_call, disc=disc_call, disc_module=disc, objective=objective,
+        optimisers=Optimisers(opt_g, opt_d, torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")),
+        settings=StepSettings(device, cfg.train.precision, check_finite=cfg.control.max_nonfinite_steps > 0,
+                              distributed=distributed, memory_format=memory_format,
+                              cudagraphs=uses_cudagraphs(cfg.perf, device)),
+        sampling=PatchSampling(cfg.train.seed * 1000 + info.rank),
+    )
+    return Components(gens, disc, step, {"G": gens.G, "F": gens.F, "D": disc}, DIRECTIONS[cfg.model.method], ema)

@@ -81,7 +81,8 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     loader = train_loader(cfg.data, cfg.train.seed, info.rank, start_batch=start_step,
                           pin_memory=device.type == "cuda")
     parts = build_components(cfg, info, device)
-    state = TrainingState(parts.nets, parts.step.optimisers, parts.step.pools, device, parts.ema)
+    state = TrainingState(parts.nets, parts.step.optimisers, parts.step.pools, device, parts.ema,
+                          getattr(parts.step, "sampling", None))
     if resume is not None:
         state.load_state_dict(resume[1], info.rank, info.world_size)
         log.info("resumed from %s (step %d)", resume[0], start_step)
@@ -235,11 +236,10 @@ class Trainer:
             size, count = self.cfg.data.crop_size, self.cfg.report.sample_images
             self._held["a"] = held_out(self.cfg.data.test_a, count, size)[1].to(self.device)
             self._held["b"] = held_out(self.cfg.data.test_b, count, size)[1].to(self.device)
-        return sample_grid(self.parts.eval_gens, self._held["a"], self._held["b"])
+        return sample_grid(self.parts.translators(), self._held["a"], self._held["b"])
 
     def evaluate(self, step: int) -> None:
-        gens = self.parts.eval_gens
-        self.evaluation = held_out_eval(gens.G_ab, gens.G_ba, self.cfg, self.device)
+        self.evaluation = held_out_eval(self.parts.translators(), self.cfg, self.device)
         self.recorder.log_result("eval", self.evaluation, step)
         if self.best_key:
             self.keep_if_best(step)
@@ -287,4 +287,4 @@ class Trainer:
         # dimension to 1, a warning users cannot act on.
         example = torch.zeros(2, 3, self.cfg.data.crop_size, self.cfg.data.crop_size).numpy()
         gens = self.parts.eval_gens
-        self.recorder.log_generators({"G_ab": gens.G_ab, "G_ba": gens.G_ba}, example)
+        self.recorder.log_generators({name: getattr(gens, name) for name in self.parts.directions.values()}, example)

@@ -1,13 +1,14 @@
-"""Sample grids from a fixed held-out batch: rows of real_a | fake_b | rec_a, then real_b | fake_a | rec_b."""
+"""Sample grids from a fixed held-out batch. CycleGAN: rows of real_a | fake_b | rec_a, then real_b | fake_a |
+rec_b. CUT (one generator): rows of real_a | fake_b | real_b | idt_b (G's output on a B image: what identity
+NCE keeps unchanged)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pipeline.data.images import to_uint8
-from pipeline.gan.cyclegan import Generators
 
 
 def _nhwc_uint8(images: Tensor) -> np.ndarray:
@@ -16,19 +17,30 @@ def _nhwc_uint8(images: Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def sample_grid(gens: Generators, real_a: Tensor, real_b: Tensor) -> np.ndarray:
-    """One image: a row per held-out sample, A rows first, with 2-pixel white gutters."""
-    was_training = gens.training
-    gens.eval()
+def sample_grid(translators: dict[str, nn.Module], real_a: Tensor, real_b: Tensor) -> np.ndarray:
+    """One image: a row per held-out sample (A rows first for CycleGAN), with 2-pixel white gutters.
+
+    `translators`: direction -> generator (AtoB and BtoA for CycleGAN, AtoB only for CUT)."""
+    nets = list(translators.values())
+    modes = [net.training for net in nets]
+    for net in nets:
+        net.eval()
     try:
-        fake_b = gens.G_ab(real_a)
-        rec_a = gens.G_ba(fake_b)
-        fake_a = gens.G_ba(real_b)
-        rec_b = gens.G_ab(fake_a)
+        g_ab, g_ba = translators["AtoB"], translators.get("BtoA")
+        if g_ba is not None:
+            fake_b = g_ab(real_a)
+            rec_a = g_ba(fake_b)
+            fake_a = g_ba(real_b)
+            rec_b = g_ab(fake_a)
+            rows = [torch.cat(list(triple), dim=-1) for triple in zip(real_a, fake_b, rec_a)]
+            rows += [torch.cat(list(triple), dim=-1) for triple in zip(real_b, fake_a, rec_b)]
+        else:
+            n = min(len(real_a), len(real_b))
+            rows = [torch.cat(list(four), dim=-1)
+                    for four in zip(real_a[:n], g_ab(real_a[:n]), real_b[:n], g_ab(real_b[:n]))]
     finally:
-        gens.train(was_training)
-    rows = [torch.cat(list(triple), dim=-1) for triple in zip(real_a, fake_b, rec_a)]
-    rows += [torch.cat(list(triple), dim=-1) for triple in zip(real_b, fake_a, rec_b)]
+        for net, mode in zip(nets, modes):
+            net.train(mode)
     tiles = _nhwc_uint8(torch.stack(rows))
     gutter = 2
     n, h, w, _ = tiles.shape

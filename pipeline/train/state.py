@@ -47,8 +47,9 @@ class TrainingState:
     states. `state_dict()` / `load_state_dict()` are the checkpoint format's two directions."""
 
     def __init__(self, nets: dict[str, torch.nn.Module], optimisers: Optimisers, pools: Pools,
-                 device: torch.device, ema: Any = None) -> None:
+                 device: torch.device, ema: Any = None, sampling: Any = None) -> None:
         self.nets, self.optimisers, self.pools, self.device = nets, optimisers, pools, device
+        self.sampling = sampling  # CUT's per-rank draws (flips, patch positions), else None.
         self.ema = ema
         self.step = 0
         self.images_seen = 0
@@ -56,8 +57,11 @@ class TrainingState:
 
     def rank_state(self) -> dict[str, Any]:
         """What differs between ranks: image pools and random states (gathered to rank 0 for the checkpoint)."""
-        return {"pool_a": self.pools.a.state_dict(), "pool_b": self.pools.b.state_dict(),
-                "rng": rng_state(self.device)}
+        state = {"pool_a": self.pools.a.state_dict(), "pool_b": self.pools.b.state_dict(),
+                 "rng": rng_state(self.device)}
+        if self.sampling is not None:
+            state["sampling"] = self.sampling.state_dict()
+        return state
 
     def state_dict(self, rank_states: list[dict[str, Any]], cfg: DictConfig, run_id: str | None) -> dict[str, Any]:
         state = {
@@ -107,6 +111,8 @@ class TrainingState:
             self.pools.b.load_state_dict(saved[rank]["pool_b"], self.device)
             if len(saved) == world_size:
                 set_rng_state(saved[rank]["rng"], self.device)
+                if self.sampling is not None and "sampling" in saved[rank]:
+                    self.sampling.load_state_dict(saved[rank]["sampling"])
 
 
 def check_compatible(state: dict[str, Any], cfg: DictConfig, source: str) -> None:
