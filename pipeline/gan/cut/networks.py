@@ -145,8 +145,13 @@ class CUTDiscriminator(nn.Module):
 
 
 def l2_normalize(x: Tensor) -> Tensor:
-    """Rows divided by their L2 norm plus 1e-7, as the reference's `Normalize(2)`."""
-    return x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-7)
+    """Rows divided by their L2 norm plus 1e-7, as the reference's `Normalize(2)`.
+
+    The norm is `vector_norm`, not the reference's `pow(2).sum().pow(0.5)`: the same value, but at an all-zero
+    row (a patch where a narrow layer's ReLU inputs are all zero and the biases are still 0) the square root's
+    gradient is inf, times 0 it is NaN, and one such patch made every weight NaN at the first update (finite
+    losses, NaN gradients). vector_norm's gradient there is 0."""
+    return x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + 1e-7)
 
 
 class PatchSampleF(nn.Module):
