@@ -11,7 +11,6 @@ import re
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
@@ -21,8 +20,8 @@ from pipeline.gan.cut.networks import CUTDiscriminator, CUTGenerator, l2_normali
 from pipeline.gan.cut.patchnce import patch_nce
 from pipeline.gan.networks import build_generator, count_parameters
 from pipeline.infer.generators import infer_generator_settings, load_generators
-from pipeline.translate import main as translate_main
 from pipeline.train.cli import main as train_main
+from pipeline.translate import main as translate_main
 
 
 def networks(*overrides: str):
