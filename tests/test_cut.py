@@ -61,7 +61,8 @@ def test_state_dict_keys_are_the_references():
         f"model.{b}.conv_block.{c}.{p}" for b in range(12, 21) for c in (1, 5) for p in ("weight", "bias")}
     assert set(disc.state_dict()) == {f"model.{i}.{p}" for i in (0, 3, 7, 11, 14) for p in ("weight", "bias")} | \
         {f"model.{i}.filt" for i in (2, 6, 10)}
-    assert set(gens.F.state_dict()) == {f"mlp_{i}.{j}.{p}" for i in range(5) for j in (0, 2) for p in ("weight", "bias")}
+    assert set(gens.F.state_dict()) == {f"mlp_{i}.{j}.{p}" for i in range(5) for j in (0, 2)
+                                        for p in ("weight", "bias")}
     # The filters: [1,2,1] x [1,2,1] / 16 down, [1,3,3,1] x [1,3,3,1] / 16 up.
     torch.testing.assert_close(gens.G.model[7].filt[0, 0], torch.tensor([[1., 2, 1], [2, 4, 2], [1, 2, 1]]) / 16)
     assert gens.G.model[21].filt[0, 0].sum().item() == pytest.approx(4.0)
@@ -152,12 +153,12 @@ def test_the_nce_term_equals_the_reference_computed_by_hand():
             ids = torch.randperm(h * w, generator=ids_rng)[: min(5, h * w)]
             mlp = getattr(gens.F, f"mlp_{layer}")
 
-            def embed(f):
+            embedded = []
+            for f in (fk, fq):
                 rows = f.permute(0, 2, 3, 1).reshape(b, h * w, c)[:, ids].reshape(-1, c)
                 hidden = torch.relu(rows @ mlp[0].weight.T + mlp[0].bias) @ mlp[2].weight.T + mlp[2].bias
-                return hidden / (hidden.norm(dim=1, keepdim=True) + 1e-7)
-
-            keys, queries = embed(fk), embed(fq)
+                embedded.append(hidden / (hidden.norm(dim=1, keepdim=True) + 1e-7))
+            keys, queries = embedded
             losses = []
             for image in range(b):
                 for i in range(len(ids)):
