@@ -181,17 +181,19 @@ def test_typos_fail_before_anything_is_submitted(cluster, shards, tmp_path, caps
     assert cluster.squeue() == []
 
 
-def test_two_task_job_trains_in_one_process_group(cluster, shards, tmp_path, tracking_uri):
+@pytest.mark.parametrize("method", ["cyclegan", "fastcut"])
+def test_two_task_job_trains_in_one_process_group(cluster, shards, tmp_path, tracking_uri, method):
     run_dir = tmp_path / "run"
+    experiment = "two_tasks" if method == "cyclegan" else f"two_tasks_{method}"
     args = ["--slurm-config", "ci", "slurm.tasks_per_node=2",
-            *overrides(shards, run_dir, tracking_uri, "two_tasks")]
+            *overrides(shards, run_dir, tracking_uri, experiment, **{"model.method": method})]
     proc = subprocess.run([sys.executable, "-m", "launch.slurm", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     job_id = re.search(r"Submitted Slurm job (\d+)", proc.stdout).group(1)
     folder = run_dir / "submitit"
     assert f"{folder}/{job_id}_0_log.out" in proc.stdout and f"run dir: {run_dir}" in proc.stdout
-    assert f"experiment 'two_tasks', run 'run' at {tracking_uri}" in proc.stdout
+    assert f"experiment '{experiment}', run 'run' at {tracking_uri}" in proc.stdout
     # What --dry-run shows is what was submitted.
     dry = launch_slurm.submit(["--dry-run", *args])
     assert (folder / f"{job_id}_submission.sh").read_text() == dry.script
@@ -205,7 +207,8 @@ def test_two_task_job_trains_in_one_process_group(cluster, shards, tmp_path, tra
     assert steps == [3, 6]
     state = torch.load(run_dir / "ckpt-000000006.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
-    run, lr = lr_steps(tracking_uri, "two_tasks")
+    assert set(state["nets"]) == ({"G_ab", "G_ba", "D_a", "D_b"} if method == "cyclegan" else {"G", "F", "D"})
+    run, lr = lr_steps(tracking_uri, experiment)
     assert run.info.status == "FINISHED" and lr == [2, 4, 6]
     assert run.data.tags["world_size"] == "2" and run.data.tags["slurm_job_id"] == job_id
     assert results[0].run_id == run.info.run_id == state["mlflow_run_id"]
