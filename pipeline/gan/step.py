@@ -16,9 +16,7 @@ from torch import Tensor, nn
 
 from pipeline.engine.dist import all_reduce_max
 from pipeline.gan.cyclegan import Discriminators, Objective
-from pipeline.gan.image_pool import ImagePool
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from pipeline.gan.stepping import PRECISIONS, Optimisers, Pools, StepResult, StepSettings
 
 
 @dataclass
@@ -29,46 +27,6 @@ class StepNetworks:
     gens: nn.Module
     discs: nn.Module
     discs_module: Discriminators
-
-
-@dataclass
-class Optimisers:
-    """Adam for both generators, Adam for both discriminators, and fp16's GradScaler (disabled otherwise)."""
-
-    g: torch.optim.Optimizer
-    d: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-
-
-@dataclass
-class Pools:
-    """This rank's histories of fake_a (for D_a) and fake_b (for D_b)."""
-
-    a: ImagePool
-    b: ImagePool
-
-
-@dataclass
-class StepSettings:
-    """How the step runs: device and precision (fp16 scales both losses with one GradScaler), whether the ranks
-    agree on finite losses before updating (check_finite) and on stopping (distributed), the memory format, and
-    whether compiled networks replay CUDA graphs (each step then tells torch that a new iteration begins)."""
-
-    device: torch.device
-    precision: str = "fp32"
-    check_finite: bool = True
-    distributed: bool = False
-    memory_format: torch.memory_format = torch.contiguous_format
-    cudagraphs: bool = False
-
-
-@dataclass
-class StepResult:
-    """Detached loss terms of one step, whether its update was applied, and whether training stops after it."""
-
-    losses: dict[str, Tensor]
-    applied: bool = True
-    stop: bool = False
 
 
 class TrainStep:

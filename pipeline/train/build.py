@@ -19,7 +19,8 @@ from pipeline.gan.ema import GeneratorEMA
 from pipeline.gan.image_pool import ImagePool
 from pipeline.gan.methods import DIRECTIONS
 from pipeline.gan.networks import use_sliced_reflection_pad, uses_group_kernel_norm
-from pipeline.gan.step import Optimisers, Pools, StepNetworks, StepSettings, TrainStep
+from pipeline.gan.step import StepNetworks, TrainStep
+from pipeline.gan.stepping import Optimisers, Pools, StepSettings
 
 log = logging.getLogger("pipeline.train")
 

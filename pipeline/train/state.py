@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import to_yaml
 from pipeline.engine.checkpoint import FORMAT, CheckpointError
 from pipeline.engine.version import code_version
-from pipeline.gan.step import Optimisers, Pools
+from pipeline.gan.stepping import Optimisers, Pools
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from pipeline.engine.dist import all_reduce_max
 from pipeline.gan.cut.model import CUTObjective, PatchSampling
-from pipeline.gan.step import PRECISIONS, Optimisers, Pools, StepResult, StepSettings
+from pipeline.gan.stepping import PRECISIONS, Optimisers, Pools, StepResult, StepSettings
 
 
 class CUTStep:
