@@ -150,6 +150,10 @@ def test_train_threads_sets_the_intra_op_pool(tiny):
 def test_end_of_training_line_is_worded_by_direction(g, idt, words):
     line = held_out_summary({"AtoB/l1": g, "AtoB/l1_identity": idt, "AtoB/pairs": 32.0})
     assert line == f"held-out A->B L1 error over 32 pairs: G_ab {g:.4f} vs identity {idt:.4f} {words}"
+    with_ssim = held_out_summary({"AtoB/l1": g, "AtoB/l1_identity": idt, "AtoB/pairs": 32.0, "AtoB/ssim": 0.8,
+                                  "AtoB/ssim_identity": 0.76}, "G")
+    assert with_ssim.splitlines() == [line.replace("G_ab", "G"),
+                                      "held-out A->B SSIM to the ground truth: G 0.8000 vs input 0.7600 (higher)"]
 
 
 def test_cli_reports_config_errors_with_exit_code_2(capsys):

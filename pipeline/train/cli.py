@@ -25,8 +25,9 @@ from pipeline.train.loop import run
 log = logging.getLogger("pipeline.train")
 
 
-def held_out_summary(ev: dict[str, float]) -> str:
-    """The end-of-training line: G_ab's held-out L1 against returning the input, worded by direction."""
+def held_out_summary(ev: dict[str, float], name: str = "G_ab") -> str:
+    """The end-of-training line: the A->B generator's (`name`) held-out L1 against returning the input, worded
+    by direction; and, where the evaluation has it, a second line with SSIM to the ground truth."""
     g, idt = ev["AtoB/l1"], ev["AtoB/l1_identity"]
     if g < idt:
         compared = f"{idt / max(g, 1e-12):.1f}x lower than identity"
@@ -34,8 +35,13 @@ def held_out_summary(ev: dict[str, float]) -> str:
         compared = f"{g / max(idt, 1e-12):.1f}x higher than identity: worse than not translating"
     else:
         compared = "equal to identity"
-    return (f"held-out A->B L1 error over {int(ev['AtoB/pairs'])} pairs: G_ab {g:.4f} vs identity {idt:.4f} "
+    line = (f"held-out A->B L1 error over {int(ev['AtoB/pairs'])} pairs: {name} {g:.4f} vs identity {idt:.4f} "
             f"({compared})")
+    if "AtoB/ssim" in ev and "AtoB/ssim_identity" in ev:
+        ssim, ssim_idt = ev["AtoB/ssim"], ev["AtoB/ssim_identity"]
+        verdict = "higher" if ssim > ssim_idt else "not higher"
+        line += f"\nheld-out A->B SSIM to the ground truth: {name} {ssim:.4f} vs input {ssim_idt:.4f} ({verdict})"
+    return line
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -63,5 +69,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         # torchrun a clean stop exits 0; its log line says where it stopped.
         return 0 if os.environ.get("TORCHELASTIC_RUN_ID") else EXIT_STOPPED
     if "AtoB/l1" in result.evaluation and info.is_main:
-        print(held_out_summary(result.evaluation))
+        print(held_out_summary(result.evaluation, "G_ab" if cfg.model.method == "cyclegan" else "G"))
     return 0
