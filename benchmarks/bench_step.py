@@ -1,7 +1,8 @@
 """Train-step throughput: our step against the reference-style step, in one run, per setting.
 
     python benchmarks/bench_step.py [--cases quickstart,res6_128,res9_256] [--precisions fp32,bf16]
-        [--batches 1,4] [--channels-last off,on] [--compile off,on] [--iters 3] [--json out.json] [--smoke]
+        [--batches 1,4] [--channels-last off,on] [--compile off,on] [--methods cyclegan,cut,fastcut]
+        [--iters 3] [--json out.json] [--smoke]
 
 Prints a table (ms/iteration after warm-up, iterations/s, images/s, model TFLOP per iteration, achieved
 TFLOP/s and, on a GPU with a known peak, MFU) and writes it as JSON. The reference-style row of each case is the
@@ -9,7 +10,8 @@ same maths written as the reference implementation writes it (tests/support/refe
 torch's InstanceNorm kernel, fp32, eager). Shared machines are noisy: the iterations of all rows of a case are
 interleaved in one process, each is timed on its own, and the table shows the fastest (the least disturbed)
 and the median; "speedup" is the ratio of the fastest iterations and "paired" the median over rounds of the
-ratio within a round.
+ratio within a round. With several `--methods`, "vs cyclegan" is each row's paired ratio of its step time to the
+CycleGAN step's of the same setting (FastCUT's paper claims about 0.4x).
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--methods", default="cyclegan", help="model.method values of our rows")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-style rows")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/step.json"))
     parser.add_argument("--smoke", action="store_true", help="a tiny case, 1 iteration: checks the script runs")
@@ -137,25 +140,35 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
           f", torch {torch.__version__}, {torch.get_num_threads()} threads")
-    header = f"{'case':<11}{'impl':<10}{'prec':<6}{'batch':>5}{'NHWC':>6}{'comp':>6}{'ms/it':>10}{'it/s':>8}" \
-             f"{'img/s':>8}{'median':>9}{'TFLOP/it':>10}{'TFLOP/s':>9}{'MFU':>7}{'speedup':>9}{'paired':>8}"
+    header = f"{'case':<11}{'impl':<10}{'method':<9}{'prec':<6}{'batch':>5}{'NHWC':>6}{'comp':>6}{'ms/it':>10}{'it/s':>8}" \
+             f"{'img/s':>8}{'median':>9}{'TFLOP/it':>10}{'TFLOP/s':>9}{'MFU':>7}{'speedup':>9}{'paired':>8}" \
+             f"{'vs cyclegan':>12}"
     print(header)
     for case in args.cases.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            variants = [] if args.no_reference else [("reference", "fp32", False, False)]
+            variants = [] if args.no_reference else [("reference", "fp32", False, False, "cyclegan")]
             variants += [("ours", *v) for v in itertools.product(args.precisions.split(","),
-                                                                 onoff[args.channels_last], onoff[args.compile])]
-            built = [make_step(case, impl, precision, nhwc, comp, device) for impl, precision, nhwc, comp in variants]
+                                                                 onoff[args.channels_last], onoff[args.compile],
+                                                                 args.methods.split(","))]
+            built = [make_step(case, impl, precision, nhwc, comp, device, (f"model.method={method}",))
+                     for impl, precision, nhwc, comp, method in variants]
             crop = built[0][1]
-            warmups = [args.warmup + 2 * comp for *_, comp in variants]
+            warmups = [args.warmup + 2 * comp for *_, comp, _ in variants]
             measured = measure([step for step, _ in built], crop, batch, device, args.iters, warmups)
             baseline = min(measured[0][0]) if not args.no_reference else None
-            for (impl, precision, nhwc, comp), (times, flops) in zip(variants, measured):
+            by_setting = {(impl, p, n, c): times for (impl, p, n, c, m), (times, _) in zip(variants, measured)
+                          if m == "cyclegan"}
+            for (impl, precision, nhwc, comp, method), (times, flops) in zip(variants, measured):
                 # The median of per-round ratios pairs iterations run seconds apart: the steadiest estimate.
                 paired = statistics.median(r / t for r, t in zip(measured[0][0], times)) if baseline else None
-                rows.append(dict(case=case, impl=impl, precision=precision, batch=batch, channels_last=nhwc,
-                                 compile=comp, seconds=min(times), median_s=statistics.median(times), flops=flops,
-                                 speedup=baseline / min(times) if baseline else None, paired_speedup=paired))
+                cyclegan = by_setting.get((impl, precision, nhwc, comp))
+                vs = (statistics.median(t / c for t, c in zip(times, cyclegan))
+                      if cyclegan is not None and len(args.methods.split(",")) > 1 else None)
+                rows.append(dict(case=case, impl=impl, method=method, precision=precision, batch=batch,
+                                 channels_last=nhwc, compile=comp, seconds=min(times),
+                                 median_s=statistics.median(times), flops=flops,
+                                 speedup=baseline / min(times) if baseline else None, paired_speedup=paired,
+                                 vs_cyclegan=vs))
             del built
             for row in rows:
                 if row.get("printed"):
@@ -166,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
                 mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
                 speed = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
                 paired = f"{row['paired_speedup']:.2f}x" if row.get("paired_speedup") else "-"
-                print(f"{row['case']:<11}{row['impl']:<10}{row['precision']:<6}{row['batch']:>5}"
+                vs = f"{row['vs_cyclegan']:.2f}x" if row.get("vs_cyclegan") else "-"
+                print(f"{row['case']:<11}{row['impl']:<10}{row['method']:<9}{row['precision']:<6}{row['batch']:>5}"
                       f"{'on' if row['channels_last'] else 'off':>6}{'on' if row['compile'] else 'off':>6}"
                       f"{row['seconds'] * 1e3:>10.1f}{1 / row['seconds']:>8.2f}"
                       f"{2 * row['batch'] / row['seconds']:>8.1f}{row['median_s'] * 1e3:>9.0f}"
-                      f"{row['flops'] / 1e12:>10.3f}{row['tflops_per_s']:>9.3f}{mfu:>7}{speed:>9}{paired:>8}",
+                      f"{row['flops'] / 1e12:>10.3f}{row['tflops_per_s']:>9.3f}{mfu:>7}{speed:>9}{paired:>8}{vs:>12}",
                       flush=True)
     for row in rows:
         row.pop("printed", None)

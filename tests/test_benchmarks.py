@@ -43,6 +43,17 @@ def test_step_benchmark_exercises_the_gpu_settings_on_cpu(tmp_path):
                                                                      ("fp16", False), ("fp16", True)}
 
 
+def test_step_benchmark_compares_the_methods(tmp_path):
+    out = tmp_path / "methods.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--smoke", "--json", str(out),
+                           "--methods", "cyclegan,cut,fastcut", "--no-reference"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"cyclegan", "cut", "fastcut"} and rows["cyclegan"]["vs_cyclegan"] == 1.0
+    assert all(r["vs_cyclegan"] > 0 for r in rows.values())
+
+
 def test_gpu_check_runs_its_cpu_part_and_says_what_it_skipped(tmp_path):
     """`make gpu-check` without CUDA (hidden here even on a GPU machine): every part that does not need CUDA runs
     on the small case, the gpu tests are collected and skipped, and the skipped parts are named."""
