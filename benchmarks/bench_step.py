@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}"
           f", torch {torch.__version__}, {torch.get_num_threads()} threads")
-    header = f"{'case':<11}{'impl':<10}{'method':<9}{'prec':<6}{'batch':>5}{'NHWC':>6}{'comp':>6}{'ms/it':>10}{'it/s':>8}" \
+    header = f"{'case':<11}{'impl':<10}{'method':<9}{'prec':<6}{'batch':>5}{'NHWC':>6}{'comp':>6}{'ms/it':>10}" \
+             f"{'it/s':>8}" \
              f"{'img/s':>8}{'median':>9}{'TFLOP/it':>10}{'TFLOP/s':>9}{'MFU':>7}{'speedup':>9}{'paired':>8}" \
              f"{'vs cyclegan':>12}"
     print(header)

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
     ("bench_shards.py", {"stage", "variant", "workers", "rate", "unit", "speedup"}),
     ("ema_vs_raw.py", {"seed", "raw_l1", "ema_l1", "identity_l1", "ratio"}),
     ("tiled_memory.py", {"mode", "tile", "seconds", "peak_rss_gb", "added_rss_gb"}),
+    ("methods_quality.py", {"method", "steps", "seconds", "l1", "l1_identity", "ssim", "ssim_identity"}),
 ])
 def test_benchmark_smoke(tmp_path, script, keys):
     out = tmp_path / "result.json"
