@@ -206,7 +206,7 @@ def cut_run(shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("cut")
     overrides = tiny_overrides(shards, root / "run", **{
         "model.method": "cut", "train.steps": 6, "eval.paired": True, "eval.every_steps": 2,
-        "checkpoint.best_metric": "eval/AtoB/l1", "train.ema_decay": 0.9, "tracking.enabled": False})
+        "checkpoint.best_metric": "eval/AtoB/l1", "train.ema_decay": 0.9})
     assert train_main(overrides) == 0
     return root
 
@@ -227,6 +227,30 @@ def test_cut_trains_with_ema_and_best_checkpoint_and_records_its_losses(cut_run)
     assert list(saved) == ["AtoB"] and "cycle_l1" not in saved["AtoB"]  # One generator: no cycle.
     grid = Image.open(sorted((run / "samples").glob("*.png"))[-1])
     assert grid.width == 4 * 32  # real_a | fake_b | real_b | idt_b
+
+    # The MLflow record: CUT's loss curves, the evaluation, and its one generator as a logged model.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{cut_run / 'mlflow.db'}")
+    run_id = ckpt["mlflow_run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "loss/G/nce")] == [2, 4, 6]
+    assert client.get_metric_history(run_id, "eval/AtoB/l1")
+    assert client.get_run(run_id).data.params["model.method"] == "cut"
+    experiment = client.get_run(run_id).info.experiment_id
+    models = client.search_logged_models(experiment_ids=[experiment])
+    assert [m.name for m in models if m.source_run_id == run_id] == ["G"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cut_trains_in_low_precision(shards, tmp_path, precision):
+    from support.runs import tiny_overrides
+
+    overrides = tiny_overrides(shards, tmp_path / "run", **{
+        "model.method": "fastcut", "train.steps": 4, "train.precision": precision, "tracking.enabled": False,
+        "report.sample_every_steps": 0, "cut.num_patches": 16})
+    assert train_main(overrides) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss/G/nce"]) for r in records) and records[-1]["nonfinite_steps"] == 0
 
 
 def test_cut_checkpoints_and_reference_files_translate(cut_run, tmp_path, capsys):
