@@ -206,7 +206,7 @@ def cut_run(shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("cut")
     overrides = tiny_overrides(shards, root / "run", **{
         "model.method": "cut", "train.steps": 6, "eval.paired": True, "eval.every_steps": 2,
-        "checkpoint.best_metric": "eval/AtoB/l1", "train.ema_decay": 0.9})
+        "checkpoint.best_metric": "eval/AtoB/l1", "train.ema_decay": 0.9, "tracking.log_model": True})
     assert train_main(overrides) == 0
     return root
 
