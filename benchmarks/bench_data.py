@@ -12,7 +12,6 @@ bench_step.py's JSON) prints the margin over what the training step consumes.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -28,6 +27,9 @@ sys.path.insert(0, str(ROOT))
 from pipeline.data.shards import write_shards  # noqa: E402
 from pipeline.data.stream import train_loader  # noqa: E402
 from tests.support import dataset_scripts  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))  # Also when imported as benchmarks.bench_data (gpu_check).
+from _report import write_json  # noqa: E402
 
 
 def synthetic_module():
@@ -90,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                  crop=args.crop, source_size=args.source_size, margin_over_step=margin))
                 shown = f"{margin:.0f}x" if margin else "-"
                 print(f"{fmt:<7}{workers:>8}{rate:>10.1f}{rate / workers:>14.1f}{shown:>9}", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, {"rows": rows})
     return 0
 
 

@@ -13,16 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _report import run_child, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = run_child(cmd, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{proc.stderr[-3000:]}")
 
@@ -78,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     # Within 1%: the seeds' spread here is larger than that, so call it a tie.
     verdict = "no difference (within 1%)" if abs(mean - 1) < 0.01 else "EMA wins" if mean < 1 else "raw wins"
     print(f"mean EMA/raw L1 ratio {mean:.3f}: {verdict}, over {len(rows)} seed(s)")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"rows": rows, "mean_ratio": mean}, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, {"rows": rows, "mean_ratio": mean})
     return 0
 
 

@@ -1,13 +1,16 @@
-"""CycleGAN, CUT and FastCUT at equal wall-clock on the synthetic set (ground truth known): held-out L1 and SSIM.
+"""CycleGAN, CUT and FastCUT at equal training time on the synthetic set (ground truth known): held-out L1 and SSIM.
 
-    python benchmarks/methods_quality.py [--steps 1500] [--methods cyclegan,cut,fastcut] [--calibrate 40]
-                                         [--data data/synthetic] [--json out.json] [--smoke]
+    python benchmarks/methods_quality.py [--steps 1000] [--methods cyclegan,cut,fastcut] [--seeds 0,1,2]
+                                         [--calibrate 100] [--data data/synthetic] [--json out.json] [--smoke]
 
 Trains `configs/quickstart.yaml` (`make demo`'s: the synthetic set at 64 px; make its data with `make demo` or
-`datasets/synthetic.py`) once per method. CycleGAN runs `--steps` steps; every other method runs as many steps as
-fit in the same time, by the steps/s the trainer logs over a calibration run of `--calibrate` steps of each
-(after its first logging interval). Each final checkpoint is evaluated on the same 32 held-out pairs: A->B
-L1 and SSIM against the ground truth, next to returning the input. Prints a table; writes JSON.
+`datasets/synthetic.py`) once per method and seed. The first method (CycleGAN) runs `--steps` steps; its training
+time, summed from the steps/s the trainer logs (no start-up, no evaluation), is the budget of that seed. Every
+other method runs as many steps as fit in that budget at the rate it showed over a calibration run of
+`--calibrate` steps (after its first logging interval); the schedule is set for those steps, so each run decays
+its learning rate to 0 as a real run would. Each row reports its own measured training time against the budget.
+Each final checkpoint is evaluated on the same 32 held-out pairs: A->B L1 and SSIM against the ground truth, next
+to returning the input. Prints a table per run and the means over seeds; writes JSON.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _report import run_child, write_json
+
+LOG_EVERY = 50  # Steps per logged rate in the measured runs.
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def train(method: str, steps: int, run_dir: Path, data: Path, extra: list[str]) -> float:
-    """Train and return the wall-clock seconds of the training command."""
+def train(method: str, steps: int, run_dir: Path, data: Path, extra: list[str]) -> None:
     shards = data / "shards"
     cmd = [sys.executable, "-m", "pipeline.train", "--config", str(ROOT / "configs" / "quickstart.yaml"),
            f"model.method={method}", f"train.steps={steps}", f"run_dir={run_dir}", "tracking.enabled=false",
@@ -34,27 +39,43 @@ def train(method: str, steps: int, run_dir: Path, data: Path, extra: list[str]) 
            *(f"data.{k}={shards}/{split}/*.tar" for k, split in (("train_a", "trainA"), ("train_b", "trainB"),
                                                                  ("test_a", "testA"), ("test_b", "testB"))),
            *extra]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = run_child(cmd, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{method} training failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
+
+
+def logged_rates(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, steps/s over the interval ending there) of every logged interval."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(line["step"], line["perf/steps_per_s"]) for line in lines if line.get("perf/steps_per_s")]
+
+
+def training_seconds(run_dir: Path, steps: int) -> float:
+    """Seconds spent in training steps: each logged interval's steps over its rate, and the steps after the last
+    logged interval at that interval's rate."""
+    rates, seconds, done = logged_rates(run_dir), 0.0, 0
+    for step, rate in rates:
+        seconds, done = seconds + (step - done) / rate, step
+    return seconds + (steps - done) / rates[-1][1]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500, help="CycleGAN's steps (the demo's)")
-    parser.add_argument("--methods", default="cyclegan,cut,fastcut")
-    parser.add_argument("--calibrate", type=int, default=40, help="steps of each method to measure its rate")
+    parser.add_argument("--steps", type=int, default=1000, help="the first method's steps (the demo's 1,000)")
+    parser.add_argument("--methods", default="cyclegan,cut,fastcut", help="the first one sets the time budget")
+    parser.add_argument("--seeds", default="0,1,2", help="train.seed of each round")
+    parser.add_argument("--calibrate", type=int, default=100, help="steps of each method to measure its rate")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "methods_quality.json")
     parser.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (CI)")
     args = parser.parse_args(argv)
     extra: list[str] = []
-    methods = args.methods.split(",")
+    methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    baseline = methods[0]
+    log_every = LOG_EVERY
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
-            args.steps, args.calibrate, args.data = 4, 4, Path(tmp) / "data"
+            args.steps, args.calibrate, args.data, seeds, log_every = 4, 4, Path(tmp) / "data", [0], 1
             subprocess.run([sys.executable, str(ROOT / "datasets" / "synthetic.py"), str(args.data / "images"),
                             "--train", "8", "--test", "4", "--size", "40"], check=True, capture_output=True)
             subprocess.run([sys.executable, "-m", "pipeline.shards", str(args.data / "images"),
@@ -66,32 +87,48 @@ def main(argv: list[str] | None = None) -> int:
                              "pipeline.shards) first")
         # Rates: the steps/s the trainer logs over a short run, after its first interval (start-up, warm-up).
         rates = {}
-        every = max(1, args.calibrate // 4)
-        for method in methods:
+        for method in methods[1:]:
             run_dir = Path(tmp) / f"cal-{method}"
-            train(method, args.calibrate, run_dir, args.data, [*extra, f"report.log_every_steps={every}"])
-            logged = [json.loads(line).get("perf/steps_per_s") for line in
-                      (run_dir / "metrics.jsonl").read_text().splitlines()]
-            logged = [r for r in logged if r] or [1.0]
+            train(method, args.calibrate, run_dir, args.data,
+                  [*extra, f"report.log_every_steps={max(1, args.calibrate // 4)}"])
+            logged = [rate for _, rate in logged_rates(run_dir)] or [1.0]
             rates[method] = statistics.median(logged[1:] or logged)
         rows = []
-        for method in methods:
-            share = min(rates[method] / rates["cyclegan"], 10.0)  # A bad calibration must not train for hours.
-            steps = args.steps if method == "cyclegan" else max(1, round(args.steps * share))
-            run_dir = Path(tmp) / method
-            seconds = train(method, steps, run_dir, args.data, extra)
-            result = json.loads((run_dir / "eval.json").read_text())["results"]["AtoB"]
-            rows.append({"method": method, "steps": steps, "seconds": seconds, "steps_per_s": rates[method],
-                         "l1": result["l1"], "l1_identity": result["l1_identity"], "ssim": result["ssim"],
-                         "ssim_identity": result["ssim_identity"], "ratio": result["l1_identity"] / result["l1"]})
-            print(f"{method:>9}: {steps:>5} steps in {seconds:6.1f} s | L1 {result['l1']:.4f} (input "
-                  f"{result['l1_identity']:.4f}, {rows[-1]['ratio']:.1f}x lower) | SSIM {result['ssim']:.4f} "
-                  f"(input {result['ssim_identity']:.4f})", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"rows": rows, "rates_steps_per_s": rates}, indent=2) + "\n")
-    print(f"wrote {args.json}")
+        print(f"{'seed':>4} {'method':>9}{'steps':>7}{'train s':>9}{'/budget':>8}{'L1':>8}{'x lower':>8}{'SSIM':>8}"
+              f"  (input: L1, SSIM)")
+        for seed in seeds:
+            budget = None
+            for method in methods:
+                if budget is None:
+                    steps = args.steps
+                else:  # A bad calibration must not train for hours.
+                    steps = max(1, min(round(budget * rates[method]), 10 * args.steps))
+                run_dir = Path(tmp) / f"{method}-{seed}"
+                train(method, steps, run_dir, args.data,
+                      [*extra, f"train.seed={seed}", f"report.log_every_steps={log_every}"])
+                seconds = training_seconds(run_dir, steps)
+                budget = seconds if budget is None else budget
+                result = json.loads((run_dir / "eval.json").read_text())["results"]["AtoB"]
+                rows.append({"seed": seed, "method": method, "steps": steps, "seconds": seconds,
+                             "of_budget": seconds / budget, "l1": result["l1"], "l1_identity": result["l1_identity"],
+                             "ssim": result["ssim"], "ssim_identity": result["ssim_identity"],
+                             "ratio": result["l1_identity"] / result["l1"]})
+                row = rows[-1]
+                print(f"{seed:>4} {method:>9}{steps:>7}{seconds:>9.1f}{row['of_budget']:>8.2f}{row['l1']:>8.4f}"
+                      f"{row['ratio']:>7.1f}x{row['ssim']:>8.4f}  ({row['l1_identity']:.4f}, "
+                      f"{row['ssim_identity']:.4f})", flush=True)
+    means = {}
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        means[method] = {key: statistics.mean(r[key] for r in mine)
+                         for key in ("steps", "seconds", "of_budget", "l1", "ratio", "ssim")}
+        means[method].update(l1_min=min(r["l1"] for r in mine), l1_max=max(r["l1"] for r in mine))
+        m = means[method]
+        print(f"mean {method:>9}{m['steps']:>7.0f}{m['seconds']:>9.1f}{m['of_budget']:>8.2f}{m['l1']:>8.4f}"
+              f"{m['ratio']:>7.1f}x{m['ssim']:>8.4f}  (L1 over {len(mine)} seed(s): {m['l1_min']:.4f} to "
+              f"{m['l1_max']:.4f})")
+    write_json(args.json, {"rows": rows, "means": means, "rates_steps_per_s": rates, "baseline": baseline})
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _report import run_child, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(tmp) / f"out-{tile}.pt"
             cmd = [sys.executable, __file__, "--size", args.size, "--generator", args.generator, "--ngf",
                    str(args.ngf), "--device", args.device, "--case-tile", str(tile), "--case-out", str(out)]
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            proc = run_child(cmd, cwd=ROOT)
             if proc.returncode != 0:
                 raise SystemExit(f"case tile={tile} failed:\n{proc.stderr[-3000:]}")
             row = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -116,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         diff = f"{row['max_abs_diff']:.1e}" if "max_abs_diff" in row else "-"
         print(f"{mode:>14}{row['seconds']:>9.1f}{row['peak_rss_gb']:>8.2f}GB{row['added_rss_gb']:>6.2f}GB{cuda}"
               f"  {diff}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_json(args.json, {"rows": rows})
     return 0
 
 

@@ -4,11 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from support.runs import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _report import run_child  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -20,12 +23,13 @@ pytestmark = pytest.mark.slow
     ("bench_shards.py", {"stage", "variant", "workers", "rate", "unit", "speedup"}),
     ("ema_vs_raw.py", {"seed", "raw_l1", "ema_l1", "identity_l1", "ratio"}),
     ("tiled_memory.py", {"mode", "tile", "seconds", "peak_rss_gb", "added_rss_gb"}),
-    ("methods_quality.py", {"method", "steps", "seconds", "l1", "l1_identity", "ssim", "ssim_identity"}),
+    ("methods_quality.py", {"seed", "method", "steps", "seconds", "of_budget", "l1", "l1_identity", "ssim",
+                            "ssim_identity"}),
 ])
 def test_benchmark_smoke(tmp_path, script, keys):
     out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = run_child([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out)],
+                     cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(keys <= set(row) for row in rows)
@@ -35,9 +39,8 @@ def test_benchmark_smoke(tmp_path, script, keys):
 def test_step_benchmark_exercises_the_gpu_settings_on_cpu(tmp_path):
     """bf16 autocast, channels_last and torch.compile (eager backend) through the benchmark's own code path."""
     out = tmp_path / "gpu-path.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--smoke", "--json", str(out),
-                           "--precisions", "bf16,fp16", "--channels-last", "both", "--no-reference"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = run_child([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--smoke", "--json", str(out),
+                      "--precisions", "bf16,fp16", "--channels-last", "both", "--no-reference"], cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert {(r["precision"], r["channels_last"]) for r in rows} == {("bf16", False), ("bf16", True),
@@ -46,9 +49,8 @@ def test_step_benchmark_exercises_the_gpu_settings_on_cpu(tmp_path):
 
 def test_step_benchmark_compares_the_methods(tmp_path):
     out = tmp_path / "methods.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--smoke", "--json", str(out),
-                           "--methods", "cyclegan,cut,fastcut", "--no-reference"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = run_child([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--smoke", "--json", str(out),
+                      "--methods", "cyclegan,cut,fastcut", "--no-reference"], cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"cyclegan", "cut", "fastcut"} and rows["cyclegan"]["vs_cyclegan"] == 1.0
@@ -61,9 +63,8 @@ def test_gpu_check_runs_its_cpu_part_and_says_what_it_skipped(tmp_path):
     from gpu_check import cpu_plan
 
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    proc = run_child([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--json", str(out)], cwd=ROOT,
+                     timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     outcomes = report["tests"]["outcomes"]
@@ -83,3 +84,57 @@ def test_gpu_check_runs_its_cpu_part_and_says_what_it_skipped(tmp_path):
     table = proc.stdout[proc.stdout.index("part    item"):]
     assert all(part in table for part in ("\ntests ", "\nstep ", "\ncompile ", "\nprofile ", "\nloader ",
                                           "\nskipped "))
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a killed child that nobody reaped yet still has a /proc entry)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_gone(pid: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# A benchmark that starts `sleep` through run_child and writes the child's process id where the test can read it.
+_PARENT = """
+import subprocess, sys
+sys.path.insert(0, {benchmarks!r})
+from _report import run_child
+run_child([sys.executable, "-c", "import os, time; open({pidfile!r}, 'w').write(str(os.getpid())); time.sleep(120)"],
+          timeout={timeout})
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
+def test_a_benchmarks_child_dies_when_the_benchmark_is_killed(tmp_path):
+    """The bug: a test's timeout SIGKILLed the methods_quality smoke and its training went on holding a core."""
+    pidfile = tmp_path / "child.pid"
+    script = _PARENT.format(benchmarks=str(ROOT / "benchmarks"), pidfile=str(pidfile), timeout=None)
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        assert _alive(child)
+        parent.kill()  # SIGKILL: no handler or finally runs in the benchmark.
+        parent.wait()
+        assert _wait_gone(child), "the child outlived the benchmark that started it"
+    finally:
+        parent.kill()
+
+
+def test_a_benchmarks_child_is_killed_at_its_timeout(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    script = _PARENT.format(benchmarks=str(ROOT / "benchmarks"), pidfile=str(pidfile), timeout=5)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "TimeoutExpired" in proc.stderr
+    assert _wait_gone(int(pidfile.read_text()))

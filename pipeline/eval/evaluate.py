@@ -126,9 +126,11 @@ def evaluate_direction(
     for module, _ in modes:
         module.eval()
     try:
-        # This share's sources; with pairs, their keys first, so that each rank keeps only its own ground truth.
-        mine = ({item.key for i, item in enumerate(itertools.islice(iter_inputs(source), max_images or None))
-                 if share.takes(i)} if paired_keys else set())
+        # This share's sources; with pairs, their keys first (one pass over the source set), so that each rank
+        # keeps only its own ground truth.
+        source_keys = ([item.key for item in itertools.islice(iter_inputs(source), max_images or None)]
+                       if paired_keys else [])
+        mine = {key for i, key in enumerate(source_keys) if share.takes(i)}
 
         # Real target images: features of this share, and the ground truth of this share's sources (8-bit).
         real = _Features(features, device, batch_size)
@@ -137,7 +139,7 @@ def evaluate_direction(
         if paired_keys and max_images:
             # The ground truth of the first max_images sources, not the first max_images of the target set:
             # shards hold their files in a shuffled order, so those would not pair.
-            keys = {item.key for item in itertools.islice(iter_inputs(source), max_images)}
+            keys = set(source_keys)
             targets: Iterator[tuple[str, Tensor]] = ((k, im) for k, im in iter_tensors(target, size, 0) if k in keys)
         else:
             targets = iter_tensors(target, size, max_images)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from pipeline.engine.dist import all_reduce_max
 from pipeline.gan.cyclegan import Discriminators, Objective
-from pipeline.gan.stepping import PRECISIONS, Optimisers, Pools, StepResult, StepSettings
+from pipeline.gan.stepping import PRECISIONS, Optimisers, Pools, StepResult, StepSettings, update_scale
 
 
 @dataclass
@@ -90,17 +90,9 @@ class TrainStep:
         if applied:
             opt.scaler.step(opt.g)
             opt.scaler.step(opt.d)
-            self._update_scale()
+            self.scaler_skips += int(update_scale(opt.scaler))
         else:
             pools.a.undo_last_query()
             pools.b.undo_last_query()
         return StepResult(losses, applied, stop)
 
-    def _update_scale(self) -> None:
-        if not self.optimisers.scaler.is_enabled():
-            return
-        # update() lowers the scale exactly when a gradient was inf/NaN and the step was skipped. Reading the
-        # scale (public API, no private attributes) is two small host reads per step, in fp16 only.
-        before = self.optimisers.scaler.get_scale()
-        self.optimisers.scaler.update()
-        self.scaler_skips += int(self.optimisers.scaler.get_scale() < before)

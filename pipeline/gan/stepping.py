@@ -51,3 +51,15 @@ class StepResult:
     losses: dict[str, Tensor]
     applied: bool = True
     stop: bool = False
+
+
+def update_scale(scaler: torch.amp.GradScaler) -> bool:
+    """Advance fp16's loss scale after a step; True when it was lowered, i.e. the step was skipped on an inf/NaN
+    gradient. A no-op returning False when the scaler is disabled (fp32, bf16)."""
+    if not scaler.is_enabled():
+        return False
+    # update() lowers the scale exactly when a gradient was inf/NaN and the step was skipped. Reading the scale
+    # (public API, no private attributes) is two small host reads per step, in fp16 only.
+    before = scaler.get_scale()
+    scaler.update()
+    return scaler.get_scale() < before

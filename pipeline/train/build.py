@@ -67,42 +67,20 @@ def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device)
     torch.manual_seed(cfg.train.seed)
     gens, discs = build_networks(cfg.model, fused=cfg.perf.fused_calls,
                                  group_kernel_norm=uses_group_kernel_norm(cfg.perf.instance_norm_kernel, device))
-    if cfg.perf.deterministic:
-        for net in (gens, discs):
-            use_sliced_reflection_pad(net)
-    memory_format = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
-    gens.to(device, memory_format=memory_format)
-    discs.to(device, memory_format=memory_format)
+    memory_format = _place((gens, discs), cfg.perf, device)
     ema = (GeneratorEMA(gens, cfg.train.ema_decay, cfg.train.ema_start_step, cfg.train.ema_every)
            if cfg.train.ema_decay > 0 else None)  # Before compiling: the average is a plain eager copy.
-    if cfg.perf.compile:
-        # D is called with and without requires_grad and on pooled inputs: each is a recompile (guards), so
-        # the default limit of 8 is hit and dynamo silently falls back to eager. Raise it.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        mode = None if cfg.perf.compile_mode == "default" else cfg.perf.compile_mode
-        for net in (gens.G_ab, gens.G_ba, discs.D_a, discs.D_b):
-            net.compile(backend=cfg.perf.compile_backend, mode=mode)
-    opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, device)
-    opt_d = build_adam(discs.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, device)
+    _compile((gens.G_ab, gens.G_ba, discs.D_a, discs.D_b), cfg.perf)
     pool_seed = cfg.train.seed * 1000 + info.rank
     pool_a = ImagePool(cfg.train.pool_size, seed=2 * pool_seed)
     pool_b = ImagePool(cfg.train.pool_size, seed=2 * pool_seed + 1)
-    # DDP averages gradients; D is called unwrapped and frozen in the G phase (never static_graph). A process
-    # group of one rank (a launcher check on one device) takes the same path as eight.
-    distributed = dist.is_distributed()
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        gens_call, discs_call = DDP(gens, device_ids=ids), DDP(discs, device_ids=ids)
-    else:
-        gens_call, discs_call = gens, discs
+    gens_call, discs_call = _wrap(gens, device), _wrap(discs, device)
     step = TrainStep(
         networks=StepNetworks(gens_call, discs_call, discs),
         objective=build_objective(cfg.loss),
-        optimisers=Optimisers(opt_g, opt_d, torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")),
+        optimisers=_optimisers(gens, discs, cfg, device),
         pools=Pools(pool_a, pool_b),
-        settings=StepSettings(device, cfg.train.precision, check_finite=cfg.control.max_nonfinite_steps > 0,
-                              distributed=distributed, memory_format=memory_format,
-                              cudagraphs=uses_cudagraphs(cfg.perf, device)),
+        settings=_settings(cfg, device, memory_format),
     )
     nets = {"G_ab": gens.G_ab, "G_ba": gens.G_ba, "D_a": discs.D_a, "D_b": discs.D_b}
     return Components(gens, discs, step, nets, DIRECTIONS["cyclegan"], ema)
@@ -116,33 +94,60 @@ def build_cut_components(cfg: DictConfig, info: dist.DistInfo, device: torch.dev
     objective = build_cut_objective(cfg.loss, cfg.cut)
     gens, disc = build_cut_networks(cfg.model, cfg.cut, objective,
                                     group_kernel_norm=uses_group_kernel_norm(cfg.perf.instance_norm_kernel, device))
-    if cfg.perf.deterministic:
-        for net in (gens, disc):
-            use_sliced_reflection_pad(net)
-    memory_format = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
-    gens.to(device, memory_format=memory_format)
-    disc.to(device, memory_format=memory_format)
+    memory_format = _place((gens, disc), cfg.perf, device)
     ema = (GeneratorEMA(gens, cfg.train.ema_decay, cfg.train.ema_start_step, cfg.train.ema_every, names=("G",))
            if cfg.train.ema_decay > 0 else None)
-    if cfg.perf.compile:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        mode = None if cfg.perf.compile_mode == "default" else cfg.perf.compile_mode
-        for net in (gens.G, disc):
-            net.compile(backend=cfg.perf.compile_backend, mode=mode)
-    opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, device)
-    opt_d = build_adam(disc.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, device)
-    distributed = dist.is_distributed()
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        gens_call, disc_call = DDP(gens, device_ids=ids), DDP(disc, device_ids=ids)
-    else:
-        gens_call, disc_call = gens, disc
+    _compile((gens.G, disc), cfg.perf)
     step = CUTStep(
-        gens=gens_call, disc=disc_call, disc_module=disc, objective=objective,
-        optimisers=Optimisers(opt_g, opt_d, torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")),
-        settings=StepSettings(device, cfg.train.precision, check_finite=cfg.control.max_nonfinite_steps > 0,
-                              distributed=distributed, memory_format=memory_format,
-                              cudagraphs=uses_cudagraphs(cfg.perf, device)),
+        gens=_wrap(gens, device), disc=_wrap(disc, device), disc_module=disc, objective=objective,
+        optimisers=_optimisers(gens, disc, cfg, device),
+        settings=_settings(cfg, device, memory_format),
         sampling=PatchSampling(cfg.train.seed * 1000 + info.rank),
     )
     return Components(gens, disc, step, {"G": gens.G, "F": gens.F, "D": disc}, DIRECTIONS[cfg.model.method], ema)
+
+
+def _place(modules: tuple[torch.nn.Module, ...], perf: DictConfig, device: torch.device) -> torch.memory_format:
+    """Move the modules to the device in the configured memory format (deterministic kernels first swap the
+    reflection pads torch has no deterministic CUDA backward for); returns that format."""
+    if perf.deterministic:
+        for module in modules:
+            use_sliced_reflection_pad(module)
+    memory_format = torch.channels_last if perf.channels_last else torch.contiguous_format
+    for module in modules:
+        module.to(device, memory_format=memory_format)
+    return memory_format
+
+
+def _compile(nets: tuple[torch.nn.Module, ...], perf: DictConfig) -> None:
+    """torch.compile each network in place (perf.compile), after the EMA's eager copy was taken."""
+    if not perf.compile:
+        return
+    # D is called with and without requires_grad and on pooled inputs: each is a recompile (guards), so the
+    # default limit of 8 is hit and dynamo silently falls back to eager. Raise it.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    mode = None if perf.compile_mode == "default" else perf.compile_mode
+    for net in nets:
+        net.compile(backend=perf.compile_backend, mode=mode)
+
+
+def _wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP around the module when a process group exists, else the module itself. DDP averages gradients; D is
+    called unwrapped and frozen in the G phase (never static_graph). A process group of one rank (a launcher
+    check on one device) takes the same path as eight."""
+    if not dist.is_distributed():
+        return module
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _optimisers(gens: torch.nn.Module, discs: torch.nn.Module, cfg: DictConfig, device: torch.device) -> Optimisers:
+    """Adam for the generator side, Adam for the discriminators, and a GradScaler enabled in fp16 only."""
+    opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, device)
+    opt_d = build_adam(discs.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, device)
+    return Optimisers(opt_g, opt_d, torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"))
+
+
+def _settings(cfg: DictConfig, device: torch.device, memory_format: torch.memory_format) -> StepSettings:
+    return StepSettings(device, cfg.train.precision, check_finite=cfg.control.max_nonfinite_steps > 0,
+                        distributed=dist.is_distributed(), memory_format=memory_format,
+                        cudagraphs=uses_cudagraphs(cfg.perf, device))

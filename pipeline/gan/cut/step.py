@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from pipeline.engine.dist import all_reduce_max
 from pipeline.gan.cut.model import CUTObjective, PatchSampling
-from pipeline.gan.stepping import PRECISIONS, Optimisers, Pools, StepResult, StepSettings
+from pipeline.gan.stepping import PRECISIONS, Optimisers, Pools, StepResult, StepSettings, update_scale
 
 
 class CUTStep:
@@ -88,17 +88,10 @@ class CUTStep:
         if applied:
             opt.scaler.step(opt.g)
         if stepped:  # The scaler updates after a step it took part in (not after a skipped one).
-            self._update_scale()
+            self.scaler_skips += int(update_scale(opt.scaler))
         D.requires_grad_(True)
         losses["D"] = loss_d
         return StepResult({k: v.detach() for k, v in losses.items()}, applied, stop)
-
-    def _update_scale(self) -> None:
-        if not self.optimisers.scaler.is_enabled():
-            return
-        before = self.optimisers.scaler.get_scale()
-        self.optimisers.scaler.update()
-        self.scaler_skips += int(self.optimisers.scaler.get_scale() < before)
 
 
 class _NoPool:
