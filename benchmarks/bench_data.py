@@ -24,12 +24,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._report import write_json  # noqa: E402
 from pipeline.data.shards import write_shards  # noqa: E402
 from pipeline.data.stream import train_loader  # noqa: E402
 from tests.support import dataset_scripts  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "benchmarks"))  # Also when imported as benchmarks.bench_data (gpu_check).
-from _report import write_json  # noqa: E402
 
 
 def synthetic_module():

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _report import run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ["model.generator=resnet_6blocks", "model.ngf=16", "model.ndf=16", "train.pool_size=50"]
@@ -27,7 +28,7 @@ def run(nproc: int, steps: int, crop: int, overrides: list[str]) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(ROOT / "benchmarks" / "ddp_probe.py"), str(out), str(steps), str(crop), *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = run_child(cmd, env=env)
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])
         return json.loads(out.read_text())

@@ -31,7 +31,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_data, bench_step  # noqa: E402
+from benchmarks._report import run_child  # noqa: E402
 
 GIB = 2**30
 # Seconds of the budget (on CUDA) kept for the eager rows, profile and loader, and for the first compiled setting
@@ -151,17 +151,13 @@ def child_env() -> dict[str, str]:
 
 
 def run_bounded(cmd: list[str], timeout_s: float) -> tuple[int | None, str, str]:
-    """(exit code or None on timeout, stdout, stderr); on timeout the whole process group is killed (pytest's
+    """(exit code or None on timeout, stdout, stderr); the whole process group is killed after it (pytest's
     workers, inductor's compile workers), so nothing keeps using the GPU behind the next part's back."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=max(timeout_s, 1))
-        return proc.returncode, out, err
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        return None, out, err
+        proc = run_child(cmd, cwd=ROOT, timeout=max(timeout_s, 1), env=child_env())
+    except subprocess.TimeoutExpired as exc:
+        return None, exc.stdout or "", exc.stderr or ""
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def run_gpu_tests(timeout_s: float, cuda: bool) -> dict[str, Any]:

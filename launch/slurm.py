@@ -407,10 +407,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         torch.set_num_threads(threads)
         log.info("%s; MASTER_ADDR=%s MASTER_PORT=%s, %d torch threads", env, os.environ["MASTER_ADDR"],
                  os.environ["MASTER_PORT"], threads)
-        try:
+        with dist.process_group_teardown():
             result = run(cfg, stop_flag=stop)
-        finally:
-            dist.destroy_process_group()
         if result.stopped:
             stop.uninstall()
             _after_stop(env, stop.signal, result.step)

@@ -195,14 +195,17 @@ def test_the_generators_average_is_equal_on_every_rank_without_communication(tmp
     assert not torch.equal(last[n_g + n_d:], last[:n_g])
 
 
-@pytest.mark.parametrize("method", ["cyclegan", "fastcut"])
-def test_the_process_group_is_freed_at_teardown_not_at_interpreter_exit(shards, tmp_path, method):
-    """The bug: the DDP wrappers outlived destroy_process_group in reference cycles, holding the gloo group until
-    interpreter finalisation, where a rank sometimes died of SIGABRT after a successful run (a flaky 2-rank
-    resume test). With the cyclic collector off, nothing but the teardown itself can free them."""
+@pytest.mark.parametrize("method,fail", [("cyclegan", False), ("fastcut", False), ("cyclegan", True)],
+                         ids=["cyclegan", "fastcut", "failing-run"])
+def test_the_process_group_is_freed_at_teardown_not_at_interpreter_exit(shards, tmp_path, method, fail):
+    """The bug: the DDP wrappers outlived destroy_process_group in reference cycles (and, when the run raised,
+    in its traceback's frames), holding the gloo group until interpreter finalisation, where a rank sometimes
+    died of SIGABRT after a successful run (a flaky 2-rank resume test). With the cyclic collector off, nothing
+    but the teardown itself can free them."""
     overrides = tiny_overrides(shards, tmp_path / "run", **{"model.method": method, "train.steps": 2,
                                                             "tracking.enabled": False})
     proc = torchrun(["--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "support" / "teardown_worker.py"),
-                     *overrides])
+                     *(["--fail"] if fail else []), *overrides])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("failed: injected failure") == (2 if fail else 0), proc.stdout
     assert proc.stdout.count("alive DDP=0") == 2, proc.stdout

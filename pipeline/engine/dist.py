@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import logging
 import os
 import re
 import socket
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +186,20 @@ def destroy_process_group() -> None:
         # 2-rank runs on a loaded machine. Collecting them first lets the group be destroyed here, in order.
         gc.collect()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group_teardown() -> Iterator[None]:
+    """Around a training: the process group is destroyed when it ends, also when it raises. An exception's
+    traceback holds the finished frames of the training, and through them its DDP wrappers, out of the
+    collector's reach: those frames are cleared first (their code and line numbers stay for the report)."""
+    try:
+        yield
+    except BaseException as err:
+        traceback.clear_frames(err.__traceback__)
+        raise
+    finally:
+        destroy_process_group()
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

@@ -57,13 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = dist.read_env()
     setup_logging(info.rank)
     try:
-        cfg = load_config(args.config, args.overrides)
-        result = run(cfg)
+        with dist.process_group_teardown():
+            cfg = load_config(args.config, args.overrides)
+            result = run(cfg)
     except (ConfigError, DataError, CheckpointError) as err:
         log.error("%s", err)
         return 2
-    finally:
-        dist.destroy_process_group()
     if result.stopped:
         # torchrun counts any non-zero exit as a crash (it restarts the group or reports a failure), so under
         # torchrun a clean stop exits 0; its log line says where it stopped.
