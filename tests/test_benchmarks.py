@@ -132,6 +132,7 @@ def test_a_benchmarks_child_dies_when_the_benchmark_is_killed(tmp_path):
         parent.kill()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_benchmarks_child_is_killed_at_its_timeout(tmp_path):
     pidfile = tmp_path / "child.pid"
     script = _PARENT.format(benchmarks=str(ROOT / "benchmarks"), pidfile=str(pidfile), timeout=5)
