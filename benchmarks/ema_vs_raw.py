@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             overrides += ["model.ngf=4", "model.ndf=4", "data.crop_size=32", "data.load_size=36"]
         run([py, "-m", "pipeline.train", "--config", "configs/quickstart.yaml", *overrides])
-        ckpt = run_dir / f"ckpt-{args.steps:09d}.pt"
+        ckpt = run_dir / f"ckpt-{args.steps:09d}"
         result = {}
         for weights in ("raw", "ema"):
             out = run_dir / f"eval-{weights}.json"

@@ -263,7 +263,11 @@ class TrackingConfig:
     run_name: str = ""
     """MLflow run name; empty uses the run directory's name."""
     log_checkpoints: str = "last"
-    """Checkpoints uploaded as MLflow artifacts: all, last (the final one) or none."""
+    """Checkpoints uploaded as MLflow artifacts (and best.pt, with checkpoint.best_metric): all, last (the final
+    one) or none."""
+    checkpoint_content: str = "generators"
+    """What an uploaded checkpoint holds: generators (one file of the generators, raw and EMA, and the config: what
+    a reviewer translates with) or full (the checkpoint directory, every rank's state included: resumable)."""
     log_model: bool = True
     """At the end, log both generators as MLflow PyTorch models with a signature and an input example."""
     flush_timeout_s: float = 120.0
@@ -334,6 +338,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "perf.instance_norm_kernel": ("auto", "group_norm", "instance_norm"),
     "perf.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "tracking.log_checkpoints": ("all", "last", "none"),
+    "tracking.checkpoint_content": ("generators", "full"),
     "checkpoint.best_mode": ("min", "max"),
 }
 

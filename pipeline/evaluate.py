@@ -17,15 +17,13 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.config import ConfigError
 from pipeline.data.stream import DataError
-from pipeline.engine.checkpoint import CheckpointError
+from pipeline.engine.checkpoint import CheckpointError, is_checkpoint_directory
 from pipeline.eval.evaluate import (
     evaluate_direction,
     log,
@@ -33,36 +31,8 @@ from pipeline.eval.evaluate import (
 from pipeline.eval.metrics.features import FeatureError, find_weights, how_to_provide, load_extractor
 from pipeline.infer.generators import DIRECTIONS, PRECISIONS, load_generators
 from pipeline.infer.translate import select_device
+from pipeline.tracking.trackers import log_to_existing_run, resolve_uri
 from pipeline.translate import add_generator_args, model_overrides
-
-# MLflow.
-
-
-def log_to_mlflow(uri: str, run_id: str, metrics: dict[str, float], step: int, artifact: Path | None) -> bool:
-    """Add `metrics` (and the JSON file) to an existing MLflow run; warn and return False if that fails."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        log.warning("MLflow store %s does not exist here (run from the training's directory, or set "
-                    "MLFLOW_TRACKING_URI); results not logged to run %s", uri, run_id)
-        return False
-    try:
-        import mlflow
-        from mlflow.entities import Metric
-
-        client = mlflow.MlflowClient(uri)
-        now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for k, v in metrics.items() if math.isfinite(v)]
-        client.log_batch(run_id, metrics=batch)
-        if artifact is not None:
-            client.log_artifact(run_id, str(artifact), "evaluation")
-    except Exception as err:  # noqa: BLE001 - tracking never fails an evaluation
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        log.warning("could not log to MLflow run %s at %s (%s); the results are in the JSON file", run_id, uri,
-                    reason)
-        return False
-    return True
-
 
 # The command.
 
@@ -179,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
         "features": getattr(features, "name", None), "results": results,
     }
     out = args.json or args.checkpoint.with_name(f"eval-{args.checkpoint.stem}.json")
-    if args.checkpoint.is_dir() and not args.json:
+    if args.checkpoint.is_dir() and not is_checkpoint_directory(args.checkpoint) and not args.json:
         out = args.checkpoint / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -191,11 +161,9 @@ def _run(args: argparse.Namespace) -> int:
     elif not run_id:
         log.info("no MLflow run recorded in %s (pass --run-id to log there)", args.checkpoint)
     else:
-        from pipeline.tracking.trackers import resolve_uri
-
         uri = args.tracking_uri or resolve_uri(cfg.tracking.uri)
         metrics = {f"eval/{d}/{k}": v for d, r in results.items() for k, v in r.items()}
-        if log_to_mlflow(uri, run_id, metrics, first.step or 0, out):
+        if log_to_existing_run(uri, run_id, metrics, first.step or 0, out, "evaluation"):
             print(f"logged to MLflow run {run_id} at {uri} (step {first.step or 0})")
     return 0
 

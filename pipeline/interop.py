@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import from_yaml
 
     try:
-        cfg = from_yaml(load_checkpoint(args.checkpoint)["config"])
+        cfg = from_yaml(load_checkpoint(args.checkpoint, ranks=None)["config"])
         paths = export_reference(nets_from_checkpoint(args.checkpoint, cfg.model), args.out, args.epoch)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)

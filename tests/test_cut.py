@@ -213,7 +213,7 @@ def cut_run(shards, tmp_path_factory):
 
 def test_cut_trains_with_ema_and_best_checkpoint_and_records_its_losses(cut_run):
     run = cut_run / "run"
-    ckpt = load_checkpoint(run / "ckpt-000000006.pt")
+    ckpt = load_checkpoint(run / "ckpt-000000006")
     assert set(ckpt["nets"]) == {"G", "F", "D"} and ckpt["ema"]["started"]
     assert set(ckpt["ema"]["nets"]) == {"G"}
     assert "sampling" in ckpt["ranks"][0]
@@ -254,7 +254,7 @@ def test_cut_trains_in_low_precision(shards, tmp_path, precision):
 
 
 def test_cut_checkpoints_and_reference_files_translate(cut_run, tmp_path, capsys):
-    ckpt = cut_run / "run" / "ckpt-000000006.pt"
+    ckpt = cut_run / "run" / "ckpt-000000006"
     images = tmp_path / "in"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -291,7 +291,7 @@ def test_cut_exports_and_evaluates(cut_run, shards, tmp_path, capsys):
     from pipeline.evaluate import main as evaluate_main
     from pipeline.export import main as export_main
 
-    ckpt = cut_run / "run" / "ckpt-000000006.pt"
+    ckpt = cut_run / "run" / "ckpt-000000006"
     out = tmp_path / "g.pt"
     assert export_main(["--checkpoint", str(ckpt), "--format", "torchscript", "--output", str(out)]) == 0
     scripted = torch.jit.load(str(out))

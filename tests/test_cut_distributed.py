@@ -103,8 +103,8 @@ def test_fastcut_resume_equals_a_straight_run_bitwise(shards, tmp_path, nproc):
     for _ in range(2):
         proc = subprocess.run(train_cmd(nproc, chunked), env=process_env(), cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode in (0, 3), proc.stderr[-3000:]
-    a = load_checkpoint(tmp_path / "straight" / "ckpt-000000006.pt")
-    b = load_checkpoint(tmp_path / "chunked" / "ckpt-000000006.pt")
+    a = load_checkpoint(tmp_path / "straight" / "ckpt-000000006")
+    b = load_checkpoint(tmp_path / "chunked" / "ckpt-000000006")
     assert set(a["nets"]) == {"G", "F", "D"} and nets_equal(a, b)
     assert all(torch.equal(v, b["ema"]["nets"]["G"][k]) for k, v in a["ema"]["nets"]["G"].items())
     assert all(torch.equal(x["sampling"]["generator"], y["sampling"]["generator"])

@@ -177,8 +177,8 @@ def test_a_process_group_of_one_rank_equals_a_plain_run_bitwise(shards, tmp_path
                            env=process_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert group.returncode == 0, group.stderr[-3000:]
     assert "rank 0/1 joined the gloo process group" in group.stderr
-    a = load_checkpoint(tmp_path / "plain" / "ckpt-000000004.pt")
-    b = load_checkpoint(tmp_path / "group" / "ckpt-000000004.pt")
+    a = load_checkpoint(tmp_path / "plain" / "ckpt-000000004")
+    b = load_checkpoint(tmp_path / "group" / "ckpt-000000004")
     assert nets_equal(a, b)
     assert torch.equal(a["ranks"][0]["pool_a"]["images"], b["ranks"][0]["pool_a"]["images"])
 

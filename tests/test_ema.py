@@ -18,7 +18,7 @@ EMA = {"train.ema_decay": 0.5, "train.ema_start_step": 1, "tracking.enabled": Fa
 
 def test_ema_equals_the_average_computed_by_hand_over_3_steps(tiny, tmp_path):
     run(load_config([], tiny(**EMA, **{"train.steps": 3, "checkpoint.every_steps": 1, "checkpoint.keep_last": 3})))
-    ckpts = [load_checkpoint(tmp_path / "run" / f"ckpt-00000000{s}.pt") for s in (1, 2, 3)]
+    ckpts = [load_checkpoint(tmp_path / "run" / f"ckpt-00000000{s}") for s in (1, 2, 3)]
     for name in ("G_ab", "G_ba"):
         raw = [c["nets"][name] for c in ckpts]
         ema = [c["ema"]["nets"][name] for c in ckpts]
@@ -38,17 +38,17 @@ def test_ema_starts_at_its_step_and_resume_continues_it_bitwise(tiny, tmp_path):
     chunked = tiny(**common, run_dir=str(tmp_path / "chunked"))
     assert run(load_config([], [*chunked, "control.stop_after_steps=4"])).stopped
     run(load_config([], chunked))
-    a, b = (load_checkpoint(tmp_path / d / "ckpt-000000008.pt") for d in ("straight", "chunked"))
+    a, b = (load_checkpoint(tmp_path / d / "ckpt-000000008") for d in ("straight", "chunked"))
     for name in ("G_ab", "G_ba"):
         assert all(torch.equal(v, b["ema"]["nets"][name][k]) for k, v in a["ema"]["nets"][name].items())
-    early = load_checkpoint(tmp_path / "straight" / "ckpt-000000004.pt")
+    early = load_checkpoint(tmp_path / "straight" / "ckpt-000000004")
     assert early["ema"]["started"]  # Started at step 3.
 
 
 @pytest.fixture
 def trained(tiny, tmp_path):
     run(load_config([], tiny(**EMA, **{"train.steps": 3, "checkpoint.every_steps": 3})))
-    return tmp_path / "run" / "ckpt-000000003.pt"
+    return tmp_path / "run" / "ckpt-000000003"
 
 
 def test_inference_takes_the_average_by_default_and_raw_weights_on_request(trained, tiny, tmp_path):
@@ -62,7 +62,7 @@ def test_inference_takes_the_average_by_default_and_raw_weights_on_request(train
     # Without an average, auto is raw and ema is refused with what to use.
     run(load_config([], tiny(**{"train.steps": 1, "checkpoint.every_steps": 1, "tracking.enabled": False,
                                 "report.sample_every_steps": 0, "run_dir": str(tmp_path / "plain")})))
-    plain = tmp_path / "plain" / "ckpt-000000001.pt"
+    plain = tmp_path / "plain" / "ckpt-000000001"
     assert load_generators(plain).weights == "raw"
     with pytest.raises(CheckpointError, match="has no generator EMA.*--weights raw"):
         load_generators(plain, weights="ema")

@@ -258,7 +258,7 @@ def test_training_evaluates_periodically_and_the_command_logs_to_its_run(tiny, s
     said = capsys.readouterr().out
     assert f"G_ab {during['AtoB/l1']:.4f} vs identity {during['AtoB/l1_identity']:.4f}" in said
 
-    ckpt = run_dir / "ckpt-000000004.pt"
+    ckpt = run_dir / "ckpt-000000004"
     out = tmp_path / "eval.json"
     assert evaluate.main(["--checkpoint", str(ckpt), "--features", str(features), "--json", str(out),
                           "--device", "cpu"]) == 0

@@ -95,8 +95,8 @@ def test_resume_on_cuda_is_bitwise_in_fp32_with_perf_deterministic(shards, tmp_p
     first = subprocess.run(train_cmd(0, chunked), env=process_env(4), cwd=tmp_path, capture_output=True, text=True)
     assert first.returncode == 3 and "stopped after step 4" in first.stderr, first.stderr[-3000:]
     run(train_cmd(0, chunked), tmp_path)
-    a = load_checkpoint(tmp_path / "straight" / "ckpt-000000008.pt")
-    b = load_checkpoint(tmp_path / "chunked" / "ckpt-000000008.pt")
+    a = load_checkpoint(tmp_path / "straight" / "ckpt-000000008")
+    b = load_checkpoint(tmp_path / "chunked" / "ckpt-000000008")
     assert nets_equal(a, b)
     for key in ("pool_a", "pool_b"):
         assert torch.equal(a["ranks"][0][key]["images"], b["ranks"][0][key]["images"])
@@ -105,7 +105,7 @@ def test_resume_on_cuda_is_bitwise_in_fp32_with_perf_deterministic(shards, tmp_p
 @pytest.fixture
 def cuda_checkpoint(shards, tmp_path) -> Path:
     train(shards, tmp_path / "trained", **{"train.steps": 4, "checkpoint.every_steps": 4})
-    return tmp_path / "trained" / "ckpt-000000004.pt"
+    return tmp_path / "trained" / "ckpt-000000004"
 
 
 def test_translate_on_cuda_matches_the_cpu_translation(cuda_checkpoint, tmp_path):
@@ -156,8 +156,8 @@ def test_a_one_rank_nccl_group_through_torchrun_equals_a_plain_cuda_run_bitwise(
     train(shards, tmp_path / "plain", **common)
     proc = run(single_rank_cmd(tiny_overrides(shards, tmp_path / "group", **{**CUDA, **common})), tmp_path)
     assert "rank 0/1 joined the nccl process group" in proc.stderr
-    assert nets_equal(load_checkpoint(tmp_path / "plain" / "ckpt-000000004.pt"),
-                      load_checkpoint(tmp_path / "group" / "ckpt-000000004.pt"))
+    assert nets_equal(load_checkpoint(tmp_path / "plain" / "ckpt-000000004"),
+                      load_checkpoint(tmp_path / "group" / "ckpt-000000004"))
 
 
 def test_both_instance_norm_kernels_agree_on_cuda():

@@ -77,8 +77,8 @@ def test_torchrun_across_two_hosts_equals_two_ranks_on_one_host(hosts, shards, t
     for name in hosts.names:
         assert f"on {name} ({hosts.addr(name)})" in logs, logs[-3000:]
     assert "interface eth0" in logs
-    a = load_checkpoint(tmp_path / "one" / "ckpt-000000006.pt")
-    b = load_checkpoint(tmp_path / "two" / "ckpt-000000006.pt")
+    a = load_checkpoint(tmp_path / "one" / "ckpt-000000006")
+    b = load_checkpoint(tmp_path / "two" / "ckpt-000000006")
     assert nets_equal(a, b)
     for ra, rb in zip(a["ranks"], b["ranks"]):
         assert torch.equal(ra["pool_a"]["images"], rb["pool_a"]["images"])

@@ -63,7 +63,7 @@ def test_wrong_architecture_is_named(tmp_path):
 
 def test_export_has_exactly_the_reference_keys(tiny, tmp_path):
     run(load_config([], tiny(**{"train.steps": 2, "checkpoint.every_steps": 2, "tracking.enabled": False})))
-    ckpt = tmp_path / "run" / "ckpt-000000002.pt"
+    ckpt = tmp_path / "run" / "ckpt-000000002"
     assert main(["export", str(ckpt), str(tmp_path / "ref")]) == 0
     cfg = load_config([tmp_path / "run" / "config.yaml"])
     ours = nets_from_checkpoint(ckpt, cfg.model)

@@ -49,8 +49,8 @@ def test_new_process_resume_equals_a_straight_run_bitwise(shards, tmp_path, npro
     second = subprocess.run(train_cmd(nproc, chunked), env=process_env(), cwd=tmp_path, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
 
-    a = load_checkpoint(tmp_path / "straight" / "ckpt-000000008.pt")
-    b = load_checkpoint(tmp_path / "chunked" / "ckpt-000000008.pt")
+    a = load_checkpoint(tmp_path / "straight" / "ckpt-000000008")
+    b = load_checkpoint(tmp_path / "chunked" / "ckpt-000000008")
     assert nets_equal(a, b)
     assert len(a["ranks"]) == len(b["ranks"]) == max(nproc, 1)
     for ra, rb in zip(a["ranks"], b["ranks"]):

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 import submitit
-import torch
 from mlflow import MlflowClient
 from support.runs import ROOT, tiny_overrides
 from support.slurm_cluster import ClusterError, SlurmCluster, missing_requirements
 
 from launch import slurm as launch_slurm
 from launch import sweep as launch_sweep
-from pipeline.engine.checkpoint import list_checkpoints
+from pipeline.engine.checkpoint import list_checkpoints, load_checkpoint
 
 # One cluster for the session: `make test` runs whole files per pytest worker (--dist loadfile).
 pytestmark = pytest.mark.slow
@@ -131,7 +130,7 @@ def check_stopped_and_resumed(folder: Path, job_id: str, run_dir: Path, uri: str
     assert run.data.tags["slurm_job_id"] == job_id
     # The run ends at the full step count, with both ranks' state in the checkpoint.
     last_step, last = list_checkpoints(run_dir)[-1]
-    state = torch.load(last, weights_only=True)
+    state = load_checkpoint(last)
     assert last_step == total and state["world_size"] == 2 and len(state["ranks"]) == 2
     assert state["mlflow_run_id"] == run.info.run_id
 
@@ -205,7 +204,7 @@ def test_two_task_job_trains_in_one_process_group(cluster, shards, tmp_path, tra
     # Both ranks were in one process group: the checkpoint holds both ranks' state.
     steps = [step for step, _ in list_checkpoints(run_dir)]
     assert steps == [3, 6]
-    state = torch.load(run_dir / "ckpt-000000006.pt", weights_only=True)
+    state = load_checkpoint(run_dir / "ckpt-000000006")
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     assert set(state["nets"]) == ({"G_ab", "G_ba", "D_a", "D_b"} if method == "cyclegan" else {"G", "F", "D"})
     run, lr = lr_steps(tracking_uri, experiment)
@@ -308,7 +307,7 @@ def test_local_executor_runs_the_same_job_without_slurm(shards, tmp_path, tracki
                                *overrides(shards, run_dir, tracking_uri, "local")])
     results = sub.jobs[0].results()
     assert sorted(r.rank for r in results) == [0, 1] and {r.step for r in results} == {6}
-    state = torch.load(run_dir / "ckpt-000000006.pt", weights_only=True)
+    state = load_checkpoint(run_dir / "ckpt-000000006")
     assert state["world_size"] == 2
     run, lr = lr_steps(tracking_uri, "local")
     assert run.info.status == "FINISHED" and lr == [2, 4, 6]

@@ -112,8 +112,8 @@ def test_a_2_node_job_equals_2_ranks_on_one_host_and_reports_both_hosts(two_node
     one = subprocess.run(train_cmd(2, overrides(shards, tmp_path / "one" / "run", **common)), env=process_env(),
                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert one.returncode == 0, one.stderr[-3000:]
-    a = load_checkpoint(run_dir / "ckpt-000000006.pt")
-    b = load_checkpoint(tmp_path / "one" / "run" / "ckpt-000000006.pt")
+    a = load_checkpoint(run_dir / "ckpt-000000006")
+    b = load_checkpoint(tmp_path / "one" / "run" / "ckpt-000000006")
     assert nets_equal(a, b)
     run, steps = lr_steps(run_dir)
     assert run.info.status == "FINISHED" and steps == [2, 4, 6] and run.data.tags["world_size"] == "2"
@@ -127,7 +127,7 @@ def test_a_2_x_2_job_puts_two_ranks_on_each_host(two_nodes, shards, tmp_path):
     wait_for(cluster, job_id, run_dir, completed, "COMPLETED", 180)
     a1, a2 = hosts.addr("h1"), hosts.addr("h2")
     assert f"ranks: 0 on h1 ({a1}), 1 on h1 ({a1}), 2 on h2 ({a2}), 3 on h2 ({a2})" in log_text(run_dir, job_id)
-    state = load_checkpoint(run_dir / "ckpt-000000004.pt")
+    state = load_checkpoint(run_dir / "ckpt-000000004")
     assert state["world_size"] == 4 and len(state["ranks"]) == 4
 
 

@@ -177,6 +177,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or a process outside any group."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
 def destroy_process_group() -> None:
     """Leave the process group, and free it now rather than at interpreter exit."""
     if dist.is_initialized():

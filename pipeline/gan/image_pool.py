@@ -53,7 +53,8 @@ class ImagePool:
             self._undo = None
 
     def state_dict(self) -> dict[str, Any]:
-        images = torch.cat(self.images).cpu() if self.images else torch.empty(0)
+        # On the images' device: a checkpoint stages it to (pinned) host memory itself.
+        images = torch.cat(self.images) if self.images else torch.empty(0)
         return {"size": self.size, "images": images, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | str = "cpu") -> None:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from pipeline.config import GENERATORS, ConfigError, from_yaml, load_config
-from pipeline.engine.checkpoint import CheckpointError, load_checkpoint
+from pipeline.engine.checkpoint import CheckpointError, is_checkpoint_directory, load_checkpoint
 from pipeline.gan.methods import DIRECTIONS as METHOD_DIRECTIONS
 from pipeline.gan.methods import translator_from
 from pipeline.gan.networks import use_group_kernel_instance_norm, uses_group_kernel_norm
@@ -221,9 +221,11 @@ def load_generators(path: str | Path, direction: str = "AtoB", model_overrides: 
     if not path.exists():
         raise CheckpointError(f"'{path}' does not exist")
     ckpt = None
-    if path.is_file():
+    if is_checkpoint_directory(path):
+        ckpt = load_checkpoint(path, ranks=None)
+    elif path.is_file():
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, ranks=None)
         except CheckpointError as err:
             # A plain state dict is a reference file; anything else that fails to load is reported as ours.
             if "not a training checkpoint" not in str(err) and not _REFERENCE_FILE.match(path.name):

@@ -49,7 +49,7 @@ def load_generator(path: Path, model_cfg, direction: str = "AtoB") -> nn.Module:
     """A generator from our checkpoint (G_ab for AtoB, G_ba for BtoA) or from a reference `*_net_G_*.pth`."""
     path = Path(path)
     try:
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, ranks=None)
     except CheckpointError:
         ckpt = None
     net = generator_from(model_cfg)
@@ -90,7 +90,12 @@ def export_reference(nets: dict[str, nn.Module], directory: Path, epoch: str = "
 
 def nets_from_checkpoint(path: Path, model_cfg) -> dict[str, nn.Module]:
     """The four networks of one of our training checkpoints, on the CPU."""
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, ranks=None)
+    missing = [name for name in ("G_ab", "G_ba", "D_a", "D_b") if name not in state.get("nets", {})]
+    if missing:
+        what = "a generators file" if state.get("kind") == "generators" else "a checkpoint of another method"
+        raise CheckpointError(f"'{path}' is {what}: it has no {', '.join(missing)}; export the four networks from "
+                              "a ckpt-* checkpoint of a CycleGAN run")
     nets = {
         "G_ab": generator_from(model_cfg),
         "G_ba": generator_from(model_cfg),

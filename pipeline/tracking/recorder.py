@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from pipeline.config import flatten, to_yaml
-from pipeline.engine.checkpoint import BEST_NAME, CheckpointError, CheckpointWriter, save_atomic
+from pipeline.engine.checkpoint import Outcome
 from pipeline.engine.dist import DistInfo
 from pipeline.engine.progress import format_duration
 from pipeline.engine.version import code_version
@@ -58,10 +58,8 @@ class NullRecorder:
     def start(self, start_step: int, total_steps: int) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def save_samples(self, make_grid: Callable[[], np.ndarray], step: int) -> None: ...
-    def save_checkpoint(self, state: dict[str, Any], step: int, final: bool = False) -> str | None:
+    def checkpoint_written(self, outcome: Outcome) -> str | None:
         return None
-
-    def save_best(self, state: dict[str, Any], metric: str, value: float, step: int) -> None: ...
 
     def log_result(self, name: str, values: dict[str, float], step: int) -> None: ...
     def log_generators(self, generators: dict[str, Any], example: np.ndarray) -> None: ...
@@ -76,8 +74,6 @@ class Recorder(NullRecorder):
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.writer = CheckpointWriter(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps,
-                                       cfg.checkpoint.min_free_mb)
         self.info = info
         if cfg.tracking.enabled:
             name = cfg.tracking.run_name or self.run_dir.name
@@ -160,38 +156,47 @@ class Recorder(NullRecorder):
         if step > self._logged_through:
             self.tracker.log_image(grid, key="samples", step=step)
 
-    def save_checkpoint(self, state: dict[str, Any], step: int, final: bool = False) -> str | None:
-        """Write the checkpoint of `step`; returns None, or why it was not written (one line).
+    def checkpoint_written(self, outcome: Outcome) -> str | None:
+        """Record a write that ended: log it and upload it as configured; returns the message that ends the run
+        when it was a final checkpoint that failed, else None.
 
-        A failure before the last checkpoint is logged here and training goes on (the next checkpoint tries
-        again); the failure of a final one (the last step, or a stop) is returned for the loop to end the run.
+        A failed checkpoint before the last one is logged and training goes on (the next one tries again); a
+        failed best.pt keeps the previous one.
         """
-        try:
-            path = self.writer.save(state, step)
-        except CheckpointError as err:
-            if final:
-                return (f"{err}. This was the run's last checkpoint (step {step}): make room, then run the same "
-                        "command again; checkpoint.resume=auto continues from the newest checkpoint")
-            log.error("%s. Training continues and tries again at the next checkpoint", err)
-            return str(err)
-        log.info("checkpoint %s", path)
-        if self.cfg.tracking.log_checkpoints == "all" or (final and self.cfg.tracking.log_checkpoints == "last"):
-            self.tracker.log_artifact(path, "checkpoints")
+        if outcome.kind == "best":
+            self._best_written(outcome)
+            return None
+        if outcome.error:
+            if outcome.final:
+                return (f"{outcome.error}. This was the run's last checkpoint (step {outcome.step}): make room, "
+                        "then run the same command again; checkpoint.resume=auto continues from the newest "
+                        "checkpoint")
+            log.error("%s. Training continues and tries again at the next checkpoint", outcome.error)
+            return None
+        log.info("checkpoint %s (training waited %.0f ms; durable %.1f s after the step)", outcome.path,
+                 1000 * outcome.blocked_s, outcome.durable_s)
+        logged = self.cfg.tracking.log_checkpoints
+        if logged == "all" or (outcome.final and logged == "last"):
+            self._upload(outcome, "checkpoints")
+        _discard(outcome.packed)
+        return None
 
-    def save_best(self, state: dict[str, Any], metric: str, value: float, step: int) -> None:
-        """Write `run_dir/best.pt` (atomically) and record it: MLflow metric `best/<metric>` at `step` and the
-        file as the `best` artifact. A failed write is logged; training goes on (the step checkpoints are kept
-        apart from it)."""
-        path = self.run_dir / BEST_NAME
-        try:
-            save_atomic(state, path)
-        except CheckpointError as err:
-            log.error("%s; the previous best.pt (if any) is kept", err)
+    def _upload(self, outcome: Outcome, artifact_path: str) -> None:
+        if self.cfg.tracking.checkpoint_content == "full":
+            self.tracker.log_artifacts(outcome.path, f"{artifact_path}/{outcome.path.name}")
+        elif outcome.packed is not None:
+            self.tracker.log_artifact(outcome.packed, artifact_path)  # The tracker keeps its own link to the file.
+
+    def _best_written(self, outcome: Outcome) -> None:
+        """best.pt: MLflow metric `best/<metric>` at its step and the file as the `best` artifact."""
+        if outcome.error:
+            log.error("%s; the previous best.pt (if any) is kept", outcome.error)
             return
-        log.info("best so far: %s = %.6g at step %d (%s)", metric, value, step, path)
-        self.tracker.log_metrics({f"best/{metric}": value}, step)
+        metric, value = outcome.info["metric"], outcome.info["value"]
+        log.info("best so far: %s = %.6g at step %d (%s)", metric, value, outcome.step, outcome.path)
+        self.tracker.log_metrics({f"best/{metric}": value}, outcome.step)
         if self.cfg.tracking.log_checkpoints != "none":
-            self.tracker.log_artifact(path, "best")
+            self.tracker.log_artifact(outcome.path, "best")
 
     def log_result(self, name: str, values: dict[str, float], step: int) -> None:
         """`run_dir/<name>.json` and MLflow `<name>/<key>` metrics at `step`.
@@ -211,6 +216,16 @@ class Recorder(NullRecorder):
         if self.tracker.dropped:
             log.warning("MLflow: %d records were dropped during this run (see warnings above)", self.tracker.dropped)
         self.tracker.finish(status)
+
+
+def _discard(packed: Path | None) -> None:
+    """Delete an uploaded (or unwanted) generators file and its folder once empty."""
+    if packed is not None:
+        packed.unlink(missing_ok=True)
+        try:
+            packed.parent.rmdir()
+        except OSError:
+            pass
 
 
 def make_recorder(cfg: DictConfig, info: DistInfo, run_id: str | None) -> NullRecorder:

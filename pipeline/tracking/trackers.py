@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -42,6 +43,7 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, image: np.ndarray, key: str, step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_artifacts(self, directory: Path, artifact_path: str) -> None: ...
     def log_generators(self, generators: dict[str, Any], example: np.ndarray) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
@@ -193,6 +195,23 @@ class MLflowTracker(NullTracker):
 
         self._submit(f"artifact {Path(path).name}", send)
 
+    def log_artifacts(self, directory: Path, artifact_path: str) -> None:
+        """Upload a folder's files; hard links (or copies) keep them even if retention deletes the folder first."""
+        staged = self._staging / f"{len(os.listdir(self._staging))}" / Path(directory).name
+        staged.mkdir(parents=True)
+        for item in Path(directory).iterdir():
+            if item.is_file():
+                try:
+                    os.link(item, staged / item.name)
+                except OSError:
+                    shutil.copy2(item, staged / item.name)
+
+        def send() -> None:
+            self.client.log_artifacts(self.run_id, str(staged), artifact_path)
+            shutil.rmtree(staged.parent, ignore_errors=True)
+
+        self._submit(f"artifacts {Path(directory).name}", send)
+
     def log_generators(self, generators: dict[str, Any], example: np.ndarray) -> None:
         """Log each generator as an MLflow PyTorch model with a signature and an input example."""
         import copy
@@ -240,3 +259,31 @@ class MLflowTracker(NullTracker):
         if left:
             log.warning("MLflow: %d records could not be delivered to %s and were dropped", left, self.uri)
         shutil.rmtree(self._staging, ignore_errors=True)
+
+
+def log_to_existing_run(uri: str, run_id: str, metrics: dict[str, float], step: int, artifact: Path | None,
+                        artifact_path: str) -> bool:
+    """Add `metrics` (and a file) to an existing MLflow run, for commands that record into a training's run after
+    it ended (`pipeline.evaluate`); warn and return False if that fails."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        log.warning("MLflow store %s does not exist here (run from the training's directory, or set "
+                    "MLFLOW_TRACKING_URI); results not logged to run %s", uri, run_id)
+        return False
+    try:
+        import mlflow
+        from mlflow.entities import Metric
+
+        client = mlflow.MlflowClient(uri)
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v in metrics.items() if math.isfinite(v)]
+        client.log_batch(run_id, metrics=batch)
+        if artifact is not None:
+            client.log_artifact(run_id, str(artifact), artifact_path)
+    except Exception as err:  # noqa: BLE001 - tracking never fails an evaluation
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        log.warning("could not log to MLflow run %s at %s (%s); the results are in the JSON file", run_id, uri,
+                    reason)
+        return False
+    return True

@@ -10,6 +10,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,17 @@ from pipeline.data.held_out import held_out
 from pipeline.data.images import normalize
 from pipeline.data.stream import train_loader
 from pipeline.engine import dist
-from pipeline.engine.checkpoint import CheckpointWriteError, find_latest_loadable, load_checkpoint, read_best
+from pipeline.engine.checkpoint import (
+    BEST_NAME,
+    Checkpointer,
+    CheckpointError,
+    CheckpointWriteError,
+    Outcome,
+    find_latest_loadable,
+    load_checkpoint,
+    read_best,
+    read_header,
+)
 from pipeline.engine.meter import MetricMeter, peak_memory
 from pipeline.engine.nonfinite import NonFiniteGuard, NonFiniteLossError
 from pipeline.engine.optim import lr_factor, set_lr
@@ -31,7 +42,7 @@ from pipeline.infer.interop import load_reference_dir
 from pipeline.tracking.recorder import make_recorder
 from pipeline.train.build import Components, build_components
 from pipeline.train.samples import sample_grid
-from pipeline.train.state import TrainingState, check_compatible
+from pipeline.train.state import TrainingState, check_compatible, generators_file
 
 log = logging.getLogger("pipeline.train")
 
@@ -50,12 +61,25 @@ class RunResult:
 
 
 def _find_resume(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint to resume from and its header. Rank 0 chooses and every rank takes its choice: on a slow
+    network filesystem two ranks listing the run directory could see different newest checkpoints."""
     if cfg.checkpoint.resume == "never":
         return None
-    if cfg.checkpoint.resume == "auto":
-        found = find_latest_loadable(cfg.run_dir)
-        return (str(found[0]), found[1]) if found else None
-    return cfg.checkpoint.resume, load_checkpoint(cfg.checkpoint.resume)
+    chosen = None
+    if dist.is_main_process():
+        if cfg.checkpoint.resume == "auto":
+            found = find_latest_loadable(cfg.run_dir)
+            chosen = str(found[0]) if found else None
+        else:
+            chosen = cfg.checkpoint.resume
+    chosen = dist.broadcast_from_main(chosen)
+    if chosen is None:
+        return None
+    header = read_header(chosen)
+    if header.get("kind") == "generators":
+        raise CheckpointError(f"'{chosen}' is a generators file (for translation and sharing): it has no "
+                              "discriminators, optimisers or pools to resume from; resume from a ckpt-* checkpoint")
+    return chosen, header
 
 
 def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
@@ -84,24 +108,28 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     state = TrainingState(parts.nets, parts.step.optimisers, parts.step.pools, device, parts.ema,
                           getattr(parts.step, "sampling", None))
     if resume is not None:
-        state.load_state_dict(resume[1], info.rank, info.world_size)
+        # This rank's entry and the replicated state only: what a rank reads does not grow with the world size.
+        state.load_state_dict(load_checkpoint(resume[0], ranks=info.rank), info.rank, info.world_size)
         log.info("resumed from %s (step %d)", resume[0], start_step)
     elif cfg.checkpoint.init_from:
         loaded = load_reference_dir(cfg.checkpoint.init_from, parts.nets)
         log.info("initialised %s from reference weights in %s", ", ".join(loaded), cfg.checkpoint.init_from)
     guard = NonFiniteGuard(cfg.control.max_nonfinite_steps)
     recorder = make_recorder(cfg, info, (resume[1].get("mlflow_run_id") or None) if resume else None)
+    checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps,
+                                cfg.checkpoint.min_free_mb, is_main=info.is_main)
     del resume  # Frees the checkpoint's CPU copy of the state.
-    return Trainer(cfg, info, device, parts, state, guard, recorder).train(loader, stop_flag)
+    return Trainer(cfg, info, device, parts, state, guard, recorder, checkpointer).train(loader, stop_flag)
 
 
 class Trainer:
     """One rank's training from `state.step` to `train.steps`; rank-0 side effects go through `recorder`."""
 
     def __init__(self, cfg: DictConfig, info: dist.DistInfo, device: torch.device, parts: Components,
-                 state: TrainingState, guard: NonFiniteGuard, recorder: Any) -> None:
+                 state: TrainingState, guard: NonFiniteGuard, recorder: Any, checkpointer: Checkpointer) -> None:
         self.cfg, self.info, self.device = cfg, info, device
         self.parts, self.state, self.guard, self.recorder = parts, state, guard, recorder
+        self.checkpointer = checkpointer
         self.total = cfg.train.steps
         self.start_step = state.step
         self.images_per_step = cfg.data.batch_per_rank * info.world_size
@@ -137,6 +165,7 @@ class Trainer:
                 real_a, real_b, data_s = self.next_batch(batches)
                 lr = self.set_lr(step)
                 result = self.parts.step(real_a, real_b, stop_requested=bool(stop_flag) or self.chunk_done(step))
+                self.report_checkpoints()  # Background writes that ended during the step.
                 if result.applied and self.parts.ema is not None:
                     self.parts.ema.update(step)
                 self.account(step, result, data_s)
@@ -165,6 +194,9 @@ class Trainer:
         finally:
             if own_flag:
                 stop_flag.uninstall()
+            # A write in flight ends before the process does; after a lost peer it is abandoned (its collectives
+            # could only time out), leaving the previous checkpoint the newest complete one.
+            self.report_checkpoints(self.checkpointer.close(wait=together))
             self.recorder.finish(status)
             # Ranks leave together: under torchrun the first rank to exit gets the others SIGTERMed, which would
             # cut rank 0's final MLflow flush short.
@@ -261,26 +293,40 @@ class Trainer:
                               f"evaluation's metrics: {', '.join('eval/' + k for k in detail)}")
         if kind != "better":
             return
-        ranks = dist.gather_to_main(self.state.rank_state())
-        if ranks is not None:
-            checkpoint = self.state.state_dict(ranks, self.cfg, self.recorder.run_id)
-            checkpoint["best"] = {"metric": self.cfg.checkpoint.best_metric, "mode": self.cfg.checkpoint.best_mode,
-                                  "value": detail, "step": step}
-            self.recorder.save_best(checkpoint, self.cfg.checkpoint.best_metric, detail, step)
+        # Rank 0 holds the replicated state: it writes the generators file alone, in the background.
+        record = {"metric": self.cfg.checkpoint.best_metric, "mode": self.cfg.checkpoint.best_mode,
+                  "value": detail, "step": step}
+        self.checkpointer.write_main("best", Path(self.cfg.run_dir) / BEST_NAME,
+                                     lambda: {**self.generators_file(self.header(), self.state.shared_state()),
+                                              "best": record}, step, record)
         self.best_value = detail
 
+    def header(self) -> dict[str, Any]:
+        return self.state.header(self.cfg, self.recorder.run_id, self.info.world_size)
+
+    def generators_file(self, header: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
+        return generators_file(header, shared, list(self.parts.directions.values()))
+
     def save(self, step: int, final: bool) -> None:
-        ranks = dist.gather_to_main(self.state.rank_state())
-        failure = None
-        if ranks is not None:
-            checkpoint = self.state.state_dict(ranks, self.cfg, self.recorder.run_id)
-            failure = self.recorder.save_checkpoint(checkpoint, step, final=final)
-        # Every rank learns whether rank 0 wrote it (this also keeps the ranks together, as a barrier would):
-        # a final checkpoint that failed ends the run on all of them, not only on rank 0.
-        failure = dist.broadcast_from_main(failure)
+        """Checkpoint `step`: each rank stages its state and writes its part in the background; a final one (the
+        last step, a stop) is waited for, and its failure ends the run on every rank."""
+        logged = self.cfg.tracking.log_checkpoints
+        upload = self.cfg.tracking.enabled and (logged == "all" or (final and logged == "last"))
+        pack = self.generators_file if upload and self.cfg.tracking.checkpoint_content == "generators" else None
+        self.checkpointer.save(step, self.header(), self.state.shared_state(), self.state.rank_state(),
+                               final=final, pack=pack)
+        failure = self.report_checkpoints()
         if failure and final:
-            raise CheckpointWriteError(failure if self.info.is_main else "rank 0 could not write the final "
-                                       "checkpoint (its log says why)")
+            raise CheckpointWriteError(failure)
+
+    def report_checkpoints(self, outcomes: list[Outcome] | None = None) -> str | None:
+        """Hand the writes that ended to the recorder; returns the error of a failed final write, if any."""
+        failure = None
+        for outcome in self.checkpointer.poll() if outcomes is None else outcomes:
+            failure = self.recorder.checkpoint_written(outcome) or failure
+            if outcome.final and outcome.error:
+                failure = failure or "the final checkpoint was not written (rank 0's log says why)"
+        return failure
 
     def log_generators(self) -> None:
         # Two images: with one, torch.export (inside MLflow's log_model) warns that it specialised the batch

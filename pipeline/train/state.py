@@ -1,10 +1,11 @@
-"""The training state saved in a checkpoint: what it holds, how it is gathered and restored.
+"""The training state saved in a checkpoint: what it holds, how each rank contributes and restores it.
 
-Everything needed to continue bit for bit: the four networks, both optimisers, the GradScaler, the step and
-images seen, every rank's image pools and random states, the resolved config, the MLflow run id, the world
-size and the code version. The learning rate is a function of the step and the data streams a function of
-(seed, rank, worker, step), so neither needs more than the counters. Streams are resumed by skipping the
-samples already consumed (read, not decoded): exact, at the cost of re-reading them once.
+Everything needed to continue bit for bit: the four networks, both optimisers, the GradScaler and the EMA
+(replicated: equal on every rank, written once), the step and images seen, each rank's image pools and random
+states (written by that rank), the resolved config, the MLflow run id, the world size and the code version. The
+learning rate is a function of the step and the data streams a function of (seed, rank, worker, step), so neither
+needs more than the counters. Streams are resumed by skipping the samples already consumed (read, not decoded):
+exact, at the cost of re-reading them once.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import to_yaml
-from pipeline.engine.checkpoint import FORMAT, CheckpointError
+from pipeline.engine.checkpoint import FORMAT, SHARDED_FORMAT, CheckpointError
 from pipeline.engine.version import code_version
 from pipeline.gan.stepping import Optimisers, Pools
 
@@ -56,36 +57,46 @@ class TrainingState:
         self.nonfinite_steps = 0
 
     def rank_state(self) -> dict[str, Any]:
-        """What differs between ranks: image pools and random states (gathered to rank 0 for the checkpoint)."""
+        """What differs between ranks: image pools and random states (each rank writes its own)."""
         state = {"pool_a": self.pools.a.state_dict(), "pool_b": self.pools.b.state_dict(),
                  "rng": rng_state(self.device)}
         if self.sampling is not None:
             state["sampling"] = self.sampling.state_dict()
         return state
 
-    def state_dict(self, rank_states: list[dict[str, Any]], cfg: DictConfig, run_id: str | None) -> dict[str, Any]:
+    def shared_state(self) -> dict[str, Any]:
+        """What every rank holds alike: networks, optimisers, scaler and EMA (written once across the ranks)."""
         state = {
-            "format": FORMAT,
-            "step": self.step,
-            "images_seen": self.images_seen,
-            "nonfinite_steps": self.nonfinite_steps,
             "nets": {name: net.state_dict() for name, net in self.nets.items()},
             "opt_g": self.optimisers.g.state_dict(),
             "opt_d": self.optimisers.d.state_dict(),
             "scaler": self.optimisers.scaler.state_dict(),
-            "ranks": rank_states,
-            "world_size": len(rank_states),
-            "config": to_yaml(cfg),
-            "model": OmegaConf.to_container(cfg.model),
-            "mlflow_run_id": run_id or "",
-            "code_version": code_version(),
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state
 
+    def header(self, cfg: DictConfig, run_id: str | None, world_size: int) -> dict[str, Any]:
+        """Counters, config and provenance: plain values, read first on resume and by every command."""
+        return {
+            "format": SHARDED_FORMAT,
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "nonfinite_steps": self.nonfinite_steps,
+            "world_size": world_size,
+            "config": to_yaml(cfg),
+            "model": OmegaConf.to_container(cfg.model),
+            "mlflow_run_id": run_id or "",
+            "code_version": code_version(),
+        }
+
     def load_state_dict(self, state: dict[str, Any], rank: int, world_size: int) -> None:
-        """Restore a checkpoint's state on this rank; on a world-size change pools are redistributed or refilled."""
+        """Restore a checkpoint's state on this rank (`state["ranks"]` holds at least this rank's entry, where
+        the checkpoint has one). On a world-size change rank r takes the pools of the old rank r where there was
+        one, else starts with empty pools; random states are then re-seeded, not restored."""
+        if state.get("kind") == "generators":
+            raise CheckpointError("a generators file (for translation and sharing) cannot be resumed from: it has "
+                                  "no discriminators, optimisers or pools; resume from a ckpt-* checkpoint")
         for name, net in self.nets.items():
             net.load_state_dict(state["nets"][name])
         self.optimisers.g.load_state_dict(state["opt_g"])
@@ -106,7 +117,7 @@ class TrainingState:
                 "and random states are re-seeded, so the run continues but not bit for bit",
                 len(saved), world_size, len(saved),
             )
-        if rank < len(saved):
+        if rank < len(saved) and saved[rank] is not None:
             self.pools.a.load_state_dict(saved[rank]["pool_a"], self.device)
             self.pools.b.load_state_dict(saved[rank]["pool_b"], self.device)
             if len(saved) == world_size:
@@ -127,3 +138,16 @@ def check_compatible(state: dict[str, Any], cfg: DictConfig, source: str) -> Non
             f"checkpoint '{source}' was trained with another architecture: " + "; ".join(diffs)
             + ". Resume with the checkpoint's model settings, or start a new run_dir"
         )
+
+
+def generators_file(header: dict[str, Any], shared: dict[str, Any], generators: list[str]) -> dict[str, Any]:
+    """A self-contained single file of a checkpoint's generators (raw and EMA) and its config, for sharing,
+    uploads and best.pt: what translate, evaluate and export need, without discriminators, optimisers or pools."""
+    state = {key: header[key] for key in ("step", "images_seen", "config", "model", "mlflow_run_id",
+                                          "code_version") if key in header}
+    state.update(format=FORMAT, kind="generators", nets={name: shared["nets"][name] for name in generators})
+    if "ema" in shared:
+        ema = shared["ema"]
+        state["ema"] = {**{k: v for k, v in ema.items() if k != "nets"},
+                        "nets": {name: ema["nets"][name] for name in generators if name in ema["nets"]}}
+    return state
