@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.crafted import RunsCode, crafted_directories, header, own, shared, write
 from support.runs import ROOT, process_env, train_cmd
 
 from pipeline.engine.checkpoint import (
@@ -37,28 +38,6 @@ def state(step):
 
 def file_path(directory, step):
     return directory / f"ckpt-{step:09d}.pt"
-
-
-def header(step, world_size=1):
-    return {"format": "cyclegan-pipeline/2", "step": step, "world_size": world_size, "model": {}, "config": ""}
-
-
-def shared(step):
-    opt = torch.optim.Adam([torch.nn.Parameter(torch.ones(3))], lr=1e-3 / 3, betas=(0.5, 0.999))
-    opt.param_groups[0]["params"][0].grad = torch.ones(3)
-    opt.step()
-    return {"nets": {"G_ab": {"w": torch.full((8,), float(step))}}, "opt_g": opt.state_dict()}
-
-
-def own(rank):
-    return {"pool_a": {"images": torch.full((2, 3, 4, 4), float(rank)), "generator": torch.Generator().get_state()},
-            "rng": {"python": [3, list(range(625)), None]}}
-
-
-def write(directory, step, **kwargs):
-    writer = Checkpointer(directory, keep_last=kwargs.pop("keep_last", 3), **kwargs)
-    writer.save(step, header(step), shared(step), own(0), final=True)
-    return writer.close()
 
 
 def test_the_codec_gives_back_an_equal_state_with_int_keys_tuples_and_exact_floats():
@@ -117,11 +96,6 @@ def test_truncated_or_incomplete_newest_is_skipped_with_a_warning(tmp_path, capl
     assert not checkpoint_path(tmp_path, 40).exists() and checkpoint_path(tmp_path, 30).exists()
 
 
-class RunsCode:
-    def __reduce__(self):
-        return (os.system, ("touch pwned",))
-
-
 def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "ckpt-000000001.pt"
@@ -134,34 +108,6 @@ def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError):
         load_checkpoint(raw)
     assert not (tmp_path / "pwned").exists()
-
-
-def crafted_directories(root: Path) -> dict[str, Path]:
-    """Checkpoint directories each crafted to run code when a careless reader opens them."""
-    made = {}
-    # DCP's metadata is a pickle, which DCP itself reads with pickle.load.
-    made["metadata"] = root / "a" / "ckpt-000000001"
-    write(made["metadata"].parent, 1)
-    (made["metadata"] / METADATA).write_bytes(pickle.dumps(RunsCode()))
-    # A record of the data file: DCP reads tensors with weights_only=True.
-    made["record"] = root / "b" / "ckpt-000000001"
-    write(made["record"].parent, 1)
-    data = made["record"] / "__0_0.distcp"
-    evil = pickle.dumps(RunsCode())
-    blob = data.read_bytes()
-    data.write_bytes(blob.replace(blob[:len(evil)], evil, 1) if len(blob) > len(evil) else evil)
-    # An entry saved as a pickled object (DCP loads those with weights_only=False).
-    import torch.distributed.checkpoint as dcp
-
-    made["object"] = root / "c" / "ckpt-000000001"
-    write(made["object"].parent, 1)
-    shutil.rmtree(made["object"])
-    from pipeline.engine.checkpoint.codec import json_tensor
-
-    dcp.save({"header": json_tensor({**header(1), "skeleton": {"x": {"$tensor": "shared/x"}}}),
-              "shared/x": RunsCode(), "rank/0.skeleton": json_tensor({})},
-             storage_writer=dcp.FileSystemWriter(made["object"]), no_dist=True)
-    return made
 
 
 def test_crafted_checkpoint_directories_do_not_run_code(tmp_path, monkeypatch):
@@ -385,3 +331,21 @@ def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_and_res
     assert "removing ckpt-000000004: an incomplete checkpoint" in again.stderr
     assert f"resumed from {checkpoint_path(run_dir, 2)} (step 2)" in again.stderr
     assert load_checkpoint(list_checkpoints(run_dir)[-1][1])["step"] == 12
+
+
+def test_a_failure_after_the_metadata_is_in_place_keeps_the_complete_checkpoint(tmp_path, monkeypatch):
+    # A peer lost during DCP's closing collective: the checkpoint was complete (the metadata is written last,
+    # after every rank's data). It was deleted as a failed write, and the run then had none to resume from (seen
+    # when a host was killed right after a checkpoint).
+    from pipeline.engine.checkpoint import dcp_io
+
+    real_finish = dcp_io._Writer.finish
+
+    def finish_then_lose_a_peer(self, metadata, results):
+        real_finish(self, metadata, results)
+        raise RuntimeError("Connection closed by peer [10.0.0.2]:49798")
+
+    monkeypatch.setattr(dcp_io._Writer, "finish", finish_then_lose_a_peer)
+    [outcome] = write(tmp_path, 4)
+    assert outcome.error is None
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4] and load_checkpoint(checkpoint_path(tmp_path, 4))

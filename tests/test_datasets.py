@@ -160,7 +160,7 @@ def test_interrupted_download_resumes_then_shards_and_trains(recipe, synthetic, 
     from pipeline.train.loop import run
 
     result = run(load_config([train_yaml], overrides))
-    assert result.step == 2 and (tmp_path / "run" / "ckpt-000000002").is_file()
+    assert result.step == 2 and (tmp_path / "run" / "ckpt-000000002").is_dir()
 
     # Third run: complete, so nothing is downloaded or rewritten.
     before = (set_dir / "shards" / "manifest.json").stat().st_mtime_ns

@@ -13,6 +13,8 @@ import pytest
 from support.mlflow_server import MlflowServer
 from support.runs import ROOT, process_env, tiny_overrides, train_cmd
 
+from pipeline.engine.checkpoint import load_checkpoint
+
 # The module's server and two-rank run are shared: `make test` keeps a file on one worker (--dist loadfile).
 pytestmark = pytest.mark.slow
 
@@ -42,7 +44,7 @@ def two_rank_run(server, shards, tmp_path_factory):
     return client, experiment.experiment_id, client.search_runs([experiment.experiment_id]), proc.stderr
 
 
-def test_server_holds_the_complete_record_of_a_two_rank_run(two_rank_run):
+def test_server_holds_the_complete_record_of_a_two_rank_run(two_rank_run, tmp_path):
     client, exp_id, runs, stderr = two_rank_run
     assert len(runs) == 1
     run = runs[0]
@@ -62,6 +64,9 @@ def test_server_holds_the_complete_record_of_a_two_rank_run(two_rank_run):
         assert any(p.startswith(f"images/samples+step+{step}+") and p.endswith(".png") for p in images), images
     checkpoints = sorted(a.path for a in client.list_artifacts(run_id, "checkpoints"))
     assert checkpoints == ["checkpoints/ckpt-000000003.pt", "checkpoints/ckpt-000000006.pt"]
+    # What a reviewer translates with: the generators and the config, not every rank's pools.
+    uploaded = load_checkpoint(client.download_artifacts(run_id, "checkpoints/ckpt-000000006.pt", str(tmp_path)))
+    assert uploaded["kind"] == "generators" and set(uploaded["nets"]) == {"G_ab", "G_ba"} and "ranks" not in uploaded
     models = client.search_logged_models(experiment_ids=[exp_id])
     assert sorted(m.name for m in models) == ["G_ab", "G_ba"]
     assert all(m.source_run_id == run_id for m in models)

@@ -112,14 +112,23 @@ def test_torchrun_restarts_a_killed_worker_and_the_job_completes(shards, tmp_pat
     assert steps == list(range(5, total + 1, 5))  # the restart re-ran steps, but logged each once
 
 
-def test_world_size_change_resumes_with_a_warning(shards, tmp_path):
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
+def test_world_size_change_resumes_with_a_warning(shards, tmp_path, before, after):
     overrides = tiny_overrides(shards, tmp_path / "run", **{"train.steps": 6, "checkpoint.every_steps": 3,
                                                             "control.stop_after_steps": 3})
-    first = subprocess.run(train_cmd(2, overrides), env=process_env(), cwd=tmp_path, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-3000:]  # Under torchrun a clean stop exits 0.
+    nproc = {1: 0, 2: 2}
+    first = subprocess.run(train_cmd(nproc[before], overrides), env=process_env(), cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert first.returncode == (0 if before > 1 else EXIT_STOPPED), first.stderr[-3000:]
+    assert load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])["world_size"] == before
     finish = [o for o in overrides if not o.startswith("control.stop_after_steps")]
-    second = subprocess.run(train_cmd(0, finish), env=process_env(), cwd=tmp_path, capture_output=True, text=True)
+    second = subprocess.run(train_cmd(nproc[after], finish), env=process_env(), cwd=tmp_path, capture_output=True,
+                            text=True)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "written by 2 ranks, this run has 1" in second.stderr
+    assert f"written by {before} ranks, this run has {after}" in second.stderr
+    assert "resumed from" in second.stderr and "(step 3)" in second.stderr
     final = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])
-    assert final["step"] == 6 and final["world_size"] == 1 and final["images_seen"] == 2 * 3 + 3
+    assert final["step"] == 6 and final["world_size"] == after
+    assert final["images_seen"] == before * 3 + after * 3
+    # Each rank of the new run wrote its own pools: the pools of a rank the old run did not have were refilled.
+    assert all(len(entry["pool_a"]["images"]) == 2 for entry in final["ranks"])

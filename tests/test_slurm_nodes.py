@@ -199,7 +199,7 @@ def test_a_node_that_dies_ends_the_attempt_naming_it_and_the_requeued_job_resume
     time.sleep(2)
     cluster.scontrol("update", f"JobId={job_id}", "StartTime=now")
     wait_for(cluster, job_id, run_dir, completed, "COMPLETED after the node came back", 180)
-    assert f"resumed from {run_dir}/ckpt-{done:09d}.pt (step {done})" in log_text(run_dir, job_id)
+    assert f"resumed from {run_dir}/ckpt-{done:09d} (step {done})" in log_text(run_dir, job_id)
     assert load_checkpoint(list_checkpoints(run_dir)[-1][1])["step"] == total
     run, steps = lr_steps(run_dir)
     assert run.info.status == "FINISHED" and steps == list(range(10, total + 1, 10))

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from pipeline.config import GENERATORS, ConfigError, from_yaml, load_config
-from pipeline.engine.checkpoint import CheckpointError, is_checkpoint_directory, load_checkpoint
+from pipeline.engine.checkpoint import FORMAT, CheckpointError, is_checkpoint_directory, load_checkpoint
 from pipeline.gan.methods import DIRECTIONS as METHOD_DIRECTIONS
 from pipeline.gan.methods import translator_from
 from pipeline.gan.networks import use_group_kernel_instance_norm, uses_group_kernel_norm
@@ -195,6 +195,21 @@ def infer_generator_settings(state: dict[str, Tensor]) -> dict[str, Any]:
 
 
 WEIGHTS = ("auto", "ema", "raw")
+
+
+def generators_file(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's generators (raw and EMA) with its config and counters, as one self-contained dict: what
+    translate, evaluate and export need, without discriminators, optimisers or pools. It is what best.pt and
+    uploaded checkpoints hold, and what `python -m pipeline.pack` writes for sharing."""
+    names = list(METHOD_DIRECTIONS[state["model"].get("method", "cyclegan")].values())
+    out = {key: state[key] for key in ("step", "images_seen", "config", "model", "mlflow_run_id", "code_version")
+           if key in state}
+    out.update(format=FORMAT, kind="generators", nets={name: state["nets"][name] for name in names})
+    if "ema" in state:
+        ema = state["ema"]
+        out["ema"] = {**{k: v for k, v in ema.items() if k != "nets"},
+                      "nets": {name: ema["nets"][name] for name in names if name in ema["nets"]}}
+    return out
 
 
 def load_generators(path: str | Path, direction: str = "AtoB", model_overrides: Sequence[str] = (),

@@ -38,11 +38,12 @@ from pipeline.engine.optim import lr_factor, set_lr
 from pipeline.engine.schedule import Every
 from pipeline.engine.stop import EXIT_STOPPED, StopFlag
 from pipeline.eval.evaluate import held_out_eval
+from pipeline.infer.generators import generators_file
 from pipeline.infer.interop import load_reference_dir
 from pipeline.tracking.recorder import make_recorder
 from pipeline.train.build import Components, build_components
 from pipeline.train.samples import sample_grid
-from pipeline.train.state import TrainingState, check_compatible, generators_file
+from pipeline.train.state import TrainingState, check_compatible
 
 log = logging.getLogger("pipeline.train")
 
@@ -297,22 +298,19 @@ class Trainer:
         record = {"metric": self.cfg.checkpoint.best_metric, "mode": self.cfg.checkpoint.best_mode,
                   "value": detail, "step": step}
         self.checkpointer.write_main("best", Path(self.cfg.run_dir) / BEST_NAME,
-                                     lambda: {**self.generators_file(self.header(), self.state.shared_state()),
+                                     lambda: {**generators_file({**self.header(), **self.state.shared_state()}),
                                               "best": record}, step, record)
         self.best_value = detail
 
     def header(self) -> dict[str, Any]:
         return self.state.header(self.cfg, self.recorder.run_id, self.info.world_size)
 
-    def generators_file(self, header: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
-        return generators_file(header, shared, list(self.parts.directions.values()))
-
     def save(self, step: int, final: bool) -> None:
         """Checkpoint `step`: each rank stages its state and writes its part in the background; a final one (the
         last step, a stop) is waited for, and its failure ends the run on every rank."""
         logged = self.cfg.tracking.log_checkpoints
         upload = self.cfg.tracking.enabled and (logged == "all" or (final and logged == "last"))
-        pack = self.generators_file if upload and self.cfg.tracking.checkpoint_content == "generators" else None
+        pack = generators_file if upload and self.cfg.tracking.checkpoint_content == "generators" else None
         self.checkpointer.save(step, self.header(), self.state.shared_state(), self.state.rank_state(),
                                final=final, pack=pack)
         failure = self.report_checkpoints()

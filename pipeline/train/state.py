@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import to_yaml
-from pipeline.engine.checkpoint import FORMAT, SHARDED_FORMAT, CheckpointError
+from pipeline.engine.checkpoint import SHARDED_FORMAT, CheckpointError
 from pipeline.engine.version import code_version
 from pipeline.gan.stepping import Optimisers, Pools
 
@@ -139,15 +139,3 @@ def check_compatible(state: dict[str, Any], cfg: DictConfig, source: str) -> Non
             + ". Resume with the checkpoint's model settings, or start a new run_dir"
         )
 
-
-def generators_file(header: dict[str, Any], shared: dict[str, Any], generators: list[str]) -> dict[str, Any]:
-    """A self-contained single file of a checkpoint's generators (raw and EMA) and its config, for sharing,
-    uploads and best.pt: what translate, evaluate and export need, without discriminators, optimisers or pools."""
-    state = {key: header[key] for key in ("step", "images_seen", "config", "model", "mlflow_run_id",
-                                          "code_version") if key in header}
-    state.update(format=FORMAT, kind="generators", nets={name: shared["nets"][name] for name in generators})
-    if "ema" in shared:
-        ema = shared["ema"]
-        state["ema"] = {**{k: v for k, v in ema.items() if k != "nets"},
-                        "nets": {name: ema["nets"][name] for name in generators if name in ema["nets"]}}
-    return state

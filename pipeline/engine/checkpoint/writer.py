@@ -25,7 +25,7 @@ import torch
 
 from pipeline.engine import dist
 from pipeline.engine.checkpoint.codec import flatten, json_tensor, unflatten
-from pipeline.engine.checkpoint.dcp_io import write_entries
+from pipeline.engine.checkpoint.dcp_io import is_complete, write_entries
 from pipeline.engine.checkpoint.errors import CheckpointWriteError, describe_cause, free_bytes, mib
 from pipeline.engine.checkpoint.files import (
     checkpoint_path,
@@ -131,7 +131,7 @@ class Checkpointer:
     # Saving.
 
     def save(self, step: int, header: dict[str, Any], shared: dict[str, Any], own: dict[str, Any],
-             final: bool = False, pack: Callable[[dict[str, Any], dict[str, Any]], Any] | None = None) -> None:
+             final: bool = False, pack: Callable[[dict[str, Any]], Any] | None = None) -> None:
         """Write the checkpoint of `step` (all ranks call it together): stage, then write in the background.
 
         Args:
@@ -139,7 +139,7 @@ class Checkpointer:
             shared: the replicated state (equal on every rank; written once).
             own: this rank's state.
             final: wait for the write (the last step or a stop).
-            pack: rank 0 also writes pack(header, shared) as a single file for upload (`Outcome.packed`).
+            pack: rank 0 also writes pack({**header, **shared}) as a single file for upload (`Outcome.packed`).
         """
         t0 = time.perf_counter()
         self._wait_for_writes()  # One write in flight: its staging buffers are about to be reused.
@@ -167,12 +167,15 @@ class Checkpointer:
             except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
                 if isinstance(err, KeyboardInterrupt):
                     raise
-                # Every rank learns of any rank's failure from DCP's last collective: all writes have ended.
-                if self.is_main:
-                    remove(path)
-                outcome.error = (f"could not write checkpoint '{path}': {describe_cause(err, self.directory)}. "
-                                 f"Newest checkpoint: {self.newest()}")
-            else:
+                # The metadata is written last, once every rank's data is: with it in place, the checkpoint is
+                # complete and only DCP's closing broadcast failed (a peer lost after the write: training
+                # reports that). Without it, every rank has learnt of the failure from DCP's last collective.
+                if not (self.is_main and is_complete(path)):
+                    if self.is_main:
+                        remove(path)
+                    outcome.error = (f"could not write checkpoint '{path}': "
+                                     f"{describe_cause(err, self.directory)}. Newest checkpoint: {self.newest()}")
+            if outcome.error is None:
                 outcome.bytes_written = sum(p.stat().st_size for p in path.glob(f"__{self.rank}_*"))
                 if self.is_main:
                     self.last_size = size_on_disk(path)
@@ -219,7 +222,7 @@ class Checkpointer:
               staged: dict[str, torch.Tensor]) -> Path | None:
         target = self.directory / ".upload" / f"{path.name}.pt"
         try:
-            save_atomic(pack(header, unflatten(skeleton, staged)), target)
+            save_atomic(pack({**header, **unflatten(skeleton, staged)}), target)
         except CheckpointWriteError as err:
             log.error("%s; the checkpoint itself is complete, its upload is skipped", err)
             return None
