@@ -24,7 +24,7 @@ LANDED = ROOT / "tests" / "assets" / "landed-5635b11" / "ckpt-000000004.pt"
 
 
 def images(folder: Path) -> dict[str, np.ndarray]:
-    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.rglob("*.png")) if "contact" not in p.name}
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((folder / "images").rglob("*.png"))}
 
 
 def test_a_checkpoint_of_the_landed_version_resumes_and_translates(shards, tmp_path, capsys):
