@@ -81,7 +81,7 @@ def landed_save(directory: Path, step: int, shared: dict, own: dict, world: int)
     written = 0
     if ranks is not None:
         path = directory / f"ckpt-{step:09d}.pt"
-        state = {"format": "cyclegan-pipeline/1", **header(step, world), **shared, "ranks": ranks}
+        state = {**header(step, world), "format": "cyclegan-pipeline/1", **shared, "ranks": ranks}
         written = save_atomic(state, path)
         del state, ranks
     dist.broadcast_from_main(None)
