@@ -244,7 +244,8 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto (newest loadable checkpoint in run_dir, if any), never, or the path of a checkpoint file."""
     init_from: str = ""
-    """Warm start of a new run: a reference folder with latest_net_G_A.pth etc. (optimisers start fresh)."""
+    """Warm start of a new run (optimisers, pools and counters start fresh): the networks of one of our checkpoints
+    (a ckpt-* directory, a ckpt-*.pt file, a generators file) or a reference folder with latest_net_G_A.pth etc."""
     best_metric: str = ""
     """Keep run_dir/best.pt, the checkpoint of the best evaluation so far by this metric (eval/AtoB/l1,
     eval/AtoB/fid, ...: the keys training logs); never pruned, never resumed from. Empty: none."""

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slow
     ("tiled_memory.py", {"mode", "tile", "seconds", "peak_rss_gb", "added_rss_gb"}),
     ("methods_quality.py", {"seed", "method", "steps", "seconds", "of_budget", "l1", "l1_identity", "ssim",
                             "ssim_identity"}),
+    ("bench_checkpoint.py", {"design", "world_size", "bytes_written_max_rank", "rank0_peak_rss", "blocked_s",
+                             "durable_s", "resume_bytes_read_max_rank"}),
 ])
 def test_benchmark_smoke(tmp_path, script, keys):
     out = tmp_path / "result.json"
@@ -34,6 +36,12 @@ def test_benchmark_smoke(tmp_path, script, keys):
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(keys <= set(row) for row in rows)
     assert all(row.get("seconds", 1) > 0 for row in rows)
+    if script == "bench_checkpoint.py":
+        # Bytes, not times: the landed design's rank 0 writes every rank's pools, the sharded one's its own share.
+        by = {(r["design"], r["world_size"]): r for r in rows}
+        assert by["landed", 2]["bytes_written_rank0"] > by["landed", 1]["bytes_written_rank0"]
+        assert by["sharded", 2]["bytes_written_max_rank"] <= by["sharded", 1]["bytes_written_max_rank"]
+        assert by["sharded", 2]["resume_bytes_read_max_rank"] < 1.15 * by["sharded", 1]["resume_bytes_read_max_rank"]
 
 
 def test_step_benchmark_exercises_the_gpu_settings_on_cpu(tmp_path):

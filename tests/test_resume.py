@@ -132,3 +132,7 @@ def test_world_size_change_resumes_with_a_warning(shards, tmp_path, before, afte
     assert final["images_seen"] == before * 3 + after * 3
     # Each rank of the new run wrote its own pools: the pools of a rank the old run did not have were refilled.
     assert all(len(entry["pool_a"]["images"]) == 2 for entry in final["ranks"])
+    # What a resuming rank reads: the replicated state and its own entry, no other rank's.
+    own = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1], ranks=after - 1)
+    assert own["ranks"][after - 1] is not None and all(e is None for e in own["ranks"][:after - 1])
+    assert nets_equal(own, final)

@@ -272,3 +272,46 @@ def test_best_metric_needs_an_evaluation_and_a_known_key(tiny):
                                   "eval.every_steps": 2, "tracking.enabled": False}))
     with pytest.raises(ConfigError, match=r"eval/AtoB/fdi is not among the evaluation's metrics: .*eval/AtoB/l1"):
         run(cfg)
+
+
+@pytest.mark.parametrize("source", ["directory", "landed file", "generators file"])
+def test_our_checkpoints_initialise_a_new_run(tiny, tmp_path, source):
+    from support.runs import ROOT
+
+    from pipeline.pack import main as pack
+
+    if source == "landed file":
+        path = ROOT / "tests" / "assets" / "landed-5635b11" / "ckpt-000000004.pt"
+    else:
+        run(load_config([], tiny(**{"train.steps": 2, "run_dir": str(tmp_path / "first"), "tracking.enabled": False,
+                                    "report.sample_every_steps": 0})))
+        path = tmp_path / "first" / "ckpt-000000002"
+        if source == "generators file":
+            assert pack([str(path), str(tmp_path / "g.pt")]) == 0
+            path = tmp_path / "g.pt"
+    start = load_checkpoint(path, ranks=None)
+    run(load_config([], tiny(**{"train.steps": 1, "checkpoint.init_from": str(path), "optim.lr": 0.0,
+                                "tracking.enabled": False, "report.sample_every_steps": 0})))
+    state = load_checkpoint(tmp_path / "run" / "ckpt-000000001")
+    assert state["step"] == 1  # A new run: counters start at 0.
+    for name, weights in start["nets"].items():
+        assert all(torch.equal(state["nets"][name][k], v) for k, v in weights.items()), name
+    assert set(start["nets"]) == ({"G_ab", "G_ba"} if source == "generators file" else {"G_ab", "G_ba", "D_a", "D_b"})
+
+
+def test_uploads_carry_the_generators_or_with_checkpoint_content_full_the_whole_checkpoint(tiny, tmp_path):
+    args = {"train.steps": 2, "checkpoint.every_steps": 2, "report.sample_every_steps": 0}
+    light = run(load_config([], tiny(**args)))
+    full = run(load_config([], tiny(**args, **{"run_dir": str(tmp_path / "full"),
+                                               "tracking.checkpoint_content": "full"})))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [a.path for a in client.list_artifacts(light.run_id, "checkpoints")] == ["checkpoints/ckpt-000000002.pt"]
+    packed = load_checkpoint(client.download_artifacts(light.run_id, "checkpoints/ckpt-000000002.pt",
+                                                       str(tmp_path / "dl")))
+    assert packed["kind"] == "generators" and set(packed["nets"]) == {"G_ab", "G_ba"} and "ranks" not in packed
+    assert not (tmp_path / "run" / ".upload").exists()  # The file for the upload is not left behind.
+    names = [a.path for a in client.list_artifacts(full.run_id, "checkpoints/ckpt-000000002")]
+    assert sorted(names) == ["checkpoints/ckpt-000000002/.metadata", "checkpoints/ckpt-000000002/__0_0.distcp"]
+    whole = load_checkpoint(client.download_artifacts(full.run_id, "checkpoints/ckpt-000000002",
+                                                      str(tmp_path / "dl2")))
+    assert whole["step"] == 2 and len(whole["ranks"]) == 1 and set(whole["nets"]) == {"G_ab", "G_ba", "D_a", "D_b"}

@@ -28,6 +28,7 @@ from pipeline.engine.checkpoint import (
     CheckpointWriteError,
     Outcome,
     find_latest_loadable,
+    is_checkpoint_directory,
     load_checkpoint,
     read_best,
     read_header,
@@ -113,14 +114,29 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
         state.load_state_dict(load_checkpoint(resume[0], ranks=info.rank), info.rank, info.world_size)
         log.info("resumed from %s (step %d)", resume[0], start_step)
     elif cfg.checkpoint.init_from:
-        loaded = load_reference_dir(cfg.checkpoint.init_from, parts.nets)
-        log.info("initialised %s from reference weights in %s", ", ".join(loaded), cfg.checkpoint.init_from)
+        _initialise(cfg, parts.nets)
     guard = NonFiniteGuard(cfg.control.max_nonfinite_steps)
     recorder = make_recorder(cfg, info, (resume[1].get("mlflow_run_id") or None) if resume else None)
     checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps,
                                 cfg.checkpoint.min_free_mb, is_main=info.is_main)
     del resume  # Frees the checkpoint's CPU copy of the state.
     return Trainer(cfg, info, device, parts, state, guard, recorder, checkpointer).train(loader, stop_flag)
+
+
+def _initialise(cfg: DictConfig, nets: dict[str, torch.nn.Module]) -> None:
+    """checkpoint.init_from: the networks' weights from one of our checkpoints (a directory, a ckpt-*.pt file of an
+    earlier version, a generators file: the networks it has) or a reference folder; optimisers start fresh."""
+    source = Path(cfg.checkpoint.init_from)
+    if is_checkpoint_directory(source) or source.is_file():
+        state = load_checkpoint(source, ranks=None)
+        check_compatible(state, cfg, str(source))
+        loaded = [name for name in nets if name in state["nets"]]
+        for name in loaded:
+            nets[name].load_state_dict(state["nets"][name])
+        log.info("initialised %s from checkpoint %s (step %s)", ", ".join(loaded), source, state.get("step"))
+        return
+    loaded = load_reference_dir(source, nets)
+    log.info("initialised %s from reference weights in %s", ", ".join(loaded), source)
 
 
 class Trainer:
