@@ -242,13 +242,14 @@ class CheckpointConfig:
     """Space to leave free on the run directory's filesystem: a checkpoint that would leave less (judged by the
     size of the last one) is not written, and the run says so, instead of filling the disk to its last byte."""
     resume: str = "auto"
-    """auto (newest loadable checkpoint in run_dir, if any), never, or the path of a checkpoint file."""
+    """auto (newest complete checkpoint in run_dir, if any), never, or the path of a checkpoint (a ckpt-* directory
+    or a ckpt-*.pt file of an earlier version)."""
     init_from: str = ""
     """Warm start of a new run (optimisers, pools and counters start fresh): the networks of one of our checkpoints
     (a ckpt-* directory, a ckpt-*.pt file, a generators file) or a reference folder with latest_net_G_A.pth etc."""
     best_metric: str = ""
-    """Keep run_dir/best.pt, the checkpoint of the best evaluation so far by this metric (eval/AtoB/l1,
-    eval/AtoB/fid, ...: the keys training logs); never pruned, never resumed from. Empty: none."""
+    """Keep run_dir/best.pt, the generators (raw and EMA) of the best evaluation so far by this metric
+    (eval/AtoB/l1, eval/AtoB/fid, ...: the keys training logs); never pruned, never resumed from. Empty: none."""
     best_mode: str = "min"
     """Whether lower (min) or higher (max) values of checkpoint.best_metric are better."""
 

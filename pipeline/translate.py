@@ -11,7 +11,8 @@ together. Images too large for the device's memory take `--tile SIZE`: the gener
 layer in SIZE x SIZE tiles with the halo its kernel needs and norm statistics over the whole image, so the output
 is the untiled one's (no seams, no colour shifts) with memory bounded by the tile size.
 
-The checkpoint is one of ours (`ckpt-*.pt`: G_ab for AtoB, G_ba for BtoA, architecture from the saved config)
+The checkpoint is one of ours (a `ckpt-*` directory, a `ckpt-*.pt` file of an earlier version, or a generators file
+from `pipeline.pack`: G_ab for AtoB, G_ba for BtoA, architecture from the saved config)
 or a reference-implementation weight file (`latest_net_G_A.pth` is A->B, `..._G_B.pth` B->A; its architecture
 is read off its keys, or given with `--model.*` options) or a reference folder holding both.
 """

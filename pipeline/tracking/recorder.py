@@ -67,7 +67,7 @@ class NullRecorder:
 
 
 class Recorder(NullRecorder):
-    """Rank 0's record of the run: `run_dir/{config.yaml, metrics.jsonl, samples/, ckpt-*.pt}` and MLflow."""
+    """Rank 0's record of the run: `run_dir/{config.yaml, metrics.jsonl, samples/}`, checkpoint reports and MLflow."""
 
     def __init__(self, cfg: DictConfig, info: DistInfo, run_id: str | None) -> None:
         self.cfg = cfg

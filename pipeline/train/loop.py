@@ -119,7 +119,6 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     recorder = make_recorder(cfg, info, (resume[1].get("mlflow_run_id") or None) if resume else None)
     checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps,
                                 cfg.checkpoint.min_free_mb, is_main=info.is_main)
-    del resume  # Frees the checkpoint's CPU copy of the state.
     return Trainer(cfg, info, device, parts, state, guard, recorder, checkpointer).train(loader, stop_flag)
 
 
