@@ -47,7 +47,8 @@ def add_generator_args(parser: argparse.ArgumentParser, directions: Sequence[str
                        default: str = "AtoB") -> None:
     """--checkpoint, --direction and the --model.* options of reference files (shared with evaluate, export)."""
     parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="our ckpt-*.pt, a reference *_net_G_A.pth / *_net_G_B.pth file, or a reference folder")
+                        help="our checkpoint (a ckpt-* directory, a ckpt-*.pt file, a generators file from "
+                             "pipeline.pack), a reference *_net_G_A.pth / *_net_G_B.pth file, or a reference folder")
     parser.add_argument("--direction", choices=directions, default=default,
                         help="AtoB uses G_ab (reference G_A), BtoA G_ba (reference G_B)")
     parser.add_argument("--weights", choices=WEIGHTS, default="auto",

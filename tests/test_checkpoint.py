@@ -349,3 +349,17 @@ def test_a_failure_after_the_metadata_is_in_place_keeps_the_complete_checkpoint(
     [outcome] = write(tmp_path, 4)
     assert outcome.error is None
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4] and load_checkpoint(checkpoint_path(tmp_path, 4))
+
+
+def test_a_state_that_cannot_be_staged_skips_the_checkpoint_in_words(tmp_path, monkeypatch):
+    writer = Checkpointer(tmp_path, keep_last=3)
+
+    def out_of_pinned_memory(self, entries):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(Checkpointer, "_stage", out_of_pinned_memory)
+    writer.save(1, header(1), shared(1), own(0), final=True)
+    [failed] = writer.close()
+    assert failed.error == (f"checkpoint '{checkpoint_path(tmp_path, 1)}' not written: rank 0 could not stage its "
+                            "state (CUDA error: out of memory)")
+    assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -35,9 +36,13 @@ def metric_steps(tmp_path, run_id: str, key: str) -> list[int]:
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
-@pytest.mark.parametrize("nproc", [0, 2], ids=["1-process", "2-ranks"])
-def test_new_process_resume_equals_a_straight_run_bitwise(shards, tmp_path, nproc):
-    common = {"train.steps": 8, "checkpoint.every_steps": 8, "data.workers": 1, "report.log_every_steps": 1}
+@pytest.mark.parametrize("nproc,norm", [(0, "instance"), (2, "instance"), (2, "batch")],
+                         ids=["1-process", "2-ranks", "2-ranks-batchnorm"])
+def test_new_process_resume_equals_a_straight_run_bitwise(shards, tmp_path, nproc, norm):
+    # Batch norm: the running statistics differ between ranks between DDP's broadcasts of rank 0's; a checkpoint
+    # must hold rank 0's (the replicated state is otherwise written by whichever rank DCP's planner picks).
+    common = {"train.steps": 8, "checkpoint.every_steps": 8, "data.workers": 1, "report.log_every_steps": 1,
+              "model.norm": norm, "perf.fused_calls": norm != "batch"}  # Batch norm couples a fused call's images.
     straight = tiny_overrides(shards, tmp_path / "straight", **common)
     chunked = tiny_overrides(shards, tmp_path / "chunked", **common, **{"control.stop_after_steps": 4})
     straight_run = subprocess.run(train_cmd(nproc, straight), env=process_env(), cwd=tmp_path, capture_output=True)
@@ -136,3 +141,28 @@ def test_world_size_change_resumes_with_a_warning(shards, tmp_path, before, afte
     own = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1], ranks=after - 1)
     assert own["ranks"][after - 1] is not None and all(e is None for e in own["ranks"][:after - 1])
     assert nets_equal(own, final)
+
+
+def test_a_rank_that_cannot_read_its_entry_fails_every_rank_with_its_reason(shards, tmp_path):
+    from pipeline.engine.checkpoint.dcp_io import read_metadata
+
+    overrides = tiny_overrides(shards, tmp_path / "run", **{"train.steps": 6, "checkpoint.every_steps": 3,
+                                                            "report.sample_every_steps": 0})
+    first = subprocess.run(train_cmd(2, [*overrides, "control.stop_after_steps=3"]), env=process_env(),
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Damage a record only rank 1 reads (its pool), keeping the file's length: rank 0 sees a sound checkpoint.
+    path = list_checkpoints(tmp_path / "run")[-1][1]
+    info = read_metadata(path).storage_data
+    [record] = [v for k, v in info.items() if k.fqn == "rank/1/pool_a/images"]
+    data = path / record.relative_path
+    blob = bytearray(data.read_bytes())
+    blob[record.offset:record.offset + 64] = b"\x00" * 64
+    data.write_bytes(bytes(blob))
+    second = subprocess.run(train_cmd(2, overrides), env=process_env(), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode != 0
+    err = second.stderr
+    for rank in (0, 1):
+        assert f"[rank {rank}] ERROR pipeline.train: rank 1: checkpoint '{path}' cannot be loaded safely" in err, err
+    assert not re.search(r'File ".*pipeline/[\w/]+\.py", line', err), err  # No traceback from the workers.

@@ -182,8 +182,8 @@ class MLflowTracker(NullTracker):
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file; a hard link (or copy) keeps it even if retention deletes the original first."""
-        staged = self._staging / f"{len(os.listdir(self._staging))}" / Path(path).name
-        staged.parent.mkdir()
+        # A folder of its own per upload: names counted from the folder's contents collided once uploads ended.
+        staged = Path(tempfile.mkdtemp(dir=self._staging)) / Path(path).name
         try:
             os.link(path, staged)
         except OSError:
@@ -197,8 +197,8 @@ class MLflowTracker(NullTracker):
 
     def log_artifacts(self, directory: Path, artifact_path: str) -> None:
         """Upload a folder's files; hard links (or copies) keep them even if retention deletes the folder first."""
-        staged = self._staging / f"{len(os.listdir(self._staging))}" / Path(directory).name
-        staged.mkdir(parents=True)
+        staged = Path(tempfile.mkdtemp(dir=self._staging)) / Path(directory).name
+        staged.mkdir()
         for item in Path(directory).iterdir():
             if item.is_file():
                 try:

@@ -62,9 +62,9 @@ class RunResult:
     """A signal stopped the run after `step` (checkpointed); resuming continues it."""
 
 
-def _find_resume(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
-    """The checkpoint to resume from and its header. Rank 0 chooses and every rank takes its choice: on a slow
-    network filesystem two ranks listing the run directory could see different newest checkpoints."""
+def _find_resume(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from. Rank 0 chooses and every rank takes its choice: on a slow network filesystem
+    two ranks listing the run directory could see different newest checkpoints."""
     if cfg.checkpoint.resume == "never":
         return None
     chosen = None
@@ -74,14 +74,28 @@ def _find_resume(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
             chosen = str(found[0]) if found else None
         else:
             chosen = cfg.checkpoint.resume
-    chosen = dist.broadcast_from_main(chosen)
-    if chosen is None:
-        return None
-    header = read_header(chosen)
-    if header.get("kind") == "generators":
-        raise CheckpointError(f"'{chosen}' is a generators file (for translation and sharing): it has no "
-                              "discriminators, optimisers or pools to resume from; resume from a ckpt-* checkpoint")
-    return chosen, header
+    return dist.broadcast_from_main(chosen)
+
+
+def _read_resume(path: str, cfg: DictConfig, rank: int) -> dict[str, Any]:
+    """This rank's part of the checkpoint (the replicated state and its own entry: what a rank reads does not grow
+    with the world size), checked against the config. A rank that cannot read it fails every rank with its
+    reason, instead of leaving the others waiting in the next collective."""
+    state, problem = {}, None
+    try:
+        header = read_header(path)
+        if header.get("kind") == "generators":
+            raise CheckpointError(f"'{path}' is a generators file (for translation and sharing): it has no "
+                                  "discriminators, optimisers or pools to resume from; resume from a ckpt-* "
+                                  "checkpoint")
+        check_compatible(header, cfg, path)
+        state = load_checkpoint(path, ranks=rank)
+    except CheckpointError as err:
+        problem = str(err) if rank == 0 else f"rank {rank}: {err}"
+    problems = [p for p in dist.gather_objects(problem) if p]
+    if problems:
+        raise CheckpointError(problems[0])
+    return state
 
 
 def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
@@ -99,9 +113,8 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
 
     # Resume (before anything is written, so a bad checkpoint loses nothing).
     resume = _find_resume(cfg)
-    if resume is not None:
-        check_compatible(resume[1], cfg, resume[0])
-    start_step = resume[1]["step"] if resume else 0
+    saved = _read_resume(resume, cfg, info.rank) if resume is not None else None
+    start_step = saved["step"] if saved else 0
 
     # Data first: the failure to find shards surfaces before the networks are built.
     loader = train_loader(cfg.data, cfg.train.seed, info.rank, start_batch=start_step,
@@ -109,16 +122,16 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     parts = build_components(cfg, info, device)
     state = TrainingState(parts.nets, parts.step.optimisers, parts.step.pools, device, parts.ema,
                           getattr(parts.step, "sampling", None))
-    if resume is not None:
-        # This rank's entry and the replicated state only: what a rank reads does not grow with the world size.
-        state.load_state_dict(load_checkpoint(resume[0], ranks=info.rank), info.rank, info.world_size)
-        log.info("resumed from %s (step %d)", resume[0], start_step)
+    if saved is not None:
+        state.load_state_dict(saved, info.rank, info.world_size)
+        log.info("resumed from %s (step %d)", resume, start_step)
     elif cfg.checkpoint.init_from:
         _initialise(cfg, parts.nets)
     guard = NonFiniteGuard(cfg.control.max_nonfinite_steps)
-    recorder = make_recorder(cfg, info, (resume[1].get("mlflow_run_id") or None) if resume else None)
+    recorder = make_recorder(cfg, info, (saved.get("mlflow_run_id") or None) if saved else None)
+    del saved  # Frees this rank's copy of the checkpoint.
     checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps,
-                                cfg.checkpoint.min_free_mb, is_main=info.is_main)
+                                cfg.checkpoint.min_free_mb, is_main=info.is_main, timeout_s=cfg.dist.timeout_s)
     return Trainer(cfg, info, device, parts, state, guard, recorder, checkpointer).train(loader, stop_flag)
 
 
@@ -326,8 +339,8 @@ class Trainer:
         logged = self.cfg.tracking.log_checkpoints
         upload = self.cfg.tracking.enabled and (logged == "all" or (final and logged == "last"))
         pack = generators_file if upload and self.cfg.tracking.checkpoint_content == "generators" else None
-        self.checkpointer.save(step, self.header(), self.state.shared_state(), self.state.rank_state(),
-                               final=final, pack=pack)
+        self.checkpointer.save(step, self.header(), self.state.shared_state(buffers=self.info.is_main),
+                               self.state.rank_state(), final=final, pack=pack)
         failure = self.report_checkpoints()
         if failure and final:
             raise CheckpointWriteError(failure)

@@ -45,7 +45,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 class TrainingState:
     """Everything a checkpoint holds about training, as one object: the counters (step, images seen, skipped
     non-finite steps), the four networks, both optimisers and the GradScaler, and this rank's pools and random
-    states. `state_dict()` / `load_state_dict()` are the checkpoint format's two directions."""
+    states. `header()`, `shared_state()` and `rank_state()` are what a checkpoint writes, `load_state_dict()` what
+    a resume restores."""
 
     def __init__(self, nets: dict[str, torch.nn.Module], optimisers: Optimisers, pools: Pools,
                  device: torch.device, ema: Any = None, sampling: Any = None) -> None:
@@ -64,16 +65,24 @@ class TrainingState:
             state["sampling"] = self.sampling.state_dict()
         return state
 
-    def shared_state(self) -> dict[str, Any]:
-        """What every rank holds alike: networks, optimisers, scaler and EMA (written once across the ranks)."""
+    def shared_state(self, buffers: bool = True) -> dict[str, Any]:
+        """What every rank holds alike: networks, optimisers, scaler and EMA (written once across the ranks).
+
+        Args:
+            buffers: include the networks' buffers (batch norm's running statistics). They differ between ranks
+                between DDP's broadcasts, which spread rank 0's before each forward pass: only rank 0's are the
+                run's, so only rank 0 passes them to a checkpoint.
+        """
         state = {
-            "nets": {name: net.state_dict() for name, net in self.nets.items()},
+            "nets": {name: _weights(net, buffers) for name, net in self.nets.items()},
             "opt_g": self.optimisers.g.state_dict(),
             "opt_d": self.optimisers.d.state_dict(),
             "scaler": self.optimisers.scaler.state_dict(),
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+            if not buffers:
+                state["ema"]["nets"] = {name: _weights(net, False) for name, net in self.ema.nets().items()}
         return state
 
     def header(self, cfg: DictConfig, run_id: str | None, world_size: int) -> dict[str, Any]:
@@ -124,6 +133,14 @@ class TrainingState:
                 set_rng_state(saved[rank]["rng"], self.device)
                 if self.sampling is not None and "sampling" in saved[rank]:
                     self.sampling.load_state_dict(saved[rank]["sampling"])
+
+
+def _weights(net: torch.nn.Module, buffers: bool) -> dict[str, Any]:
+    state = net.state_dict()
+    if buffers:
+        return state
+    names = {name for name, _ in net.named_buffers()}
+    return {key: value for key, value in state.items() if key not in names}
 
 
 def check_compatible(state: dict[str, Any], cfg: DictConfig, source: str) -> None:

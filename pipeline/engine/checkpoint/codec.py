@@ -23,6 +23,7 @@ def flatten(state: Any, prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
 
     Raises:
         TypeError: a value that is neither a tensor, a container nor a JSON scalar (it names its path).
+        ValueError: two tensors that would be stored under the same key.
     """
     tensors: dict[str, torch.Tensor] = {}
 

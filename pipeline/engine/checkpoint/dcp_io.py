@@ -113,17 +113,6 @@ class _TensorsOnlyPlanner(DefaultLoadPlanner):
                               "project never writes; refusing to load it")
 
 
-def entry_sizes(metadata: Metadata) -> dict[str, int]:
-    """Bytes of each tensor entry (its elements; pickled-object entries count 0)."""
-    sizes = {}
-    for key, entry in metadata.state_dict_metadata.items():
-        if isinstance(entry, TensorStorageMetadata):
-            sizes[key] = entry.size.numel() * torch.empty((), dtype=entry.properties.dtype).element_size()
-        else:
-            sizes[key] = 0
-    return sizes
-
-
 def read_entries(directory: Path, keys: Iterable[str], metadata: Metadata | None = None) -> dict[str, torch.Tensor]:
     """The named tensor entries of a checkpoint directory, on the CPU; nothing else is read.
 
@@ -166,19 +155,28 @@ def fsync_directory(directory: Path) -> None:
 class _Writer(FileSystemWriter):
     """DCP's file writer; the directory entry of the renamed metadata is made durable too."""
 
+    durable = False
+    """The coordinator's metadata is renamed into place and fsynced: the checkpoint is complete on disk."""
+
     def finish(self, metadata: Metadata, results: Any) -> None:
         delay = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
         if delay > 0:
             time.sleep(delay)
         super().finish(metadata, results)
         fsync_directory(Path(self.path))
+        self.durable = True
 
 
 def write_entries(directory: Path, entries: dict[str, torch.Tensor], process_group: Any = None) -> None:
     """Write every rank's `entries` into `directory` (a collective over `process_group` when distributed).
 
     Entries of the same key on several ranks must be equal: DCP writes each once, spread over the ranks.
-    Raises what DCP raises (CheckpointException, a BaseException, holding each failed rank's error).
+    Raises what DCP raises (CheckpointException, a BaseException, holding each failed rank's error), with
+    `durable` set on it when this rank, the coordinator, had already made the complete checkpoint durable.
     """
-    dcp.save(entries, storage_writer=_Writer(Path(directory), sync_files=True), process_group=process_group,
-             no_dist=process_group is None)
+    writer = _Writer(Path(directory), sync_files=True)
+    try:
+        dcp.save(entries, storage_writer=writer, process_group=process_group, no_dist=process_group is None)
+    except BaseException as err:
+        err.durable = writer.durable  # type: ignore[attr-defined]
+        raise

@@ -47,11 +47,13 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 
 def incomplete_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoint directories whose write never finished (no metadata), and temporary files of cut-off writes."""
+    """Checkpoint directories whose write never finished (no metadata), and temporary files of cut-off writes
+    (single files and best.pt)."""
     directory = Path(directory)
     partial = [path for _, path in _found(directory) if path.is_dir() and not is_complete(path)]
     if directory.is_dir():
-        partial += [p for p in directory.iterdir() if p.name.startswith(".ckpt-") and p.name.endswith(".tmp")]
+        partial += [p for p in directory.iterdir()
+                    if p.name.startswith((".ckpt-", ".best.pt.")) and p.name.endswith(".tmp")]
     return sorted(partial)
 
 

@@ -51,7 +51,7 @@ def _directory_header(path: Path) -> tuple[Any, dict[str, Any]]:
         if "entry 'header' is missing" in str(err):
             raise _not_ours(path) from None
         raise
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise CheckpointError(f"checkpoint '{path}': its header is not readable ({err})") from None
     if not isinstance(header, dict) or header.get("format") != SHARDED_FORMAT:
         raise _not_ours(path)
@@ -66,13 +66,17 @@ def _check_file(path: Path, state: Any) -> dict[str, Any]:
 
 def read_header(path: Path) -> dict[str, Any]:
     """A checkpoint's header (format, step, counters, config, model, run id, world size), reading nothing else
-    of a directory. A single file is read whole (it is one record): its header is the whole state."""
+    of a directory. A single file is read whole (it is one record), and its tensors are dropped."""
     path = Path(path)
     if path.is_dir():
         header = _directory_header(path)[1]
         header.pop("skeleton", None)
         return header
-    return _check_file(path, load_file(path))
+    state = _check_file(path, load_file(path))
+    return {key: value for key, value in state.items() if key not in _STATE_KEYS}
+
+
+_STATE_KEYS = ("nets", "opt_g", "opt_d", "scaler", "ema", "ranks")
 
 
 def load_checkpoint(path: Path, ranks: str | int | None = "all") -> dict[str, Any]:
@@ -92,7 +96,9 @@ def load_checkpoint(path: Path, ranks: str | int | None = "all") -> dict[str, An
             state["ranks"] = [entry if i == ranks else None for i, entry in enumerate(state["ranks"])]
         return state
     metadata, header = _directory_header(path)
-    world = int(header["world_size"])
+    world = header.get("world_size")
+    if not isinstance(world, int) or not 0 < world <= len(metadata.state_dict_metadata):
+        raise CheckpointError(f"checkpoint '{path}' is inconsistent: its header's world size is {world!r}")
     wanted = range(world) if ranks == "all" else [ranks] if isinstance(ranks, int) and 0 <= ranks < world else []
     prefixes = tuple(f"{rank_prefix(r)}/" for r in wanted)
     keys = [k for k in metadata.state_dict_metadata
@@ -103,7 +109,7 @@ def load_checkpoint(path: Path, ranks: str | int | None = "all") -> dict[str, An
         state["ranks"] = [None] * world
         for r in wanted:
             state["ranks"][r] = unflatten(from_json_tensor(tensors[rank_skeleton_key(r)]), tensors)
-    except (KeyError, ValueError, UnicodeDecodeError) as err:
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, RecursionError) as err:
         raise CheckpointError(f"checkpoint '{path}' is inconsistent: entry {err} is missing or unreadable") from None
     return state
 

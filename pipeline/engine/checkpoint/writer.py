@@ -11,8 +11,10 @@ previous checkpoint stays the newest complete one; rank 0 then applies the reten
 
 from __future__ import annotations
 
+import datetime
 import logging
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +27,7 @@ import torch
 
 from pipeline.engine import dist
 from pipeline.engine.checkpoint.codec import flatten, json_tensor, unflatten
-from pipeline.engine.checkpoint.dcp_io import is_complete, write_entries
+from pipeline.engine.checkpoint.dcp_io import write_entries
 from pipeline.engine.checkpoint.errors import CheckpointWriteError, describe_cause, free_bytes, mib
 from pipeline.engine.checkpoint.files import (
     checkpoint_path,
@@ -39,6 +41,9 @@ from pipeline.engine.checkpoint.files import (
 from pipeline.engine.checkpoint.load import HEADER, SHARED, rank_prefix, rank_skeleton_key
 
 log = logging.getLogger(__name__)
+
+UPLOADS = ".upload"
+"""Rank 0's folder in the run directory for single-file copies of checkpoints on their way to MLflow."""
 
 
 @dataclass
@@ -100,17 +105,20 @@ class Checkpointer:
         min_free_mb: a checkpoint that would leave less free space (judged by the size of the last one) is not
             written.
         is_main: this is rank 0 (retention, the room check, single files).
+        timeout_s: how long the writer's collectives wait for a lost peer (dist.timeout_s): a write that takes
+            longer on any rank also fails.
     """
 
     def __init__(self, directory: Path, keep_last: int, keep_every_steps: int = 0, min_free_mb: float = 0.0,
-                 is_main: bool = True) -> None:
+                 is_main: bool = True, timeout_s: float = 300.0) -> None:
         self.directory = Path(directory)
         self.keep_last, self.keep_every_steps = keep_last, keep_every_steps
         self.min_free = int(min_free_mb * 2**20)
         self.is_main = is_main
         self.rank = torch.distributed.get_rank() if dist.is_distributed() else 0
         # A group of its own: the writer thread's collectives never interleave with the training's.
-        self.group = torch.distributed.new_group(backend="gloo") if dist.is_distributed() else None
+        self.group = (torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+                      if dist.is_distributed() else None)
         self._worker = _Worker()
         self._pending: list[Future] = []
         self._finished: list[Outcome] = []
@@ -120,6 +128,7 @@ class Checkpointer:
             for path in incomplete_checkpoints(self.directory):
                 log.warning("removing %s: an incomplete checkpoint (its write was cut off)", path.name)
                 remove(path)
+            shutil.rmtree(self.directory / UPLOADS, ignore_errors=True)  # Files for uploads a crash cut off.
             found = list_checkpoints(self.directory)
             self.last_size = size_on_disk(found[-1][1]) if found else None
 
@@ -144,18 +153,22 @@ class Checkpointer:
         t0 = time.perf_counter()
         self._wait_for_writes()  # One write in flight: its staging buffers are about to be reused.
         path = checkpoint_path(self.directory, step)
-        shared_skeleton, shared_tensors = flatten(shared, SHARED)
-        own_skeleton, own_tensors = flatten(own, rank_prefix(self.rank))
-        refusal = dist.broadcast_from_main(self._room_check(path, shared_tensors, own_tensors)
-                                           if self.is_main else None)
-        if refusal:
-            self._pending.append(_done(Outcome("step", step, path, final, error=str(refusal))))
+        staged: dict[str, torch.Tensor] = {}
+        try:
+            shared_skeleton, shared_tensors = flatten(shared, SHARED)
+            own_skeleton, own_tensors = flatten(own, rank_prefix(self.rank))
+            staged = self._stage({**shared_tensors, **own_tensors})
+            staged[rank_skeleton_key(self.rank)] = json_tensor(own_skeleton)
+            if self.is_main:
+                staged[HEADER] = json_tensor({**header, "skeleton": shared_skeleton})
+            problem = self._room_check(path, shared_tensors, own_tensors) if self.is_main else None
+        except Exception as err:  # noqa: BLE001 - a state that cannot be staged (out of pinned memory, ...)
+            problem = f"checkpoint '{path}' not written: rank {self.rank} could not stage its state ({err})"
+        # Every rank learns of any rank's problem before any writes: all skip the checkpoint together.
+        problems = [p for p in dist.gather_objects(problem) if p]
+        if problems:
+            self._pending.append(_done(Outcome("step", step, path, final, error=str(problems[0]))))
             return
-        entries = {**shared_tensors, **own_tensors}
-        staged = self._stage(entries)
-        staged[rank_skeleton_key(self.rank)] = json_tensor(own_skeleton)
-        if self.is_main:
-            staged[HEADER] = json_tensor({**header, "skeleton": shared_skeleton})
         blocked = time.perf_counter() - t0
 
         def job() -> Outcome:
@@ -167,27 +180,46 @@ class Checkpointer:
             except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
                 if isinstance(err, KeyboardInterrupt):
                     raise
-                # The metadata is written last, once every rank's data is: with it in place, the checkpoint is
-                # complete and only DCP's closing broadcast failed (a peer lost after the write: training
-                # reports that). Without it, every rank has learnt of the failure from DCP's last collective.
-                if not (self.is_main and is_complete(path)):
+                # The metadata is written last, once every rank's data is, and then made durable: with that
+                # done, the checkpoint is complete and only DCP's closing broadcast failed (a peer lost after the
+                # write: training reports that). Otherwise every rank learnt of the failure from DCP's last
+                # collective, after all writes ended.
+                if not (self.is_main and getattr(err, "durable", False)):
                     if self.is_main:
                         remove(path)
                     outcome.error = (f"could not write checkpoint '{path}': "
                                      f"{describe_cause(err, self.directory)}. Newest checkpoint: {self.newest()}")
             if outcome.error is None:
-                outcome.bytes_written = sum(p.stat().st_size for p in path.glob(f"__{self.rank}_*"))
-                if self.is_main:
-                    self.last_size = size_on_disk(path)
-                    prune(self.directory, self.keep_last, self.keep_every_steps)
-                    if pack is not None:
-                        outcome.packed = self._pack(path, pack, header, shared_skeleton, staged)
+                self._after_write(outcome, path, pack, header, shared_skeleton, staged)
             outcome.durable_s = time.perf_counter() - t0
             return outcome
 
         self._pending.append(self._worker.submit(job))
         if final:
             self._wait_for_writes()
+            self._agree_on_final()
+
+    def _after_write(self, outcome: Outcome, path: Path, pack: Callable | None, header: dict[str, Any],
+                     skeleton: Any, staged: dict[str, torch.Tensor]) -> None:
+        """Bytes written, then rank 0's retention and upload file: a failure here is logged, the checkpoint
+        stays complete."""
+        try:
+            outcome.bytes_written = sum(p.stat().st_size for p in path.glob(f"__{self.rank}_*"))
+            if self.is_main:
+                self.last_size = size_on_disk(path)
+                prune(self.directory, self.keep_last, self.keep_every_steps)
+                if pack is not None:
+                    outcome.packed = self._pack(path, pack, header, skeleton, staged)
+        except Exception as err:  # noqa: BLE001 - housekeeping never fails a written checkpoint
+            log.error("checkpoint %s is complete, but pruning older ones or preparing its upload failed: %s",
+                      path.name, describe_cause(err, self.directory))
+
+    def _agree_on_final(self) -> None:
+        """A final checkpoint ends the run on every rank if it failed on any (the same message everywhere)."""
+        mine = self._finished[-1]
+        errors = [e for e in dist.gather_objects(mine.error) if e]
+        if errors and mine.error is None:
+            mine.error = errors[0]
 
     def _room_check(self, path: Path, shared: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
         known = self.last_size is not None
@@ -220,7 +252,7 @@ class Checkpointer:
 
     def _pack(self, path: Path, pack: Callable, header: dict[str, Any], skeleton: Any,
               staged: dict[str, torch.Tensor]) -> Path | None:
-        target = self.directory / ".upload" / f"{path.name}.pt"
+        target = self.directory / UPLOADS / f"{path.name}.pt"
         try:
             save_atomic(pack({**header, **unflatten(skeleton, staged)}), target)
         except CheckpointWriteError as err:
