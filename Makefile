@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/python datasets/synthetic.py $(DATA)/images --train 400 --test 32 --size 72
 	$(BIN)/python -m pipeline.shards $(DATA)/images $(DATA)/shards --maxcount 200 --overwrite
 	$(BIN)/python -m pipeline.train --config configs/quickstart.yaml $(ARGS)
-	@echo "Run directory: runs/quickstart (samples/, ckpt-*.pt, metrics.jsonl). MLflow UI: make ui"
+	@echo "Run directory: runs/quickstart (samples/, ckpt-*/, metrics.jsonl). MLflow UI: make ui"
 
 # Two pytest workers: much of the suite waits on process start-up, servers and Slurm, so two overlap well on
 # two cores. Whole files per worker (loadfile): the Slurm tests share one cluster (two would hand out the same
