@@ -31,7 +31,6 @@ from pipeline.engine.checkpoint import (
     is_checkpoint_directory,
     load_checkpoint,
     read_best,
-    read_header,
 )
 from pipeline.engine.meter import MetricMeter, peak_memory
 from pipeline.engine.nonfinite import NonFiniteGuard, NonFiniteLossError
@@ -83,13 +82,12 @@ def _read_resume(path: str, cfg: DictConfig, rank: int) -> dict[str, Any]:
     reason, instead of leaving the others waiting in the next collective."""
     state, problem = {}, None
     try:
-        header = read_header(path)
-        if header.get("kind") == "generators":
+        state = load_checkpoint(path, ranks=rank)
+        if state.get("kind") == "generators":
             raise CheckpointError(f"'{path}' is a generators file (for translation and sharing): it has no "
                                   "discriminators, optimisers or pools to resume from; resume from a ckpt-* "
                                   "checkpoint")
-        check_compatible(header, cfg, path)
-        state = load_checkpoint(path, ranks=rank)
+        check_compatible(state, cfg, path)
     except CheckpointError as err:
         problem = str(err) if rank == 0 else f"rank {rank}: {err}"
     problems = [p for p in dist.gather_objects(problem) if p]

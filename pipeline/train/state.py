@@ -103,9 +103,6 @@ class TrainingState:
         """Restore a checkpoint's state on this rank (`state["ranks"]` holds at least this rank's entry, where
         the checkpoint has one). On a world-size change rank r takes the pools of the old rank r where there was
         one, else starts with empty pools; random states are then re-seeded, not restored."""
-        if state.get("kind") == "generators":
-            raise CheckpointError("a generators file (for translation and sharing) cannot be resumed from: it has "
-                                  "no discriminators, optimisers or pools; resume from a ckpt-* checkpoint")
         for name, net in self.nets.items():
             net.load_state_dict(state["nets"][name])
         self.optimisers.g.load_state_dict(state["opt_g"])

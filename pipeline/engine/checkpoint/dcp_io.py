@@ -99,8 +99,14 @@ def verify(directory: Path, metadata: Metadata) -> None:
 
 
 class _SafeReader(FileSystemReader):
+    """DCP's reader, handed the metadata its caller already read safely (DCP would read the file again)."""
+
+    def __init__(self, directory: Path, metadata: Metadata) -> None:
+        super().__init__(directory)
+        self._metadata = metadata
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_metadata(Path(self.path))
+        metadata = self._metadata
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -131,7 +137,7 @@ def read_entries(directory: Path, keys: Iterable[str], metadata: Metadata | None
     if not targets:
         return targets
     try:
-        dcp.load(targets, storage_reader=_SafeReader(directory), planner=_TensorsOnlyPlanner(), no_dist=True)
+        dcp.load(targets, storage_reader=_SafeReader(directory, metadata), planner=_TensorsOnlyPlanner(), no_dist=True)
     except CheckpointError:
         raise
     except BaseException as err:  # noqa: BLE001 - DCP wraps failures in CheckpointException (a BaseException)

@@ -37,6 +37,7 @@ from pipeline.engine.checkpoint.files import (
     remove,
     save_atomic,
     size_on_disk,
+    state_bytes,
 )
 from pipeline.engine.checkpoint.load import HEADER, SHARED, rank_prefix, rank_skeleton_key
 
@@ -153,7 +154,6 @@ class Checkpointer:
         t0 = time.perf_counter()
         self._wait_for_writes()  # One write in flight: its staging buffers are about to be reused.
         path = checkpoint_path(self.directory, step)
-        staged: dict[str, torch.Tensor] = {}
         try:
             shared_skeleton, shared_tensors = flatten(shared, SHARED)
             own_skeleton, own_tensors = flatten(own, rank_prefix(self.rank))
@@ -224,7 +224,7 @@ class Checkpointer:
     def _room_check(self, path: Path, shared: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
         known = self.last_size is not None
         world = torch.distributed.get_world_size() if dist.is_distributed() else 1
-        needed = self.last_size if known else (_nbytes(shared) + world * _nbytes(own))
+        needed = self.last_size if known else (state_bytes(shared) + world * state_bytes(own))
         free = free_bytes(self.directory)
         if free is None or free - needed >= self.min_free:
             return None
@@ -293,7 +293,7 @@ class Checkpointer:
 
     def _wait_for_writes(self) -> None:
         while self._pending:
-            self._finished = [*self._finished, self._pending.pop(0).result()]
+            self._finished.append(self._pending.pop(0).result())
 
     def wait(self) -> list[Outcome]:
         """Wait for every write in flight; returns what `poll` would."""
@@ -311,10 +311,6 @@ def _done(outcome: Outcome) -> Future:
     future: Future = Future()
     future.set_result(outcome)
     return future
-
-
-def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _cpu_copy(value: Any) -> Any:
