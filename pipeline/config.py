@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -145,6 +146,9 @@ class DataConfig:
     """Samples held in each stream's shuffle buffer."""
     prefetch_factor: int = 4
     """Batches each worker prepares ahead of the step."""
+    max_image_pixels: int = 89_478_485
+    """Images with more pixels are skipped with a warning, not decoded (decompression bombs: a few kilobytes
+    that decode to gigabytes); PIL's own limit by default. 0: no limit."""
     remote_retry_s: float = 120.0
     """How long a network shard (http(s)://, pipe:) may keep failing, read again with a warning each time, before
     the run stops with an error naming its URL."""
@@ -228,6 +232,10 @@ class ControlConfig:
     """Consecutive steps with a NaN/inf loss that are skipped before training stops with an error. 0 turns the
     check off (no per-step check and its device sync): a NaN loss is then applied to the weights, and the start
     of the run logs a warning saying so."""
+    lock_stale_s: float = 120.0
+    """The run directory's lock (one training per run_dir) held by a process on another host counts as abandoned
+    once its heartbeat (renewed every quarter of this) is older than this; on the same host, and for a requeued
+    Slurm job, a dead holder is recognised at once. Keep it well above the hosts' clock differences."""
 
 
 @dataclass
@@ -274,6 +282,12 @@ class TrackingConfig:
     """At the end, log both generators as MLflow PyTorch models with a signature and an input example."""
     flush_timeout_s: float = 120.0
     """At the end, how long to wait for records buffered during a tracking-server outage."""
+    start_timeout_s: float = 60.0
+    """At start-up, how long to keep trying to open the MLflow store (a busy SQLite file, a server that is down)
+    before tracking.required decides."""
+    required: bool = False
+    """What happens when the store cannot be opened at start-up: false trains anyway (everything is kept in
+    run_dir; `python -m pipeline.sync RUN_DIR` uploads it later), true stops the run with exit code 2."""
 
 
 @dataclass
@@ -443,13 +457,39 @@ class Schema:
         for preset, label in presets:
             cfg = self.merge(cfg, preset, label)
         for path, label in yaml_files:
-            cfg = self.merge(cfg, OmegaConf.load(path) or OmegaConf.create({}), label)
+            cfg = self.merge(cfg, read_yaml(path) or OmegaConf.create({}), label)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"command-line override '{item}' is not of the form key=value")
+            try:
+                OmegaConf.from_dotlist([item])
+            except yaml.YAMLError as err:
+                raise ConfigError(f"command-line override '{item}': its value is not valid YAML "
+                                  f"({_yaml_problem(err)}); quote it, e.g. key='value'") from None
         if overrides:
             cfg = self.merge(cfg, OmegaConf.from_dotlist(list(overrides)), "the command line")
         return cfg
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    if isinstance(err, yaml.MarkedYAMLError):
+        return " ".join(part for part in (err.context, err.problem) if part)
+    return str(err).splitlines()[0]
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's contents; a syntax error names the file, line and column in one line."""
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(err)} (check the indentation and the ':' "
+                          "after each key on that line or the one before)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not a text file (not UTF-8); give a YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"config file '{path}' cannot be read ({err.strerror or err})") from None
 
 
 # Keys that moved when `train` was split by concern: the old names still work in this release (0.1), with a
@@ -473,12 +513,24 @@ def validate(cfg: DictConfig) -> None:
             near = difflib.get_close_matches(str(value), choices, n=1)
             hint = f"did you mean '{near[0]}'? " if near else ""
             raise ConfigError(f"'{key}' is '{value}'; {hint}choose one of: {', '.join(choices)}")
-    positive = ["cut.num_patches", "cut.mlp_width", "cut.nce_t",
-                "train.steps", "data.batch_per_rank", "data.crop_size", "data.load_size", "report.log_every_steps",
-                "report.sample_images", "dist.timeout_s", "model.norm_groups"]
+    positive = ["cut.num_patches", "cut.mlp_width", "cut.nce_t", "train.steps", "data.batch_per_rank",
+                "data.crop_size", "data.load_size", "data.shuffle_buffer", "data.prefetch_factor",
+                "report.log_every_steps", "report.sample_images", "dist.timeout_s", "model.norm_groups",
+                "model.ngf", "model.ndf", "model.n_layers_d", "model.init_gain", "optim.lr",
+                "control.lock_stale_s"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"'{key}' must be positive, got {OmegaConf.select(cfg, key)}")
+    for key in ("optim.beta1", "optim.beta2"):
+        if not 0.0 <= OmegaConf.select(cfg, key) < 1.0:
+            raise ConfigError(f"'{key}' must lie in [0, 1), got {OmegaConf.select(cfg, key)}")
+    if not 0.0 <= cfg.report.data_wait_warn_share <= 1.0:
+        raise ConfigError(f"'report.data_wait_warn_share' must lie in [0, 1], got {cfg.report.data_wait_warn_share}")
+    side = GENERATORS[cfg.model.generator]
+    if cfg.data.preprocess != "none" and cfg.data.crop_size % side:
+        raise ConfigError(f"data.crop_size={cfg.data.crop_size} is not a multiple of {side}, which "
+                          f"model.generator={cfg.model.generator} needs (its downsampling steps): use "
+                          f"{max(side, cfg.data.crop_size // side * side)}")
     if cfg.data.preprocess in ("resize_and_crop", "scale_width_and_crop") and cfg.data.load_size < cfg.data.crop_size:
         raise ConfigError(
             f"data.load_size ({cfg.data.load_size}) is smaller than data.crop_size ({cfg.data.crop_size}); "
@@ -509,8 +561,11 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= cfg.optim.decay_start_frac <= 1.0:
         raise ConfigError(f"'optim.decay_start_frac' must lie in [0, 1], got {cfg.optim.decay_start_frac}")
     non_negative = ["train.pool_size", "data.workers", "checkpoint.every_steps", "checkpoint.keep_every_steps",
-                    "control.max_nonfinite_steps", "perf.threads", "eval.every_steps", "report.sample_every_steps",
-                    "control.stop_after_steps", "checkpoint.min_free_mb", "train.ema_start_step"]
+                    "tracking.start_timeout_s", "tracking.flush_timeout_s", "data.remote_retry_s",
+                    "data.max_image_pixels", "loss.lambda_a", "loss.lambda_b", "loss.lambda_idt", "cut.lambda_gan",
+                    "cut.lambda_nce", "control.max_nonfinite_steps", "perf.threads", "eval.every_steps",
+                    "report.sample_every_steps", "control.stop_after_steps", "checkpoint.min_free_mb",
+                    "train.ema_start_step"]
     for key in non_negative:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"'{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")

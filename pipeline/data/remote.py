@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import logging
+import tarfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +26,23 @@ HTTP_TIMEOUT_S = 30.0
 
 class ShardUnreachable(RuntimeError):
     """A network shard that could not be read within the retry time."""
+
+
+class BadShard(RuntimeError):
+    """A network shard that was read but is not usable: reading it again cannot help."""
+
+
+def _content_problem(url: str, err: BaseException) -> str | None:
+    """Why an http(s) shard that the server answered is bad in itself (missing, not a tar), or None for a failure
+    worth retrying. (pipe: commands cannot tell a cut connection from a cut file: they are retried.)"""
+    if not url.startswith(("http://", "https://")):
+        return None
+    if isinstance(err, urllib.error.HTTPError) and err.code in (401, 403, 404, 410):
+        return f"the server answers HTTP {err.code} ({err.reason})"
+    if isinstance(err, tarfile.TarError):
+        what = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+        return f"not a readable tar ({what})"
+    return None
 
 
 def is_remote(url: str) -> bool:
@@ -84,6 +103,9 @@ def retrying_samples(url: str, retry_s: float, sleep=time.sleep) -> Iterator[dic
         except Exception as err:  # noqa: BLE001 - urllib, tarfile, webdataset and pipes raise many types
             if not is_remote(url):
                 raise
+            problem = _content_problem(url, err)
+            if problem is not None:
+                raise BadShard(problem) from None
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             now = time.monotonic()
             failing_since = failing_since if failing_since is not None else now

@@ -29,11 +29,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.data.images import to_uint8_tensor
-from pipeline.data.remote import ShardUnreachable, retrying_samples
+from pipeline.data.remote import BadShard, ShardUnreachable, retrying_samples
+from pipeline.data.skips import DEFAULT_MAX_PIXELS, IMAGE_KEYS, Skips, image_member, name_of, unusable
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+__all__ = ["IMAGE_KEYS", "DataError", "DomainStream", "UnpairedBatches", "decode_image", "expand_pattern",
+           "train_loader"]
 
 
 class DataError(RuntimeError):
@@ -112,11 +114,12 @@ def expand_pattern(pattern: str, key: str = "") -> list[str]:
     return urls
 
 
-def count_local_samples(paths: list[str], at_least: int) -> int:
+def count_local_samples(paths: list[str], at_least: int, skips: Skips | None = None) -> int:
     """Samples with an image member in the local shard files `paths`, counted up to `at_least`.
 
     Reads tar headers only (members are skipped by seeking), and stops as soon as `at_least` is reached, so
-    the start-up check costs one header read for the usual batch of 1.
+    the start-up check costs one header read for the usual batch of 1. A shard that is not a readable tar is
+    left out of the count (and recorded in `skips`): the stream skips it too.
     """
     count = 0
     for path in paths:
@@ -132,19 +135,37 @@ def count_local_samples(paths: list[str], at_least: int) -> int:
                     if count >= at_least:
                         return count
         except (tarfile.TarError, OSError) as err:
-            raise DataError(f"shard '{path}' is not a readable tar ({err}); check it with "
-                            f"`python -m pipeline.shards inspect {path}`") from None
+            if skips is not None:
+                skips.shard(path, shard_problem(err))
     return count
+
+
+def shard_problem(err: BaseException) -> str:
+    """A shard's read error in words: `tarfile`'s ReadError carries a tuple."""
+    if isinstance(err, tarfile.ReadError) and err.args and isinstance(err.args[0], str):
+        what = err.args[0]
+        known = {"empty file": "an empty file (0 bytes: an interrupted copy?)",
+                 "invalid header": "not a tar file (invalid header)",
+                 "unexpected end of data": "truncated (unexpected end of data)"}
+        return known.get(what, f"not a readable tar ({what})")
+    if isinstance(err, FileNotFoundError):
+        return "it no longer exists (deleted or moved since the run started)"
+    if isinstance(err, PermissionError):
+        return "it cannot be read (permission denied)"
+    if isinstance(err, OSError):
+        return f"it cannot be read ({err.strerror or err})"
+    return f"{type(err).__name__}: {err}"
 
 
 def _domain_label(domain: str, pattern: str) -> str:
     return f"domain {domain}: shard pattern '{pattern}'"
 
 
-def _fewer_than_a_batch(holders: str, count: int, batch_per_rank: int) -> DataError:
+def _fewer_than_a_batch(holders: str, count: int, batch_per_rank: int, skips: Skips | None = None) -> DataError:
     """The error for a domain smaller than one batch; `holders` is its subject and verb ("... holds")."""
-    return DataError(f"{holders} {count} sample(s), fewer than one batch (data.batch_per_rank={batch_per_rank}); "
-                     "point it at the full set or lower data.batch_per_rank")
+    skipped = f" ({skips.describe()})" if skips is not None and skips.describe() else ""
+    return DataError(f"{holders} {count} usable sample(s){skipped}, fewer than one batch (data.batch_per_rank="
+                     f"{batch_per_rank}); point it at the full set or lower data.batch_per_rank")
 
 
 def check_enough_samples(pattern: str, urls: list[str], batch_per_rank: int, domain: str) -> None:
@@ -156,9 +177,10 @@ def check_enough_samples(pattern: str, urls: list[str], batch_per_rank: int, dom
     paths = [local_path(url) for url in urls]
     if None in paths:
         return
-    count = count_local_samples(paths, batch_per_rank)
+    skips = Skips(_domain_label(domain, pattern), report=False)
+    count = count_local_samples(paths, batch_per_rank, skips)
     if count < batch_per_rank:
-        raise _fewer_than_a_batch(f"{_domain_label(domain, pattern)} holds", count, batch_per_rank)
+        raise _fewer_than_a_batch(f"{_domain_label(domain, pattern)} holds", count, batch_per_rank, skips)
 
 
 @dataclass(frozen=True)
@@ -193,27 +215,35 @@ class Augment:
 
 def decode_image(sample: dict[str, Any]) -> Image.Image:
     """The RGB image of a WebDataset sample (first of jpg/jpeg/png/webp members)."""
-    for key in IMAGE_KEYS:
-        if key in sample:
-            img = Image.open(io.BytesIO(sample[key]))
-            return img.convert("RGB")
-    raise DataError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has no image member {IMAGE_KEYS}")
+    key = image_member(sample)
+    if key is None:
+        raise DataError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has no image member "
+                        f"{IMAGE_KEYS}")
+    return Image.open(io.BytesIO(sample[key])).convert("RGB")
 
 
 def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int, min_samples: int = 1,
-                label: str = "", retry_s: float = 120.0) -> Iterator[dict[str, Any]]:
-    """Undecoded samples forever: shards in a new random order each pass, mixed through a shuffle buffer.
+                label: str = "", retry_s: float = 120.0, skips: Skips | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict[str, Any]]:
+    """Undecoded usable samples forever: shards in a new random order each pass, mixed through a shuffle buffer.
 
-    A first pass with fewer than `min_samples` samples (one batch) raises DataError, naming `label`; a network
-    shard that fails for `retry_s` seconds in a row raises DataError naming its URL.
+    Unreadable shards and samples that are not usable images (judged from their headers) are left out before the
+    buffer and recorded in `skips`. A pass with no usable sample, or a first pass with fewer than `min_samples`
+    (one batch), raises DataError naming `label` and what was skipped; a network shard that fails for `retry_s`
+    seconds in a row raises DataError naming its URL.
     """
+    skips = skips if skips is not None else Skips(label)
     buffer: list[dict[str, Any]] = []
     first = True
     while True:
         order = list(urls)
         rng.shuffle(order)
         produced = 0
-        for sample in _samples_of(order, retry_s):
+        for sample in _samples_of(order, retry_s, skips):
+            reason = unusable(sample, max_pixels)
+            if reason is not None:
+                skips.sample(name_of(sample), reason)
+                continue
             produced += 1
             if len(buffer) < shuffle_buffer:
                 buffer.append(sample)
@@ -223,25 +253,39 @@ def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int, min_sa
             yield sample
         what = f"{label} holds" if label else f"shards {order[:3]}... hold"
         if produced == 0:
-            raise DataError(f"{what} no samples")
+            skipped = skips.describe()
+            raise DataError(f"{what} no usable sample{': ' + skipped if skipped else ''}. Check the shards with "
+                            "`python -m pipeline.shards inspect PATTERN`")
         if first and produced < min_samples:
-            raise _fewer_than_a_batch(what, produced, min_samples)
+            raise _fewer_than_a_batch(what, produced, min_samples, skips)
+        if first:
+            skips.end_of_first_pass(produced)
         first = False
 
 
-def _samples_of(urls: list[str], retry_s: float) -> Iterator[dict[str, Any]]:
+def _samples_of(urls: list[str], retry_s: float, skips: Skips) -> Iterator[dict[str, Any]]:
     for url in urls:
+        if url in skips.shards:
+            continue  # Known bad: unreadable once, it is not read again in later passes.
+        delivered = 0
         try:
-            yield from retrying_samples(url, retry_s)
+            for sample in retrying_samples(url, retry_s):
+                delivered += 1
+                yield sample
         except ShardUnreachable as err:
             raise DataError(str(err)) from None
+        except BadShard as err:
+            skips.shard(url, str(err), delivered)
+        except Exception as err:  # noqa: BLE001 - a local shard: tarfile, the OS and webdataset raise many types
+            skips.shard(url, shard_problem(err), delivered)
 
 
 class DomainStream:
     """An infinite stream of augmented images of one domain, a pure function of its seed."""
 
     def __init__(self, urls: list[str], seed: str, augment: Augment, shuffle_buffer: int, min_samples: int = 1,
-                 label: str = "", retry_s: float = 120.0) -> None:
+                 label: str = "", retry_s: float = 120.0, report: bool = True,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.urls = urls
         self.retry_s = retry_s
         self.seed = seed
@@ -249,24 +293,32 @@ class DomainStream:
         self.shuffle_buffer = shuffle_buffer
         self.min_samples = min_samples
         self.label = label
-        self.bad_samples = 0
+        self.max_pixels = max_pixels
+        self.skips = Skips(label, report)
 
     def iterate(self, skip: int = 0) -> Iterator[torch.Tensor]:
-        """Images from position `skip` on; skipped samples are read but not decoded."""
+        """Images from position `skip` on; skipped samples are read but not decoded.
+
+        Raises:
+            DataError: as raw_samples, or when no sample decodes for ten passes' worth of samples in a row
+                (headers that open but pixels that do not).
+        """
         samples = raw_samples(self.urls, random.Random(f"{self.seed}:shards"), self.shuffle_buffer,
-                              self.min_samples, self.label, self.retry_s)
+                              self.min_samples, self.label, self.retry_s, self.skips, self.max_pixels)
+        failing = 0
         for index, sample in enumerate(samples):
             if index < skip:
                 continue
             try:
                 img = decode_image(sample)
-            except DataError:
-                raise
             except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
-                self.bad_samples += 1
-                log.warning("skipping undecodable sample '%s' in %s: %s",
-                            sample.get("__key__"), sample.get("__url__"), err)
+                self.skips.sample(name_of(sample), f"undecodable ({type(err).__name__}: {err})")
+                failing += 1
+                if self.skips.first_pass and failing > 10 * (self.skips.first_pass + self.shuffle_buffer):
+                    raise DataError(f"{self.label or 'a domain'}: none of the last {failing} samples decodes "
+                                    f"({self.skips.describe()})") from None
                 continue
+            failing = 0
             yield self.augment(img, random.Random(f"{self.seed}:{index}"))
 
 
@@ -289,8 +341,10 @@ class UnpairedBatches(IterableDataset):
         start_batch: int = 0,
         patterns: tuple[str, str] = ("", ""),
         retry_s: float = 120.0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()
+        self.max_pixels = max_pixels
         self.patterns = patterns
         self.retry_s = retry_s
         self.urls_a, self.urls_b = urls_a, urls_b
@@ -306,9 +360,11 @@ class UnpairedBatches(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         done = max(0, math.ceil((self.start_batch - worker) / workers))
         skip = done * self.batch_size
+        _set_pixel_limit(self.max_pixels)
         streams = [
             DomainStream(urls, f"{self.seed}:{self.rank}:{worker}:{domain}", self.augment, self.shuffle_buffer,
-                         self.batch_size, _domain_label(domain, pattern) if pattern else "", self.retry_s)
+                         self.batch_size, _domain_label(domain, pattern) if pattern else "", self.retry_s,
+                         report=self.rank == 0 and worker == 0, max_pixels=self.max_pixels)
             for urls, domain, pattern in ((self.urls_a, "A", self.patterns[0]), (self.urls_b, "B", self.patterns[1]))
         ]
         iter_a, iter_b = (stream.iterate(skip) for stream in streams)
@@ -316,6 +372,11 @@ class UnpairedBatches(IterableDataset):
             batch_a = torch.stack([next(iter_a) for _ in range(self.batch_size)])
             batch_b = torch.stack([next(iter_b) for _ in range(self.batch_size)])
             yield batch_a, batch_b
+
+
+def _set_pixel_limit(max_pixels: int) -> None:
+    """PIL refuses images over twice its own limit while opening them: ours (data.max_image_pixels) decides."""
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, DEFAULT_MAX_PIXELS) if max_pixels else None
 
 
 def train_loader(
@@ -343,6 +404,7 @@ def train_loader(
         start_batch,
         patterns=(data_cfg.train_a, data_cfg.train_b),
         retry_s=data_cfg.remote_retry_s,
+        max_pixels=data_cfg.max_image_pixels,
     )
     workers = data_cfg.workers
     return DataLoader(

@@ -26,7 +26,7 @@ from pipeline.engine.checkpoint import Outcome
 from pipeline.engine.dist import DistInfo
 from pipeline.engine.progress import format_duration
 from pipeline.engine.version import code_version
-from pipeline.tracking.trackers import MLflowTracker, NullTracker
+from pipeline.tracking.trackers import MLflowTracker, NullTracker, TrackingUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,7 @@ class Recorder(NullRecorder):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.info = info
-        if cfg.tracking.enabled:
-            name = cfg.tracking.run_name or self.run_dir.name
-            self.tracker = MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, name, run_id,
-                                         flush_timeout_s=cfg.tracking.flush_timeout_s)
-        else:
-            self.tracker = NullTracker()
+        self.tracker = open_tracker(cfg, run_id, self.run_dir)
         self._metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         self._t0 = time.perf_counter()
         self._start_step = 0
@@ -216,6 +211,32 @@ class Recorder(NullRecorder):
         if self.tracker.dropped:
             log.warning("MLflow: %d records were dropped during this run (see warnings above)", self.tracker.dropped)
         self.tracker.finish(status)
+
+
+class TrackingError(RuntimeError):
+    """The tracking store could not be opened and tracking.required=true: the run stops before training."""
+
+
+def open_tracker(cfg: DictConfig, run_id: str | None, run_dir: Path) -> NullTracker:
+    """MLflow as configured. A store that cannot be opened never decides alone whether training starts:
+    tracking.required does, and without it the run trains with its record kept in run_dir."""
+    if not cfg.tracking.enabled:
+        return NullTracker()
+    name = cfg.tracking.run_name or run_dir.name
+    try:
+        return MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, name, run_id,
+                             flush_timeout_s=cfg.tracking.flush_timeout_s,
+                             start_timeout_s=cfg.tracking.start_timeout_s)
+    except TrackingUnavailable as err:
+        if cfg.tracking.required:
+            raise TrackingError(f"{err}. tracking.required=true, so the run stops: start the store (or fix "
+                                "tracking.uri) and run again, or set tracking.required=false to train without "
+                                "it") from None
+        log.warning("%s. Training goes on without MLflow (tracking.required=false): this run's metrics, sample "
+                    "grids and checkpoints are kept in %s (metrics.jsonl, samples/, ckpt-*); its MLflow run will "
+                    "lack them until you upload them with `python -m pipeline.sync %s` once the store is back",
+                    err, run_dir, run_dir)
+        return NullTracker()
 
 
 def _discard(packed: Path | None) -> None:

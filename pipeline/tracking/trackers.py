@@ -9,6 +9,8 @@ reported as dropped. A request the server rejects (a 4xx answer) is dropped at o
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import logging
 import math
 import os
@@ -16,7 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,45 @@ class NullTracker:
         return 0
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow store could not be opened at start-up."""
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _never_works(err: BaseException) -> bool:
+    """A URI no retry can fix: an unknown scheme, or a malformed address."""
+    text = str(err)
+    return ("registered tracking store" in text or "Invalid URL" in text or "No connection adapters" in text
+            or "Unsupported URI" in text or "not a valid" in text.lower())
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for other stores)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def first_use_lock(uri: str) -> Iterator[None]:
+    """Serialise opening a SQLite store among this host's processes: MLflow creates and migrates a new store's
+    schema on first use, and two processes doing it at once both fail (alembic's "Online migration expected to
+    match one row"). An flock on a file beside the database: SQLite stores are local files (SQLite itself is
+    not safe on NFS), so the lock is too."""
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _rejected(err: Exception) -> bool:
     """A request the server understood and refused: sending it again cannot help."""
     status = getattr(err, "get_http_status_code", lambda: None)()
@@ -62,7 +103,7 @@ class MLflowTracker(NullTracker):
     """An MLflow run: created, or continued when `run_id` names an earlier one (a resume)."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None,
-                 flush_timeout_s: float = 120.0, max_queued: int = 100_000) -> None:
+                 flush_timeout_s: float = 120.0, max_queued: int = 100_000, start_timeout_s: float = 60.0) -> None:
         # The client's own retries block for minutes; the queue below retries without blocking training.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
@@ -70,8 +111,7 @@ class MLflowTracker(NullTracker):
 
         self._mlflow = mlflow
         self.uri = resolve_uri(uri)
-        self.client = mlflow.MlflowClient(self.uri)
-        self.run_id = self._open_run(experiment, run_name, run_id)
+        self.run_id = self._open_run(experiment, run_name, run_id, start_timeout_s)
         self.flush_timeout_s = flush_timeout_s
         self.max_queued = max_queued
         self.dropped = 0
@@ -84,26 +124,42 @@ class MLflowTracker(NullTracker):
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
         self._thread.start()
 
-    def _open_run(self, experiment: str, run_name: str, run_id: str | None) -> str:
-        """Create or reopen the run, retrying for a while: without a run id nothing can be recorded."""
-        for attempt in range(5):
+    def _open_run(self, experiment: str, run_name: str, run_id: str | None, timeout_s: float) -> str:
+        """Create or reopen the run, retrying for up to `timeout_s`: without a run id nothing can be recorded.
+
+        Raises:
+            TrackingUnavailable: the store could not be opened in that time, or never can be (a bad URI).
+        """
+        deadline, attempt = time.monotonic() + timeout_s, 0
+        while True:
             try:
-                if run_id:
-                    if self.client.get_run(run_id).info.status != "RUNNING":
-                        self.client.update_run(run_id, status="RUNNING")
-                    log.info("continuing MLflow run %s at %s", run_id, self.uri)
-                    return run_id
-                exp = self.client.get_experiment_by_name(experiment)
-                exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-                new_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
-                log.info("MLflow run %s in experiment '%s' at %s", new_id, experiment, self.uri)
-                return new_id
-            except Exception as err:  # noqa: BLE001 - any failure: retry, then give up loudly
-                if attempt == 4:
-                    raise
-                log.warning("MLflow at %s not reachable (%s); retrying", self.uri, str(err).splitlines()[0][:200])
-                time.sleep(2.0 * (attempt + 1))
-        raise AssertionError("unreachable")
+                with first_use_lock(self.uri):
+                    self.client = self._mlflow.MlflowClient(self.uri)
+                    return self._create_or_continue(experiment, run_name, run_id)
+            except Exception as err:  # noqa: BLE001 - any failure: retry, then give up saying why
+                reason = _first_line(err)
+                if _never_works(err):
+                    raise TrackingUnavailable(f"MLflow tracking URI '{self.uri}' cannot be used: {reason}") from None
+                attempt += 1
+                delay = min(2.0 * attempt, 10.0)
+                if time.monotonic() + delay > deadline:
+                    raise TrackingUnavailable(
+                        f"MLflow at '{self.uri}' could not be opened within {timeout_s:g} s "
+                        f"(tracking.start_timeout_s): {reason}") from None
+                log.warning("MLflow at %s not reachable (%s); retrying in %.0f s", self.uri, reason, delay)
+                time.sleep(delay)
+
+    def _create_or_continue(self, experiment: str, run_name: str, run_id: str | None) -> str:
+        if run_id:
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+            log.info("continuing MLflow run %s at %s", run_id, self.uri)
+            return run_id
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        new_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        log.info("MLflow run %s in experiment '%s' at %s", new_id, experiment, self.uri)
+        return new_id
 
     # Sending.
 

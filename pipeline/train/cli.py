@@ -1,8 +1,8 @@
 """CycleGAN training: `python -m pipeline.train --config configs/X.yaml key=value ...` (or under torchrun).
 
-Exit codes: 0 done (or stopped cleanly under torchrun), 2 a config, data or checkpoint problem (one log line
-says which and how to fix it), 3 stopped by a signal or control.stop_after_steps (checkpointed; run it again to
-continue).
+Exit codes: 0 done (or stopped cleanly under torchrun), 2 a config, data, checkpoint, run directory, tracking or
+file-system problem (one log line says which and how to fix it; PIPELINE_DEBUG=1 adds the traceback), 3 stopped
+by a signal or control.stop_after_steps (checkpointed; run it again to continue).
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from pipeline.config import ConfigError, load_config
 from pipeline.data.stream import DataError
 from pipeline.engine import dist
 from pipeline.engine.checkpoint import CheckpointError
+from pipeline.engine.run_lock import RunDirError
 from pipeline.engine.stop import EXIT_STOPPED
-from pipeline.logs import setup_logging
+from pipeline.logs import report_error, setup_logging
+from pipeline.tracking.recorder import TrackingError
 from pipeline.train.loop import run
 
 log = logging.getLogger("pipeline.train")
@@ -60,8 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with dist.process_group_teardown():
             cfg = load_config(args.config, args.overrides)
             result = run(cfg)
-    except (ConfigError, DataError, CheckpointError) as err:
-        log.error("%s", err)
+    except (ConfigError, DataError, CheckpointError, RunDirError, TrackingError, OSError) as err:
+        # The accidents of README "When things go wrong": one line that says what and how to fix it.
+        report_error(log, err)
         return 2
     if result.stopped:
         # torchrun counts any non-zero exit as a crash (it restarts the group or reports a failure), so under

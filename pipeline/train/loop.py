@@ -35,12 +35,13 @@ from pipeline.engine.checkpoint import (
 from pipeline.engine.meter import MetricMeter, peak_memory
 from pipeline.engine.nonfinite import NonFiniteGuard, NonFiniteLossError
 from pipeline.engine.optim import lr_factor, set_lr
+from pipeline.engine.run_lock import RunDirError, RunLock, acquire
 from pipeline.engine.schedule import Every
 from pipeline.engine.stop import EXIT_STOPPED, StopFlag
 from pipeline.eval.evaluate import held_out_eval
 from pipeline.infer.generators import generators_file
 from pipeline.infer.interop import load_reference_dir
-from pipeline.tracking.recorder import make_recorder
+from pipeline.tracking.recorder import NullRecorder, TrackingError, make_recorder
 from pipeline.train.build import Components, build_components
 from pipeline.train.samples import sample_grid
 from pipeline.train.state import TrainingState, check_compatible
@@ -108,7 +109,45 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     device = dist.select_device(cfg.train.device, info)
     dist.init_process_group(info, device, cfg.dist.timeout_s, socket_ifname=cfg.dist.socket_ifname)
     random.seed(cfg.train.seed * 1000 + info.rank)
+    lock = _own_run_dir(cfg, info)
+    try:
+        return _run(cfg, info, device, stop_flag)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _own_run_dir(cfg: DictConfig, info: dist.DistInfo) -> RunLock | None:
+    """Rank 0 takes the run directory's lock for the whole job before anything is written; every rank stops
+    with its reason when it cannot."""
+    lock, problem = None, None
+    if info.is_main:
+        try:
+            lock = acquire(cfg.run_dir, cfg.control.lock_stale_s, info.world_size)
+        except RunDirError as err:
+            problem = str(err)
+    problem = dist.broadcast_from_main(problem)
+    if problem:
+        raise RunDirError(problem)
+    return lock
+
+
+def _start_recorder(cfg: DictConfig, info: dist.DistInfo, run_id: str | None) -> NullRecorder:
+    """The run's recorder (rank 0 writes the record); when rank 0 cannot start it, every rank stops with why."""
+    recorder, problem = None, None
+    try:
+        recorder = make_recorder(cfg, info, run_id)
+    except TrackingError as err:
+        problem = ("tracking", str(err))
+    except OSError as err:
+        problem = ("run_dir", f"cannot write the run's record in run_dir '{cfg.run_dir}': {err}")
+    problem = dist.broadcast_from_main(problem)
+    if problem:
+        raise (TrackingError if problem[0] == "tracking" else RunDirError)(problem[1])
+    return recorder
+
+
+def _run(cfg: DictConfig, info: dist.DistInfo, device: torch.device, stop_flag: StopFlag | None) -> RunResult:
     # Resume (before anything is written, so a bad checkpoint loses nothing).
     resume = _find_resume(cfg)
     saved = _read_resume(resume, cfg, info.rank) if resume is not None else None
@@ -126,7 +165,7 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     elif cfg.checkpoint.init_from:
         _initialise(cfg, parts.nets)
     guard = NonFiniteGuard(cfg.control.max_nonfinite_steps)
-    recorder = make_recorder(cfg, info, (saved.get("mlflow_run_id") or None) if saved else None)
+    recorder = _start_recorder(cfg, info, (saved.get("mlflow_run_id") or None) if saved else None)
     del saved  # Frees this rank's copy of the checkpoint.
     checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps,
                                 cfg.checkpoint.min_free_mb, is_main=info.is_main, timeout_s=cfg.dist.timeout_s)
