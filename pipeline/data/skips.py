@@ -45,8 +45,11 @@ def unusable(sample: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> st
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(sample[key]))
-    except Image.DecompressionBombError as err:
-        return f"too large to decode safely ({err}; data.max_image_pixels)"
+    except Image.DecompressionBombError:
+        return (f"too large to decode safely (over data.max_image_pixels={max_pixels:,} pixels: a decompression "
+                "bomb, or raise the limit if the image is genuine)")
+    except Image.UnidentifiedImageError:
+        return f"not an image (its {key} member is in no format PIL can read)"
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bytes that are not an image
         return f"not an image ({type(err).__name__}: {err})"
     width, height = img.size

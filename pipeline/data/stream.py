@@ -143,7 +143,7 @@ def count_local_samples(paths: list[str], at_least: int, skips: Skips | None = N
 def shard_problem(err: BaseException) -> str:
     """A shard's read error in words: `tarfile`'s ReadError carries a tuple."""
     if isinstance(err, tarfile.ReadError) and err.args and isinstance(err.args[0], str):
-        what = err.args[0]
+        what = err.args[0].split(" @ ")[0]  # webdataset appends " @ <the stream>"
         known = {"empty file": "an empty file (0 bytes: an interrupted copy?)",
                  "invalid header": "not a tar file (invalid header)",
                  "unexpected end of data": "truncated (unexpected end of data)"}
@@ -164,6 +164,9 @@ def _domain_label(domain: str, pattern: str) -> str:
 def _fewer_than_a_batch(holders: str, count: int, batch_per_rank: int, skips: Skips | None = None) -> DataError:
     """The error for a domain smaller than one batch; `holders` is its subject and verb ("... holds")."""
     skipped = f" ({skips.describe()})" if skips is not None and skips.describe() else ""
+    if count == 0:
+        return DataError(f"{holders} no usable sample{skipped}: check its shards with `python -m pipeline.shards "
+                         "inspect PATTERN` and write them again from the images")
     return DataError(f"{holders} {count} usable sample(s){skipped}, fewer than one batch (data.batch_per_rank="
                      f"{batch_per_rank}); point it at the full set or lower data.batch_per_rank")
 
@@ -265,8 +268,6 @@ def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int, min_sa
 
 def _samples_of(urls: list[str], retry_s: float, skips: Skips) -> Iterator[dict[str, Any]]:
     for url in urls:
-        if url in skips.shards:
-            continue  # Known bad: unreadable once, it is not read again in later passes.
         delivered = 0
         try:
             for sample in retrying_samples(url, retry_s):

@@ -64,9 +64,12 @@ def _first_line(err: BaseException) -> str:
 
 def _never_works(err: BaseException) -> bool:
     """A URI no retry can fix: an unknown scheme, or a malformed address."""
+    if isinstance(err, OSError):
+        return True  # The SQLite file's folder cannot be created or opened: waiting does not change that.
     text = str(err)
-    return ("registered tracking store" in text or "Invalid URL" in text or "No connection adapters" in text
-            or "Unsupported URI" in text or "not a valid" in text.lower())
+    known = ("registered tracking store", "unsupported URI", "Unsupported URI", "Invalid URL",
+             "No connection adapters")
+    return any(phrase in text for phrase in known) or "not a valid" in text.lower()
 
 
 def sqlite_path(uri: str) -> Path | None:
