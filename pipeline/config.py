@@ -589,6 +589,8 @@ def load_config(yaml_paths: Sequence[str | os.PathLike] = (), overrides: Sequenc
     """
     files = []
     for path in yaml_paths:
+        if Path(path).is_dir():
+            raise ConfigError(f"config file '{path}' is a folder: give a YAML file (see configs/ for the shipped ones)")
         if not Path(path).is_file():
             raise ConfigError(f"config file '{path}' does not exist (see configs/ for the shipped ones)")
         files.append((Path(path), f"config file '{path}'"))

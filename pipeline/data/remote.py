@@ -32,6 +32,23 @@ class BadShard(RuntimeError):
     """A network shard that was read but is not usable: reading it again cannot help."""
 
 
+def shard_problem(err: BaseException) -> str:
+    """A shard's read error in words: `tarfile`'s ReadError carries a tuple."""
+    if isinstance(err, tarfile.ReadError) and err.args and isinstance(err.args[0], str):
+        what = err.args[0].split(" @ ")[0]  # webdataset appends " @ <the stream>"
+        known = {"empty file": "an empty file (0 bytes: an interrupted copy?)",
+                 "invalid header": "not a tar file (invalid header)",
+                 "unexpected end of data": "truncated (unexpected end of data)"}
+        return known.get(what, f"not a readable tar ({what})")
+    if isinstance(err, FileNotFoundError):
+        return "it no longer exists (deleted or moved since the run started)"
+    if isinstance(err, PermissionError):
+        return "it cannot be read (permission denied)"
+    if isinstance(err, OSError):
+        return f"it cannot be read ({err.strerror or err})"
+    return f"{type(err).__name__}: {err}"
+
+
 def _content_problem(url: str, err: BaseException) -> str | None:
     """Why an http(s) shard that the server answered is bad in itself (missing, not a tar), or None for a failure
     worth retrying. (pipe: commands cannot tell a cut connection from a cut file: they are retried.)"""
@@ -40,8 +57,7 @@ def _content_problem(url: str, err: BaseException) -> str | None:
     if isinstance(err, urllib.error.HTTPError) and err.code in (401, 403, 404, 410):
         return f"the server answers HTTP {err.code} ({err.reason})"
     if isinstance(err, tarfile.TarError):
-        what = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
-        return f"not a readable tar ({what})"
+        return shard_problem(err)
     return None
 
 

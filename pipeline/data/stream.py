@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.data.images import to_uint8_tensor
-from pipeline.data.remote import BadShard, ShardUnreachable, retrying_samples
+from pipeline.data.remote import BadShard, ShardUnreachable, retrying_samples, shard_problem
 from pipeline.data.skips import DEFAULT_MAX_PIXELS, IMAGE_KEYS, Skips, image_member, name_of, unusable
 
 log = logging.getLogger(__name__)
@@ -93,12 +93,13 @@ def expand_pattern(pattern: str, key: str = "") -> list[str]:
     if not pattern:
         raise DataError("empty shard pattern: set data.train_a / data.train_b to your shards")
     urls = []
+    named = f"{key}='{pattern}'" if key else f"shard pattern '{pattern}'"
     for url in wds.shardlists.expand_urls(pattern):
         path = local_path(url)
         if path is not None and any(ch in path for ch in "*?["):
             matches = sorted(glob.glob(path))
             if not matches:
-                raise DataError(f"shard pattern '{pattern}' matches no file ('{url}'); check the path")
+                raise DataError(f"{named} matches no file ('{url}'); check the path")
             urls.extend(matches)
         elif path is not None and Path(path).is_dir():
             urls.extend(_expand_folder(Path(path), pattern, key))
@@ -108,7 +109,7 @@ def expand_pattern(pattern: str, key: str = "") -> list[str]:
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise DataError(
-            f"shard pattern '{pattern}' names {len(missing)} missing file(s): {shown}. "
+            f"{named} names {len(missing)} missing file(s): {shown}. "
             "Check the path, or create shards with `python -m pipeline.shards SRC OUT`."
         )
     return urls
@@ -138,23 +139,6 @@ def count_local_samples(paths: list[str], at_least: int, skips: Skips | None = N
             if skips is not None:
                 skips.shard(path, shard_problem(err))
     return count
-
-
-def shard_problem(err: BaseException) -> str:
-    """A shard's read error in words: `tarfile`'s ReadError carries a tuple."""
-    if isinstance(err, tarfile.ReadError) and err.args and isinstance(err.args[0], str):
-        what = err.args[0].split(" @ ")[0]  # webdataset appends " @ <the stream>"
-        known = {"empty file": "an empty file (0 bytes: an interrupted copy?)",
-                 "invalid header": "not a tar file (invalid header)",
-                 "unexpected end of data": "truncated (unexpected end of data)"}
-        return known.get(what, f"not a readable tar ({what})")
-    if isinstance(err, FileNotFoundError):
-        return "it no longer exists (deleted or moved since the run started)"
-    if isinstance(err, PermissionError):
-        return "it cannot be read (permission denied)"
-    if isinstance(err, OSError):
-        return f"it cannot be read ({err.strerror or err})"
-    return f"{type(err).__name__}: {err}"
 
 
 def _domain_label(domain: str, pattern: str) -> str:

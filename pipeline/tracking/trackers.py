@@ -64,7 +64,7 @@ def _first_line(err: BaseException) -> str:
 
 def _never_works(err: BaseException) -> bool:
     """A URI no retry can fix: an unknown scheme, or a malformed address."""
-    if isinstance(err, OSError):
+    if isinstance(err, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)):
         return True  # The SQLite file's folder cannot be created or opened: waiting does not change that.
     text = str(err)
     known = ("registered tracking store", "unsupported URI", "Unsupported URI", "Invalid URL",

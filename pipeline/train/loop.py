@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from pipeline.config import ConfigError
 from pipeline.data.held_out import held_out
 from pipeline.data.images import normalize
-from pipeline.data.stream import train_loader
+from pipeline.data.stream import expand_pattern, train_loader
 from pipeline.engine import dist
 from pipeline.engine.checkpoint import (
     BEST_NAME,
@@ -39,6 +39,7 @@ from pipeline.engine.run_lock import RunDirError, RunLock, acquire
 from pipeline.engine.schedule import Every
 from pipeline.engine.stop import EXIT_STOPPED, StopFlag
 from pipeline.eval.evaluate import held_out_eval
+from pipeline.eval.metrics.features import how_to_provide
 from pipeline.infer.generators import generators_file
 from pipeline.infer.interop import load_reference_dir
 from pipeline.tracking.recorder import NullRecorder, TrackingError, make_recorder
@@ -147,7 +148,24 @@ def _start_recorder(cfg: DictConfig, info: dist.DistInfo, run_id: str | None) ->
     return recorder
 
 
+def check_inputs(cfg: DictConfig) -> None:
+    """Inputs the run reads only later (held-out sets at the first sample grid, the feature extractor at the first
+    evaluation), checked before the first step so that a typo does not cost the steps before them.
+
+    Raises:
+        DataError: a held-out pattern that names nothing.
+        ConfigError: a feature extractor file that does not exist.
+    """
+    for key in ("test_a", "test_b"):
+        source = cfg.data[key]
+        if source and not Path(source).exists():
+            expand_pattern(source, f"data.{key}")
+    if cfg.eval.features and not Path(cfg.eval.features).is_file():
+        raise ConfigError(f"eval.features='{cfg.eval.features}' is not a file. {how_to_provide()}")
+
+
 def _run(cfg: DictConfig, info: dist.DistInfo, device: torch.device, stop_flag: StopFlag | None) -> RunResult:
+    check_inputs(cfg)
     # Resume (before anything is written, so a bad checkpoint loses nothing).
     resume = _find_resume(cfg)
     saved = _read_resume(resume, cfg, info.rank) if resume is not None else None
