@@ -53,7 +53,8 @@ def throughput(shards: dict[str, str], workers: int, crop: int, load: int, secon
     `pin_memory` as training sets it on CUDA."""
     cfg = SimpleNamespace(train_a=shards["trainA"], train_b=shards["trainB"], preprocess="resize_and_crop",
                           load_size=load, crop_size=crop, flip=True, batch_per_rank=1, workers=workers,
-                          shuffle_buffer=shuffle_buffer, prefetch_factor=8, remote_retry_s=120.0)
+                          shuffle_buffer=shuffle_buffer, prefetch_factor=8, remote_retry_s=120.0,
+                          max_image_pixels=89_478_485)
     batches = iter(train_loader(cfg, seed=0, rank=0, pin_memory=pin_memory))
     for _ in range(8 * max(workers, 1)):  # Warm-up: workers started, buffers filled.
         next(batches)

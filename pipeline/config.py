@@ -516,8 +516,7 @@ def validate(cfg: DictConfig) -> None:
     positive = ["cut.num_patches", "cut.mlp_width", "cut.nce_t", "train.steps", "data.batch_per_rank",
                 "data.crop_size", "data.load_size", "data.shuffle_buffer", "data.prefetch_factor",
                 "report.log_every_steps", "report.sample_images", "dist.timeout_s", "model.norm_groups",
-                "model.ngf", "model.ndf", "model.n_layers_d", "model.init_gain", "optim.lr",
-                "control.lock_stale_s"]
+                "model.ngf", "model.ndf", "model.n_layers_d", "model.init_gain", "control.lock_stale_s"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"'{key}' must be positive, got {OmegaConf.select(cfg, key)}")
@@ -562,10 +561,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"'optim.decay_start_frac' must lie in [0, 1], got {cfg.optim.decay_start_frac}")
     non_negative = ["train.pool_size", "data.workers", "checkpoint.every_steps", "checkpoint.keep_every_steps",
                     "tracking.start_timeout_s", "tracking.flush_timeout_s", "data.remote_retry_s",
-                    "data.max_image_pixels", "loss.lambda_a", "loss.lambda_b", "loss.lambda_idt", "cut.lambda_gan",
-                    "cut.lambda_nce", "control.max_nonfinite_steps", "perf.threads", "eval.every_steps",
-                    "report.sample_every_steps", "control.stop_after_steps", "checkpoint.min_free_mb",
-                    "train.ema_start_step"]
+                    "data.max_image_pixels", "optim.lr", "loss.lambda_a", "loss.lambda_b", "loss.lambda_idt",
+                    "cut.lambda_gan", "cut.lambda_nce", "control.max_nonfinite_steps", "perf.threads",
+                    "eval.every_steps", "report.sample_every_steps", "control.stop_after_steps",
+                    "checkpoint.min_free_mb", "train.ema_start_step"]
     for key in non_negative:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"'{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")

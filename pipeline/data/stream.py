@@ -151,7 +151,7 @@ def _fewer_than_a_batch(holders: str, count: int, batch_per_rank: int, skips: Sk
     if count == 0:
         return DataError(f"{holders} no usable sample{skipped}: check its shards with `python -m pipeline.shards "
                          "inspect PATTERN` and write them again from the images")
-    return DataError(f"{holders} {count} usable sample(s){skipped}, fewer than one batch (data.batch_per_rank="
+    return DataError(f"{holders} {count} sample(s){skipped}, fewer than one batch (data.batch_per_rank="
                      f"{batch_per_rank}); point it at the full set or lower data.batch_per_rank")
 
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from pipeline.config import ConfigError
 from pipeline.data.held_out import held_out
 from pipeline.data.images import normalize
-from pipeline.data.stream import expand_pattern, train_loader
+from pipeline.data.stream import check_enough_samples, expand_pattern, train_loader
 from pipeline.engine import dist
 from pipeline.engine.checkpoint import (
     BEST_NAME,
@@ -110,6 +110,7 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     device = dist.select_device(cfg.train.device, info)
     dist.init_process_group(info, device, cfg.dist.timeout_s, socket_ifname=cfg.dist.socket_ifname)
     random.seed(cfg.train.seed * 1000 + info.rank)
+    check_inputs(cfg)  # Read-only: a typo leaves no run directory behind.
     lock = _own_run_dir(cfg, info)
     try:
         return _run(cfg, info, device, stop_flag)
@@ -149,13 +150,18 @@ def _start_recorder(cfg: DictConfig, info: dist.DistInfo, run_id: str | None) ->
 
 
 def check_inputs(cfg: DictConfig) -> None:
-    """Inputs the run reads only later (held-out sets at the first sample grid, the feature extractor at the first
-    evaluation), checked before the first step so that a typo does not cost the steps before them.
+    """The files the run reads, checked before anything is written: the training shards, and what is read only
+    later (held-out sets at the first sample grid, the feature extractor at the first evaluation), so that a typo
+    costs neither a run directory nor the steps before it.
 
     Raises:
-        DataError: a held-out pattern that names nothing.
+        DataError: a shard or held-out pattern that names nothing.
         ConfigError: a feature extractor file that does not exist.
     """
+    for domain in ("A", "B"):
+        pattern = cfg.data[f"train_{domain.lower()}"]
+        check_enough_samples(pattern, expand_pattern(pattern, f"data.train_{domain.lower()}"),
+                             cfg.data.batch_per_rank, domain)
     for key in ("test_a", "test_b"):
         source = cfg.data[key]
         if source and not Path(source).exists():
@@ -165,7 +171,6 @@ def check_inputs(cfg: DictConfig) -> None:
 
 
 def _run(cfg: DictConfig, info: dist.DistInfo, device: torch.device, stop_flag: StopFlag | None) -> RunResult:
-    check_inputs(cfg)
     # Resume (before anything is written, so a bad checkpoint loses nothing).
     resume = _find_resume(cfg)
     saved = _read_resume(resume, cfg, info.rank) if resume is not None else None
