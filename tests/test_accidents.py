@@ -298,11 +298,16 @@ def test_samples_that_are_not_usable_images_are_skipped_and_counted(shards, tmp_
         "bomb.png": png(Image.new("1", (20000, 20000))),  # 48 kB that would decode to 400 megapixels.
         "deep.png": png(Image.fromarray(wide)),  # 16-bit: 8-bit conversion would clip it to white.
         "cut.png": good[: len(good) // 2],  # The header opens, the pixels do not.
+        "gray.png": png(Image.new("L", (40, 40), 128)),  # Other 8-bit modes are converted to RGB and used.
+        "palette.png": png(Image.new("RGB", (40, 40), (0, 90, 200)).convert("P")),
+        "alpha.png": png(Image.new("RGBA", (40, 40), (10, 200, 10, 128))),
     })
     result = train(offline(shards, tmp_path / "run", **{"data.train_a": f"{folder}/*.tar", "data.workers": workers,
                                                        "train.steps": 100, "checkpoint.every_steps": 50}))
     trained(result)
     summary = [line for line in result.stderr.splitlines() if "its first pass read" in line][0]
+    assert "its first pass read 51 usable sample(s)" in summary  # 48 + gray, palette and alpha (cut is counted
+    # when it fails to decode).
     for what in ("as no image member", "as not an image", "as too large to decode safely", "as 16-bit image"):
         assert f"1 sample(s) skipped {what}: {folder}/odd.tar:" in summary, summary
     assert "data.max_image_pixels" in result.stderr
@@ -372,6 +377,12 @@ def yaml_file(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
+def record_blocked(run_dir: Path) -> list[str]:
+    """A run directory where the run's record cannot be written (a folder where metrics.jsonl goes)."""
+    (run_dir / "metrics.jsonl").mkdir(parents=True)
+    return [f"run_dir={run_dir}"]
+
+
 MISTAKES = {
     "yaml syntax": (lambda t: ["--config", yaml_file(t, "train:\n  steps: 10\n   seed: 3\n")],
                     ["mine.yaml:3:8: not valid YAML", "mapping values are not allowed"]),
@@ -387,13 +398,14 @@ MISTAKES = {
                               ["data.load_size (36) is smaller than data.crop_size (64)"]),
     "crop not a multiple": (lambda t: ["data.crop_size=30"], ["data.crop_size=30 is not a multiple of 4", "use 28"]),
     "batch larger than a domain": (lambda t: ["data.batch_per_rank=1000"],
-                                   ["48 usable sample(s), fewer than one batch", "data.batch_per_rank=1000"]),
+                                   ["holds 48 sample(s), fewer than one batch", "data.batch_per_rank=1000"]),
     "override not yaml": (lambda t: ["train.steps=[1"], ["command-line override 'train.steps=[1'"]),
     "held-out set missing": (lambda t: [f"data.test_a={t}/nope/*.tar"], ["data.test_a=", "matches no file"]),
     "features file missing": (lambda t: [f"eval.features={t}/inception.pt"], ["eval.features=", "is not a file"]),
     "run_dir is a file": (lambda t: [f"run_dir={t / 'afile'}"], ["is a file, not a folder"]),
     "run_dir cannot be created": (lambda t: [f"run_dir={t / 'afile' / 'run'}"],
                                   ["cannot be created (Not a directory)", "choose a folder you can write to"]),
+    "run record unwritable": (lambda t: record_blocked(t / "odd"), ["cannot write the run's record", "metrics.jsonl"]),
     "init_from missing": (lambda t: ["checkpoint.resume=never", f"checkpoint.init_from={t}/nope"],
                           ["has no latest_net_G_A.pth"]),
 }
@@ -413,3 +425,29 @@ def test_mistakes_in_files_the_user_writes_exit_2_in_one_line_and_change_nothing
 def test_debug_setting_shows_the_traceback_behind_the_line(shards, finished):
     result = train([*offline(shards, finished), "optim.lr=-1"], env={"PIPELINE_DEBUG": "1"})
     assert result.returncode == 2 and "Traceback" in result.stderr and "must be >= 0" in result.stderr
+
+
+def test_every_row_of_the_readme_table_names_tests_that_exist():
+    """The README's "When things go wrong" table is the promise: each row names at least one test, and each named
+    test (and parameter id of this file's mistakes) exists."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## When things go wrong", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| accident")
+            and not line.startswith("| ---")]
+    assert len(rows) >= 25
+    for row in rows:
+        cell = row.rstrip(" |").rsplit(" | ", 1)[1]
+        refs = re.findall(r"`([^`]+)`", cell)
+        assert refs, f"a row without a test: {row[:80]}"
+        for ref in refs:
+            if ref.startswith("the "):
+                continue
+            file, name = ref.split("::")
+            source = (ROOT / "tests" / ("test_accidents.py" if file == "acc" else file)).read_text()
+            function, _, params = name.partition("[")
+            if function.endswith("..."):
+                assert any(d.startswith(function[:-3]) for d in re.findall(r"def (test_\w+)", source)), ref
+            else:
+                assert f"def {function}(" in source, ref
+            if function.startswith("test_mistakes_") and params:
+                assert set(params.rstrip("]").split(", ")) <= set(MISTAKES), ref
