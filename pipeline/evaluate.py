@@ -31,6 +31,7 @@ from pipeline.eval.evaluate import (
 from pipeline.eval.metrics.features import FeatureError, find_weights, how_to_provide, load_extractor
 from pipeline.infer.generators import DIRECTIONS, PRECISIONS, load_generators
 from pipeline.infer.translate import select_device
+from pipeline.logs import one_line
 from pipeline.tracking.trackers import log_to_existing_run, resolve_uri
 from pipeline.translate import add_generator_args, model_overrides
 
@@ -97,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     except (CheckpointError, ConfigError, DataError, FeatureError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -28,6 +28,7 @@ from pipeline.infer.export import (
 )
 from pipeline.infer.generators import load_generators
 from pipeline.infer.translate import select_device
+from pipeline.logs import one_line
 from pipeline.translate import add_generator_args, model_overrides
 
 
@@ -67,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        select_device(args.device))
     except (CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -30,10 +30,13 @@ def one_line(err: BaseException) -> str:
     if "Original Traceback" in text:
         last = text.strip().splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
+    if isinstance(err, (FileExistsError, NotADirectoryError)) and err.filename:
+        return (f"'{err.filename}' is not a folder, or lies under a file, where a folder is needed: remove or rename "
+                "that file, or choose another path")
     if isinstance(err, OSError) and err.strerror:
         target = f" '{err.filename}'" if err.filename else ""
-        text = (f"{err.strerror}:{target}. This is the file system, not the run: make room, fix the permissions or "
-                "the mount, then run the same command again (it resumes from the newest checkpoint)")
+        text = (f"{err.strerror}:{target}. This is the file system, not the pipeline: make room, fix the path, the "
+                "permissions or the mount, then run the same command again")
     return text
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from pipeline.infer.generators import generators_file
+from pipeline.logs import one_line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,6 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         size = save_atomic(packed, args.output)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     ema = "raw and EMA" if packed.get("ema", {}).get("started") else "raw"
     print(f"{args.output}: {', '.join(packed['nets'])} ({ema}) of step {packed.get('step')}, {size / 2**20:.1f} MiB")

@@ -41,6 +41,7 @@ from pipeline.infer.translate import (
     select_device,
     translate_source,
 )
+from pipeline.logs import one_line
 
 
 def add_generator_args(parser: argparse.ArgumentParser, directions: Sequence[str] = DIRECTIONS,
@@ -103,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tiles.close()
     except (CheckpointError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     skipped = f", {len(manifest['skipped'])} unreadable skipped" if manifest["skipped"] else ""
     print(f"{manifest['count']} images translated {args.direction} into {args.output / 'images'}{skipped}; "

@@ -451,3 +451,26 @@ def test_every_row_of_the_readme_table_names_tests_that_exist():
                 assert f"def {function}(" in source, ref
             if function.startswith("test_mistakes_") and params:
                 assert set(params.rstrip("]").split(", ")) <= set(MISTAKES), ref
+
+
+# The other commands: translate.
+
+
+def test_translate_skips_an_unreadable_shard_and_names_an_output_that_is_a_file(shards, finished, tmp_path):
+    checkpoint = max(finished.glob("ckpt-*"))
+    mixed = tmp_path / "testA"
+    mixed.mkdir()
+    for path in glob.glob(shards["testA"]):
+        shutil.copy(path, mixed)
+    (mixed / "zz-empty.tar").write_bytes(b"")
+    translate = [sys.executable, "-m", "pipeline.translate", "--checkpoint", str(checkpoint), "--input", str(mixed)]
+    done = subprocess.run([*translate, "--output", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=process_env(), cwd=ROOT)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"skipping shard {mixed / 'zz-empty.tar'}: an empty file" in done.stderr
+    assert "8 images translated" in done.stdout and "1 unreadable skipped" in done.stdout
+    (tmp_path / "afile").write_text("")
+    refused = subprocess.run([*translate, "--output", str(tmp_path / "afile")], capture_output=True, text=True,
+                             timeout=TIMEOUT, env=process_env(), cwd=ROOT)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert f"error: '{tmp_path / 'afile'}' is not a folder" in refused.stderr

@@ -17,6 +17,7 @@ from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
 from pipeline.data.images import resize_square, to_tensor
+from pipeline.data.remote import shard_problem
 from pipeline.data.shards import EXTENSIONS, list_images, sample_key
 from pipeline.data.stream import DataError, decode_image, expand_pattern
 
@@ -58,7 +59,7 @@ def iter_inputs(source: str, skipped: list[str] | None = None) -> Iterator[Input
             yield InputImage(path.name, sample_key(path.name), img.convert("RGB"))
         return
     count = unreadable = 0
-    for sample in tarfile_samples([{"url": url} for url in expand_pattern(source)]):
+    for sample in _readable_samples(expand_pattern(source), skipped):
         key = sample["__key__"]
         ext = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), "png")
         name = sample["name.txt"].decode("utf-8") if "name.txt" in sample else f"{key}.{ext}"
@@ -74,6 +75,18 @@ def iter_inputs(source: str, skipped: list[str] | None = None) -> Iterator[Input
         yield InputImage(name, key, image)
     if not count and not unreadable:
         raise DataError(f"shard pattern '{source}' holds no samples")
+
+
+def _readable_samples(urls: list[str], skipped: list[str] | None) -> Iterator[dict]:
+    """The samples of each shard in order; a shard that cannot be read (empty, truncated, not a tar, gone) is
+    named in a warning and in `skipped`, and the next one is read."""
+    for url in urls:
+        try:
+            yield from tarfile_samples([{"url": url}])
+        except Exception as err:  # noqa: BLE001 - tarfile, the OS and webdataset raise many types
+            log.warning("skipping shard %s: %s", url, shard_problem(err))
+            if skipped is not None:
+                skipped.append(url)
 
 
 def _skip(skipped: list[str] | None, name: str, err: Exception) -> None:
