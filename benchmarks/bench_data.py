@@ -65,6 +65,30 @@ def throughput(shards: dict[str, str], workers: int, crop: int, load: int, secon
     return n / (time.perf_counter() - t0)
 
 
+def header_check_share(shards: dict[str, str], repeats: int = 200) -> dict[str, float]:
+    """Microseconds per sample of the header check that judges a sample before the shuffle buffer
+    (pipeline.data.skips.unusable), against decoding the same sample: what checking every sample costs."""
+    import glob
+
+    from webdataset.tariterators import tarfile_samples
+
+    from pipeline.data.skips import unusable
+    from pipeline.data.stream import decode_image
+
+    samples = list(tarfile_samples([{"url": sorted(glob.glob(shards["trainA"]))[0]}]))[:20]
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for sample in samples:
+            unusable(sample)
+    check = (time.perf_counter() - t0) / (repeats * len(samples))
+    t0 = time.perf_counter()
+    for _ in range(max(1, repeats // 20)):
+        for sample in samples:
+            decode_image(sample)
+    decode = (time.perf_counter() - t0) / (max(1, repeats // 20) * len(samples))
+    return {"check_us": 1e6 * check, "decode_us": 1e6 * decode, "share": check / decode}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256, help="images per domain")
@@ -79,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.images, args.source_size, args.crop, args.workers, args.seconds = 16, 40, 32, "1", 0.5
     load = args.source_size
-    rows = []
+    rows, checks = [], {}
     print(f"{'format':<7}{'workers':>8}{'img/s':>10}{'img/s/worker':>14}{'x step':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in ("jpeg", "png"):
             shards = make_shards(Path(tmp) / fmt, args.images, args.source_size, fmt)
+            checks[fmt] = header_check_share(shards, 10 if args.smoke else 200)
             for workers in (int(w) for w in args.workers.split(",")):
                 rate = throughput(shards, workers, args.crop, load, args.seconds)
                 margin = rate / args.step_images_per_s if args.step_images_per_s else None
@@ -91,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                                  crop=args.crop, source_size=args.source_size, margin_over_step=margin))
                 shown = f"{margin:.0f}x" if margin else "-"
                 print(f"{fmt:<7}{workers:>8}{rate:>10.1f}{rate / workers:>14.1f}{shown:>9}", flush=True)
-    write_json(args.json, {"rows": rows})
+    for fmt, c in checks.items():
+        print(f"{fmt} header check per sample: {c['check_us']:.1f} us, decode {c['decode_us']:.0f} us "
+              f"({100 * c['share']:.1f}% of decoding)")
+    write_json(args.json, {"rows": rows, "header_check": checks})
     return 0
 
 
