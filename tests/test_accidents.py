@@ -402,6 +402,8 @@ MISTAKES = {
     "override not yaml": (lambda t: ["train.steps=[1"], ["command-line override 'train.steps=[1'"]),
     "held-out set missing": (lambda t: [f"data.test_a={t}/nope/*.tar"], ["data.test_a=", "matches no file"]),
     "features file missing": (lambda t: [f"eval.features={t}/inception.pt"], ["eval.features=", "is not a file"]),
+    "features path is a folder": (lambda t: [f"eval.features={t}"], ["eval.features=", "is not a file"]),
+    "shard folder without shards": (lambda t: [f"data.train_b={t}"], ["data.train_b=", "no shards (*.tar)"]),
     "run_dir is a file": (lambda t: [f"run_dir={t / 'afile'}"], ["is a file, not a folder"]),
     "run_dir cannot be created": (lambda t: [f"run_dir={t / 'afile' / 'run'}"],
                                   ["cannot be created (Not a directory)", "choose a folder you can write to"]),
