@@ -150,8 +150,8 @@ class DataConfig:
     """Images with more pixels are skipped with a warning, not decoded (decompression bombs: a few kilobytes
     that decode to gigabytes); PIL's own limit by default. 0: no limit."""
     remote_retry_s: float = 120.0
-    """How long a network shard (http(s)://, pipe:) may keep failing, read again with a warning each time, before
-    the run stops with an error naming its URL."""
+    """How long a network shard (http(s)://, pipe:), or a local one with transient read errors (EIO, ESTALE), may
+    keep failing, read again with a warning each time, before the run stops with an error naming it."""
 
 
 @dataclass
@@ -520,6 +520,9 @@ def validate(cfg: DictConfig) -> None:
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"'{key}' must be positive, got {OmegaConf.select(cfg, key)}")
+    if cfg.control.lock_stale_s < 10:
+        raise ConfigError(f"'control.lock_stale_s' must be at least 10 (s): the lock's heartbeat is renewed every "
+                          f"quarter of it, got {cfg.control.lock_stale_s}")
     for key in ("optim.beta1", "optim.beta2"):
         if not 0.0 <= OmegaConf.select(cfg, key) < 1.0:
             raise ConfigError(f"'{key}' must lie in [0, 1), got {OmegaConf.select(cfg, key)}")

@@ -33,10 +33,11 @@ def one_line(err: BaseException) -> str:
     if isinstance(err, (FileExistsError, NotADirectoryError)) and err.filename:
         return (f"'{err.filename}' is not a folder, or lies under a file, where a folder is needed: remove or rename "
                 "that file, or choose another path")
-    if isinstance(err, OSError) and err.strerror:
-        target = f" '{err.filename}'" if err.filename else ""
-        text = (f"{err.strerror}:{target}. This is the file system, not the pipeline: make room, fix the path, the "
-                "permissions or the mount, then run the same command again")
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        text = (f"{err.strerror}: '{err.filename}'. This is the file system, not the pipeline: make room, fix the "
+                "path, the permissions or the mount, then run the same command again")
+    elif isinstance(err, OSError):
+        text = f"{type(err).__name__}: {err}"
     return text
 
 

@@ -3,6 +3,7 @@ that stays away ends the stream after data.remote_retry_s with an error naming t
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import tarfile
@@ -65,3 +66,22 @@ def test_local_shards_fail_at_once(tmp_path):
     with pytest.raises(tarfile.ReadError):
         list(retrying_samples(str(bad), retry_s=30, sleep=slept.append))
     assert slept == []
+
+
+def test_a_transient_read_error_of_a_local_shard_is_read_again_and_each_sample_comes_once(shard, monkeypatch):
+    """EIO or ESTALE from a network filesystem passes; a missing file or a broken tar does not (tested above)."""
+    from pipeline.data import remote
+
+    real, calls = remote.shard_samples, []
+
+    def flaky(url):
+        calls.append(url)
+        for index, sample in enumerate(real(url)):
+            if len(calls) == 1 and index == 3:
+                raise OSError(errno.EIO, "Input/output error")
+            yield sample
+
+    monkeypatch.setattr(remote, "shard_samples", flaky)
+    slept = []
+    got = list(retrying_samples(str(shard), retry_s=30, sleep=slept.append))
+    assert keys(got) == keys(real(str(shard))) and len(calls) == 2 and len(slept) == 1

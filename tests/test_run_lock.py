@@ -31,7 +31,9 @@ def test_the_lock_is_created_renewed_and_removed(tmp_path):
 def test_a_lock_taken_away_is_reported_by_its_heartbeat_and_not_removed_at_release(tmp_path, caplog):
     lock = run_lock.acquire(tmp_path, stale_after_s=2.0)
     other = {**run_lock.identity(), "pid": 1, "host": "elsewhere", "token": "someone-else"}
-    lock.path.write_text(json.dumps(other))
+    taken = lock.path.with_name("taken")
+    taken.write_text(json.dumps(other))
+    os.replace(taken, lock.path)  # Atomically, as a takeover does.
     with caplog.at_level(logging.ERROR):
         deadline = time.monotonic() + 10
         while not lock.lost and time.monotonic() < deadline:
@@ -58,14 +60,34 @@ def test_who_counts_as_alive():
     requeued = {**me, "slurm_job": "77", "slurm_restart": 2}
     assert "same Slurm job" in run_lock.stale_reason({**remote, "slurm_job": "77", "slurm_restart": 1}, requeued, 120)
     assert run_lock.stale_reason({**remote, "slurm_job": "78", "slurm_restart": 1}, requeued, 120) is None
+    restarted = {**me, "elastic_run": "r1", "elastic_restart": 1}
+    assert "same torchrun job" in run_lock.stale_reason({**remote, "elastic_run": "r1", "elastic_restart": 0},
+                                                        restarted, 120)
+    container = {**alive, "pid": 999_999, "pid_ns": "pid:[another]"}  # Same host and boot, PIDs not comparable.
+    assert run_lock.stale_reason(container, me, 120) is None
+
+
+def test_an_exited_but_unreaped_holder_is_dead():
+    me = run_lock.identity()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while run_lock._stat(zombie.pid)[0] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    holder = {**me, "pid": zombie.pid, "start_ticks": run_lock._start_ticks(zombie.pid), "token": "z"}
+    assert "no longer runs" in run_lock.stale_reason(holder, me, 120)
+    zombie.wait()
 
 
 def test_an_unreadable_lock_file_is_taken_over(tmp_path, caplog):
-    (tmp_path / run_lock.LOCK_NAME).write_text("{half a lock")
+    path = tmp_path / run_lock.LOCK_NAME
+    path.write_text("{half a lock")
+    with pytest.raises(run_lock.RunDirError, match="stays unreadable"):
+        run_lock.acquire(tmp_path, stale_after_s=60.0)  # Fresh: maybe being written. Old: left by a crash.
+    os.utime(path, (time.time() - 100, time.time() - 100))
     with caplog.at_level(logging.WARNING):
-        lock = run_lock.acquire(tmp_path)
+        lock = run_lock.acquire(tmp_path, stale_after_s=60.0)
     lock.release()
-    assert "the lock file is unreadable" in caplog.text
+    assert "the lock file is unreadable and old" in caplog.text
 
 
 def test_array_tasks_are_named_as_squeue_names_them(monkeypatch):

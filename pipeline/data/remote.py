@@ -49,6 +49,13 @@ def shard_problem(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def _transient_local(err: BaseException) -> bool:
+    """A local shard's read error that may pass (EIO, ESTALE of a network filesystem, a timeout): read it again
+    as a network shard is. A missing or unreadable file, or bytes that are no tar, are the shard's own."""
+    return isinstance(err, OSError) and not isinstance(
+        err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+
+
 def _content_problem(url: str, err: BaseException) -> str | None:
     """Why an http(s) shard that the server answered is bad in itself (missing, not a tar), or None for a failure
     worth retrying. (pipe: commands cannot tell a cut connection from a cut file: they are retried.)"""
@@ -101,7 +108,8 @@ def shard_samples(url: str) -> Iterator[dict[str, Any]]:
 
 
 def retrying_samples(url: str, retry_s: float, sleep=time.sleep) -> Iterator[dict[str, Any]]:
-    """`shard_samples(url)`, read again after a failure of a network shard (local ones fail at once).
+    """`shard_samples(url)`, read again after a failure of a network shard or a transient read error of a local
+    one (other local failures, and HTTP answers that the shard is bad, raise at once).
 
     Raises:
         ShardUnreachable: the shard failed for `retry_s` seconds in a row, naming the URL and the last error.
@@ -117,7 +125,7 @@ def retrying_samples(url: str, retry_s: float, sleep=time.sleep) -> Iterator[dic
                 yield sample
             return
         except Exception as err:  # noqa: BLE001 - urllib, tarfile, webdataset and pipes raise many types
-            if not is_remote(url):
+            if not is_remote(url) and not _transient_local(err):
                 raise
             problem = _content_problem(url, err)
             if problem is not None:

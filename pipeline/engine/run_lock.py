@@ -52,13 +52,27 @@ def _boot_id() -> str:
         return ""
 
 
-def _start_ticks(pid: int) -> str:
-    """The process's start time in clock ticks since boot (a PID reused by a new process has another)."""
+def _pid_namespace() -> str:
+    """Processes in containers that share the host's name and boot (host networking) may not see each other's
+    PIDs: only holders in our PID namespace are judged by their PID."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
-    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: [state, ppid, ...]; empty if unreadable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return []
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot (a PID reused by a new process has another)."""
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else ""
 
 
 def _pid_alive(pid: int, start_ticks: str) -> bool:
@@ -68,7 +82,10 @@ def _pid_alive(pid: int, start_ticks: str) -> bool:
         return False
     except PermissionError:
         pass  # Another user's live process.
-    return not start_ticks or not _start_ticks(pid) or _start_ticks(pid) == start_ticks
+    fields = _stat(pid)
+    if fields and fields[0] in ("Z", "X"):
+        return False  # Exited, not yet reaped by its parent.
+    return not start_ticks or not fields or _start_ticks(pid) == start_ticks
 
 
 def slurm_job() -> str:
@@ -89,6 +106,9 @@ def identity(world_size: int = 1) -> dict[str, Any]:
         "start_ticks": _start_ticks(pid),
         "slurm_job": slurm_job(),
         "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        "elastic_run": os.environ.get("TORCHELASTIC_RUN_ID", ""),
+        "elastic_restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+        "pid_ns": _pid_namespace(),
         "world_size": world_size,
         "command": " ".join(sys.argv)[:300],
         "since": time.time(),
@@ -112,11 +132,17 @@ def stale_reason(holder: dict[str, Any], me: dict[str, Any], stale_after_s: floa
             and int(holder.get("slurm_restart", 0)) < me["slurm_restart"]:
         return (f"it was taken by restart {holder.get('slurm_restart', 0)} of this same Slurm job, which Slurm "
                 "ended before requeueing it")
-    if holder.get("host") == me["host"] and holder.get("boot_id", "") == me["boot_id"]:
+    if holder.get("elastic_run") and holder["elastic_run"] == me["elastic_run"] \
+            and int(holder.get("elastic_restart", 0)) < me["elastic_restart"]:
+        return (f"it was taken by attempt {holder.get('elastic_restart', 0)} of this same torchrun job, whose "
+                "workers torchrun stopped before restarting them")
+    if holder.get("host") == me["host"] and holder.get("boot_id", "") == me["boot_id"] \
+            and holder.get("pid_ns", "") == me["pid_ns"]:
         if _pid_alive(int(holder.get("pid", 0)), str(holder.get("start_ticks", ""))):
             return None
         return f"process {holder.get('pid')} no longer runs on this host"
-    if holder.get("host") == me["host"] and holder.get("boot_id") and me["boot_id"]:
+    if holder.get("host") == me["host"] and holder.get("boot_id") and me["boot_id"] \
+            and holder["boot_id"] != me["boot_id"]:
         return "this host has been restarted since"
     age = time.time() - float(holder.get("heartbeat", 0))
     if age > stale_after_s:
@@ -155,6 +181,14 @@ def _write_new(path: Path, content: dict[str, Any]) -> bool:
         return True
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _age(path: Path) -> float | None:
+    """Seconds since `path` was last written, by our clock (None if it is gone)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _replace(path: Path, content: dict[str, Any]) -> None:
@@ -201,7 +235,9 @@ class RunLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                if not self._ours():
+                if self._ours():
+                    self.lost = False  # A takeover that put our lock back.
+                else:
                     if not self.lost:
                         holder = _read(self.path)
                         by = describe(holder) if holder else "nobody (the lock file was removed)"
@@ -250,12 +286,17 @@ def acquire(run_dir: str | os.PathLike, stale_after_s: float = 120.0, world_size
         holder = _read(path)
         if holder is None:
             continue  # Released between our attempt and our read: try again.
+        if holder.get("token") == me["token"]:
+            # Ours after all: an NFS server that answers a retransmitted link with "exists" although the first
+            # one made it.
+            return RunLock(path, me, interval_s=max(0.5, min(30.0, stale_after_s / 4)))
         if not holder:
-            time.sleep(0.1)  # Being written by a process without hard links, or damaged: look again.
-            holder = _read(path)
-            if holder is None:
+            # Being written (the O_EXCL fallback writes after creating), or damaged: only an old one is dead.
+            age = _age(path)
+            if age is not None and age < stale_after_s:
+                time.sleep(0.25)
                 continue
-        reason = stale_reason(holder, me, stale_after_s) if holder else "the lock file is unreadable"
+        reason = stale_reason(holder, me, stale_after_s) if holder else "the lock file is unreadable and old"
         if reason is None:
             raise RunDirError(
                 f"run_dir '{run_dir}' is in use by another training: {describe(holder)} (details in {path}). "
@@ -265,8 +306,9 @@ def acquire(run_dir: str | os.PathLike, stale_after_s: float = 120.0, world_size
         log.warning("run directory %s: taking over the lock of %s: %s", run_dir,
                     describe(holder) if holder else "an unknown process", reason)
         _take_away(path, holder)
-    raise RunDirError(f"could not take the lock of run_dir '{run_dir}': other processes keep taking it; is the "
-                      "same job starting several times?")
+    raise RunDirError(f"could not take the lock of run_dir '{run_dir}': {path} stays unreadable or other "
+                      "processes keep taking it; is the same job starting several times? If no training runs there, "
+                      "delete that file")
 
 
 def _take_away(path: Path, stale: dict[str, Any]) -> None:

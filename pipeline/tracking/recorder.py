@@ -26,7 +26,7 @@ from pipeline.engine.checkpoint import Outcome
 from pipeline.engine.dist import DistInfo
 from pipeline.engine.progress import format_duration
 from pipeline.engine.version import code_version
-from pipeline.tracking.trackers import MLflowTracker, NullTracker, TrackingUnavailable
+from pipeline.tracking.trackers import MLflowTracker, NullTracker, OfflineTracker, TrackingUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,13 @@ class Recorder(NullRecorder):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.info = info
-        self.tracker = open_tracker(cfg, run_id, self.run_dir)
+        # The local record first: a tracker opened before a failure here would leave its MLflow run RUNNING.
         self._metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        try:
+            self.tracker = open_tracker(cfg, run_id, self.run_dir, info.world_size)
+        except BaseException:
+            self._metrics_file.close()
+            raise
         self._t0 = time.perf_counter()
         self._start_step = 0
         self._total = 0
@@ -217,26 +222,33 @@ class TrackingError(RuntimeError):
     """The tracking store could not be opened and tracking.required=true: the run stops before training."""
 
 
-def open_tracker(cfg: DictConfig, run_id: str | None, run_dir: Path) -> NullTracker:
+def open_tracker(cfg: DictConfig, run_id: str | None, run_dir: Path, world_size: int = 1) -> NullTracker:
     """MLflow as configured. A store that cannot be opened never decides alone whether training starts:
     tracking.required does, and without it the run trains with its record kept in run_dir."""
     if not cfg.tracking.enabled:
         return NullTracker()
     name = cfg.tracking.run_name or run_dir.name
+    timeout_s = cfg.tracking.start_timeout_s
+    if world_size > 1 and timeout_s > cfg.dist.timeout_s / 3:
+        # The other ranks wait for rank 0 in a collective meanwhile: stay well inside its timeout.
+        timeout_s = cfg.dist.timeout_s / 3
+        log.warning("tracking.start_timeout_s=%g is cut to %g s, a third of dist.timeout_s, which the other ranks "
+                    "wait for rank 0 at most", cfg.tracking.start_timeout_s, timeout_s)
     try:
         return MLflowTracker(cfg.tracking.uri, cfg.tracking.experiment, name, run_id,
-                             flush_timeout_s=cfg.tracking.flush_timeout_s,
-                             start_timeout_s=cfg.tracking.start_timeout_s)
+                             flush_timeout_s=cfg.tracking.flush_timeout_s, start_timeout_s=timeout_s)
     except TrackingUnavailable as err:
         if cfg.tracking.required:
             raise TrackingError(f"{err}. tracking.required=true, so the run stops: start the store (or fix "
                                 "tracking.uri) and run again, or set tracking.required=false to train without "
                                 "it") from None
+        continued = f" --run-id {run_id}" if run_id else ""
         log.warning("%s. Training goes on without MLflow (tracking.required=false): this run's metrics, sample "
                     "grids and checkpoints are kept in %s (metrics.jsonl, samples/, ckpt-*); its MLflow run will "
-                    "lack them until you upload them with `python -m pipeline.sync %s` once the store is back",
-                    err, run_dir, run_dir)
-        return NullTracker()
+                    "lack them until you upload them with `python -m pipeline.sync %s%s` once the store is back",
+                    err, run_dir, run_dir, continued)
+        # Keeps the run id a resumed run had, so its checkpoints still name it and the next start continues it.
+        return OfflineTracker(run_id)
 
 
 def _discard(packed: Path | None) -> None:

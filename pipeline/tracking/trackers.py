@@ -78,7 +78,7 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def first_use_lock(uri: str) -> Iterator[None]:
+def first_use_lock(uri: str, timeout_s: float = 600.0) -> Iterator[None]:
     """Serialise opening a SQLite store among this host's processes: MLflow creates and migrates a new store's
     schema on first use, and two processes doing it at once both fail (alembic's "Online migration expected to
     match one row"). An flock on a file beside the database: SQLite stores are local files (SQLite itself is
@@ -89,11 +89,26 @@ def first_use_lock(uri: str) -> Iterator[None]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been opening {path} for over {timeout_s:g} s") from None
+                time.sleep(0.1)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class OfflineTracker(NullTracker):
+    """Stands in for a store that could not be opened: records nothing, keeps the run id it was to continue."""
+
+    def __init__(self, run_id: str | None) -> None:
+        self.run_id = run_id
 
 
 def _rejected(err: Exception) -> bool:
@@ -136,7 +151,7 @@ class MLflowTracker(NullTracker):
         deadline, attempt = time.monotonic() + timeout_s, 0
         while True:
             try:
-                with first_use_lock(self.uri):
+                with first_use_lock(self.uri, max(0.0, deadline - time.monotonic())):
                     self.client = self._mlflow.MlflowClient(self.uri)
                     return self._create_or_continue(experiment, run_name, run_id)
             except Exception as err:  # noqa: BLE001 - any failure: retry, then give up saying why
@@ -154,10 +169,19 @@ class MLflowTracker(NullTracker):
 
     def _create_or_continue(self, experiment: str, run_name: str, run_id: str | None) -> str:
         if run_id:
-            if self.client.get_run(run_id).info.status != "RUNNING":
-                self.client.update_run(run_id, status="RUNNING")
-            log.info("continuing MLflow run %s at %s", run_id, self.uri)
-            return run_id
+            try:
+                status = self.client.get_run(run_id).info.status
+            except Exception as err:
+                if "RESOURCE_DOES_NOT_EXIST" not in str(err):
+                    raise
+                log.warning("MLflow run %s of the checkpoint does not exist at %s (deleted, or tracking.uri "
+                            "changed): this run continues in a new MLflow run", run_id, self.uri)
+                run_id = None
+            else:
+                if status != "RUNNING":
+                    self.client.update_run(run_id, status="RUNNING")
+                log.info("continuing MLflow run %s at %s", run_id, self.uri)
+                return run_id
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
         new_id = self.client.create_run(exp_id, run_name=run_name).info.run_id

@@ -3,8 +3,8 @@
 A run whose MLflow store could not be opened at start-up trains anyway (tracking.required=false) and keeps its
 record in run_dir: config.yaml, metrics.jsonl, samples/ and the evaluation JSON files. This turns that record into
 an MLflow run: parameters from the config, every metric at its step, the sample grids as images with their steps,
-and the config and results as artifacts. Given the id of a run that has part of the record (one that lost its
-store mid-way), it adds only the steps after the last one that run has.
+and the config and results as artifacts. Given the id of a run that has part of the record (one that trained
+without its store for a while), it adds the steps that run lacks.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,10 @@ def upload_run_dir(run_dir: Path, uri: str, experiment: str, run_id: str | None 
     cfg = from_yaml(config_path.read_text())
     with first_use_lock(uri):
         client = mlflow.MlflowClient(uri)
-        last = 0
+        have: set[int] = set()
+        created = not run_id
         if run_id:
-            last = max((m.step for m in client.get_metric_history(run_id, "lr")), default=0)
+            have = {m.step for m in client.get_metric_history(run_id, "lr")}
         else:
             exp = client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
@@ -64,20 +66,20 @@ def upload_run_dir(run_dir: Path, uri: str, experiment: str, run_id: str | None 
             for i in range(0, len(params), 100):
                 client.log_batch(run_id, params=params[i : i + 100])
             client.log_artifact(run_id, str(config_path))
-    metrics, steps = [], 0
-    for record in read_metrics(run_dir):
-        step = int(record.pop("step"))
-        if step <= last:
-            continue
-        steps += 1
-        metrics.extend(Metric(k, float(v), 0, step) for k, v in record.items() if isinstance(v, (int, float)))
+    # One record per step (a step that a resume ran again is in the file twice, with equal values), and only the
+    # steps the run lacks: uploading twice adds nothing, and the gap an outage left is filled in.
+    by_step = {int(record.pop("step")): record for record in read_metrics(run_dir)}
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, step) for step, record in sorted(by_step.items()) if step not in have
+               for k, v in record.items() if isinstance(v, (int, float))]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
     for grid in sorted((run_dir / "samples").glob("step-*.png")):
         step = int(re.sub(r"\D", "", grid.stem) or 0)
-        if step > last:
+        if step not in have:
             client.log_image(run_id, np.asarray(Image.open(grid).convert("RGB")), key="samples", step=step)
     for result in sorted(run_dir.glob("*.json")):
         client.log_artifact(run_id, str(result), "results")
-    client.set_terminated(run_id, "FINISHED")
-    return run_id, steps
+    if created:
+        client.set_terminated(run_id, "FINISHED")  # A run it created; a run it added to keeps its status.
+    return run_id, len([step for step in by_step if step not in have])

@@ -122,13 +122,24 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
 def _own_run_dir(cfg: DictConfig, info: dist.DistInfo) -> RunLock | None:
     """Rank 0 takes the run directory's lock for the whole job before anything is written; every rank stops
     with its reason when it cannot."""
-    lock, problem = None, None
+    lock, problem, unexpected = None, None, None
     if info.is_main:
         try:
             lock = acquire(cfg.run_dir, cfg.control.lock_stale_s, info.world_size)
         except RunDirError as err:
             problem = str(err)
-    problem = dist.broadcast_from_main(problem)
+        except OSError as err:
+            problem = f"cannot take the lock of run_dir '{cfg.run_dir}': {err}"
+        except Exception as err:  # A bug: the other ranks must not wait for rank 0 in the broadcast below.
+            problem, unexpected = f"rank 0 failed while taking the run directory: {err!r}", err
+    try:
+        problem = dist.broadcast_from_main(problem)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    if unexpected is not None:
+        raise unexpected
     if problem:
         raise RunDirError(problem)
     return lock
@@ -136,14 +147,18 @@ def _own_run_dir(cfg: DictConfig, info: dist.DistInfo) -> RunLock | None:
 
 def _start_recorder(cfg: DictConfig, info: dist.DistInfo, run_id: str | None) -> NullRecorder:
     """The run's recorder (rank 0 writes the record); when rank 0 cannot start it, every rank stops with why."""
-    recorder, problem = None, None
+    recorder, problem, unexpected = None, None, None
     try:
         recorder = make_recorder(cfg, info, run_id)
     except TrackingError as err:
         problem = ("tracking", str(err))
     except OSError as err:
         problem = ("run_dir", f"cannot write the run's record in run_dir '{cfg.run_dir}': {err}")
+    except Exception as err:  # A bug: the other ranks must not wait for rank 0 in the broadcast below.
+        problem, unexpected = ("run_dir", f"rank 0 failed while starting the run's record: {err!r}"), err
     problem = dist.broadcast_from_main(problem)
+    if unexpected is not None:
+        raise unexpected
     if problem:
         raise (TrackingError if problem[0] == "tracking" else RunDirError)(problem[1])
     return recorder
