@@ -183,3 +183,20 @@ def test_training_names_the_key_of_a_folder_of_images(tiny, tmp_path, synthetic,
     err = capsys.readouterr().err
     assert f"data.train_b='{tmp_path / 'photos' / 'trainB'}' is a folder of images" in err
     assert "python -m pipeline.shards" in err and "Traceback" not in err
+
+
+def test_the_pixel_limit_is_ours_below_pils_and_above_it():
+    """data.max_image_pixels judges from the header: under PIL's own limit (which would decode the image), and
+    over twice it (where PIL refuses to open it at all)."""
+    import io as _io
+
+    from PIL import Image
+
+    from pipeline.data.skips import unusable
+
+    out = _io.BytesIO()
+    Image.new("RGB", (40, 40)).save(out, "png")
+    sample = {"png": out.getvalue(), "__key__": "k", "__url__": "u"}
+    assert unusable(sample) is None
+    assert "40x40 = 1,600 pixels, over data.max_image_pixels=1,000" in unusable(sample, max_pixels=1000)
+    assert unusable(sample, max_pixels=0) is None
