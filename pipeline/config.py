@@ -118,6 +118,11 @@ class OptimConfig:
     """Adam beta2."""
     decay_start_frac: float = 0.5
     """Share of train.steps run at constant lr before the linear decay to 0 (the paper: half)."""
+    lr_scaling: str = "none"
+    """How lr follows the global batch (ranks x data.batch_per_rank): none (lr as given), linear or sqrt (lr times
+    the global batch over optim.lr_reference_batch, or its square root). The start of a run logs both."""
+    lr_reference_batch: int = 1
+    """The global batch optim.lr was tuned at (the paper's: 1), for optim.lr_scaling."""
 
 
 @dataclass
@@ -356,6 +361,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tracking.log_checkpoints": ("all", "last", "none"),
     "tracking.checkpoint_content": ("generators", "full"),
     "checkpoint.best_mode": ("min", "max"),
+    "optim.lr_scaling": ("none", "linear", "sqrt"),
 }
 
 
@@ -516,7 +522,8 @@ def validate(cfg: DictConfig) -> None:
     positive = ["cut.num_patches", "cut.mlp_width", "cut.nce_t", "train.steps", "data.batch_per_rank",
                 "data.crop_size", "data.load_size", "data.shuffle_buffer", "data.prefetch_factor",
                 "report.log_every_steps", "report.sample_images", "dist.timeout_s", "model.norm_groups",
-                "model.ngf", "model.ndf", "model.n_layers_d", "model.init_gain", "control.lock_stale_s"]
+                "model.ngf", "model.ndf", "model.n_layers_d", "model.init_gain", "control.lock_stale_s",
+                "optim.lr_reference_batch"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"'{key}' must be positive, got {OmegaConf.select(cfg, key)}")

@@ -315,3 +315,17 @@ def test_uploads_carry_the_generators_or_with_checkpoint_content_full_the_whole_
     whole = load_checkpoint(client.download_artifacts(full.run_id, "checkpoints/ckpt-000000002",
                                                       str(tmp_path / "dl2")))
     assert whole["step"] == 2 and len(whole["ranks"]) == 1 and set(whole["nets"]) == {"G_ab", "G_ba", "D_a", "D_b"}
+
+
+@pytest.mark.parametrize("scaling, lr", [("none", 2e-4), ("linear", 8e-4), ("sqrt", 4e-4)])
+def test_the_global_batch_and_the_learning_rate_in_use_are_logged_and_optionally_scaled(tiny, tmp_path, caplog,
+                                                                                        scaling, lr):
+    cfg = load_config([], tiny(**{"data.batch_per_rank": 4, "optim.lr_scaling": scaling, "train.steps": 4,
+                                  "tracking.enabled": False}))
+    with caplog.at_level("INFO"):
+        run(cfg)
+    assert f"global batch 4 per domain and step (1 rank(s) x data.batch_per_rank=4); learning rate {lr:g}" \
+        in caplog.text
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 2 and first["lr"] == pytest.approx(lr)  # Before the decay (the second half).
+    assert ("optim.lr_scaling=sqrt or linear" in caplog.text) == (scaling == "none")

@@ -5,6 +5,7 @@ The schedule is a pure function of the step, so resuming restores it exactly fro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -35,3 +36,14 @@ def lr_factor(step: int, total_steps: int, decay_start_frac: float = 0.5) -> flo
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+LR_SCALING = ("none", "linear", "sqrt")
+
+
+def scaled_lr(lr: float, global_batch: int, rule: str = "none", reference_batch: int = 1) -> float:
+    """The base learning rate for `global_batch` images per domain and step: `lr` as given (none), or scaled by
+    the global batch over `reference_batch`, the batch `lr` was tuned at (linear: Goyal et al. 2017 for SGD;
+    sqrt: the rule usually argued for Adam)."""
+    ratio = global_batch / reference_batch
+    return lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]

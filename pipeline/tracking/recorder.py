@@ -57,6 +57,7 @@ class NullRecorder:
 
     def start(self, start_step: int, total_steps: int) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def batch_regime(self, world_size: int, global_batch: int, lr: float) -> None: ...
     def save_samples(self, make_grid: Callable[[], np.ndarray], step: int) -> None: ...
     def checkpoint_written(self, outcome: Outcome) -> str | None:
         return None
@@ -113,6 +114,21 @@ class Recorder(NullRecorder):
         where = f"resuming at step {start_step}" if start_step else "starting"
         log.info("%s: %d steps to go, run directory %s, MLflow run %s", where, total_steps - start_step,
                  self.run_dir, self.tracker.run_id)
+
+    def batch_regime(self, world_size: int, global_batch: int, lr: float) -> None:
+        """Say what the optimiser sees: the global batch and the learning rate in use. The paper's settings are
+        for batch 1; data-parallel ranks multiply the batch, which changes the training regime unless said."""
+        optim = self.cfg.optim
+        how = (f"optim.lr={optim.lr:g} as given (optim.lr_scaling=none)" if optim.lr_scaling == "none" else
+               f"optim.lr={optim.lr:g} scaled {optim.lr_scaling} from batch {optim.lr_reference_batch}")
+        log.info("global batch %d per domain and step (%d rank(s) x data.batch_per_rank=%d); learning rate %g: %s",
+                 global_batch, world_size, self.cfg.data.batch_per_rank, lr, how)
+        if optim.lr_scaling == "none" and global_batch != optim.lr_reference_batch:
+            log.warning("the global batch (%d) differs from the batch optim.lr is meant for "
+                        "(optim.lr_reference_batch=%d): the same lr then takes fewer, larger-batch steps per "
+                        "image; set optim.lr_scaling=sqrt or linear to scale it, or see README 'Distributed "
+                        "training'", global_batch, optim.lr_reference_batch)
+        self.tracker.set_tags({"global_batch": str(global_batch), "lr_in_use": f"{lr:g}"})
 
     def _last_step_in_file(self) -> int:
         lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()

@@ -34,7 +34,7 @@ from pipeline.engine.checkpoint import (
 )
 from pipeline.engine.meter import MetricMeter, peak_memory
 from pipeline.engine.nonfinite import NonFiniteGuard, NonFiniteLossError
-from pipeline.engine.optim import lr_factor, set_lr
+from pipeline.engine.optim import lr_factor, scaled_lr, set_lr
 from pipeline.engine.run_lock import RunDirError, RunLock, acquire
 from pipeline.engine.schedule import Every
 from pipeline.engine.stop import EXIT_STOPPED, StopFlag
@@ -237,6 +237,8 @@ class Trainer:
         self.total = cfg.train.steps
         self.start_step = state.step
         self.images_per_step = cfg.data.batch_per_rank * info.world_size
+        self.base_lr = scaled_lr(cfg.optim.lr, self.images_per_step, cfg.optim.lr_scaling,
+                                 cfg.optim.lr_reference_batch)
         self.meter = MetricMeter(device)
         self.metrics: dict[str, float] = {}
         self.evaluation: dict[str, float] = {}
@@ -259,6 +261,7 @@ class Trainer:
         """The loop: batch, schedule, step, then each periodic job on its own interval."""
         status, stopped_at, together = "FAILED", 0, True
         self.recorder.start(self.start_step, self.total)
+        self.recorder.batch_regime(self.info.world_size, self.images_per_step, self.base_lr)
         if self.should_sample.enabled and self.start_step == 0:
             self.recorder.save_samples(self.sample_grid, 0)  # The untrained translation: the UI's slider starts here.
         batches = iter(loader)
@@ -338,7 +341,7 @@ class Trainer:
         return real_a, real_b, time.perf_counter() - t_data
 
     def set_lr(self, step: int) -> float:
-        lr = self.cfg.optim.lr * lr_factor(step - 1, self.total, self.cfg.optim.decay_start_frac)
+        lr = self.base_lr * lr_factor(step - 1, self.total, self.cfg.optim.decay_start_frac)
         set_lr(self.state.optimisers.g, lr)
         set_lr(self.state.optimisers.d, lr)
         return lr
