@@ -365,19 +365,24 @@ def _set_pixel_limit(max_pixels: int) -> None:
 
 
 def train_loader(
-    data_cfg: Any, seed: int, rank: int, start_batch: int = 0, pin_memory: bool = False
+    data_cfg: Any, seed: int, rank: int, start_batch: int = 0, pin_memory: bool = False,
+    urls: dict[str, list[str]] | None = None,
 ) -> DataLoader:
     """DataLoader of unpaired (A, B) batches for one rank, resumed at `start_batch`.
+
+    `urls` are the domains' shard URLs ("A", "B") as rank 0 expanded and checked them; without them the patterns
+    are expanded and checked here.
 
     Raises:
         DataError: a pattern matches nothing, or its local shards hold fewer samples than one batch (checked
             here, before training starts; pipe: and http shards are checked on their first pass).
     """
     augment = Augment(data_cfg.preprocess, data_cfg.load_size, data_cfg.crop_size, data_cfg.flip)
-    urls = {}
-    for domain, pattern in (("A", data_cfg.train_a), ("B", data_cfg.train_b)):
-        urls[domain] = expand_pattern(pattern, f"data.train_{domain.lower()}")
-        check_enough_samples(pattern, urls[domain], data_cfg.batch_per_rank, domain)
+    if urls is None:
+        urls = {}
+        for domain, pattern in (("A", data_cfg.train_a), ("B", data_cfg.train_b)):
+            urls[domain] = expand_pattern(pattern, f"data.train_{domain.lower()}")
+            check_enough_samples(pattern, urls[domain], data_cfg.batch_per_rank, domain)
     dataset = UnpairedBatches(
         urls["A"],
         urls["B"],

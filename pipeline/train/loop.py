@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from pipeline.config import ConfigError
 from pipeline.data.held_out import held_out
 from pipeline.data.images import normalize
-from pipeline.data.stream import check_enough_samples, expand_pattern, train_loader
+from pipeline.data.stream import DataError, check_enough_samples, expand_pattern, train_loader
 from pipeline.engine import dist
 from pipeline.engine.checkpoint import (
     BEST_NAME,
@@ -110,10 +110,10 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     device = dist.select_device(cfg.train.device, info)
     dist.init_process_group(info, device, cfg.dist.timeout_s, socket_ifname=cfg.dist.socket_ifname)
     random.seed(cfg.train.seed * 1000 + info.rank)
-    check_inputs(cfg)  # Read-only: a typo leaves no run directory behind.
+    urls = _inputs_from_main(cfg)  # Read-only: a typo leaves no run directory behind.
     lock = _own_run_dir(cfg, info)
     try:
-        return _run(cfg, info, device, stop_flag)
+        return _run(cfg, info, device, stop_flag, urls)
     finally:
         if lock is not None:
             lock.release()
@@ -164,28 +164,54 @@ def _start_recorder(cfg: DictConfig, info: dist.DistInfo, run_id: str | None) ->
     return recorder
 
 
-def check_inputs(cfg: DictConfig) -> None:
+def _inputs_from_main(cfg: DictConfig) -> dict[str, list[str]]:
+    """Rank 0 checks the inputs and expands the training shard patterns; every rank takes its lists (or its
+    error). One glob and one stat per shard for the job, not per rank: 10k shards on 512 ranks would be 5M
+    metadata calls on a shared filesystem at every start."""
+    urls, problem, unexpected = None, None, None
+    if dist.is_main_process():
+        try:
+            urls = check_inputs(cfg)
+        except (DataError, ConfigError) as err:
+            problem = (type(err).__name__, str(err))
+        except Exception as err:  # A bug: the other ranks must not wait for rank 0 in the broadcast below.
+            problem, unexpected = ("DataError", f"rank 0 failed while checking the inputs: {err!r}"), err
+    urls, problem = dist.broadcast_from_main((urls, problem))
+    if unexpected is not None:
+        raise unexpected
+    if problem:
+        raise (ConfigError if problem[0] == "ConfigError" else DataError)(problem[1])
+    return urls
+
+
+def check_inputs(cfg: DictConfig) -> dict[str, list[str]]:
     """The files the run reads, checked before anything is written: the training shards, and what is read only
     later (held-out sets at the first sample grid, the feature extractor at the first evaluation), so that a typo
     costs neither a run directory nor the steps before it.
+
+    Returns:
+        The shard URLs of each training domain ("A", "B").
 
     Raises:
         DataError: a shard or held-out pattern that names nothing.
         ConfigError: a feature extractor file that does not exist.
     """
+    urls = {}
     for domain in ("A", "B"):
         pattern = cfg.data[f"train_{domain.lower()}"]
-        check_enough_samples(pattern, expand_pattern(pattern, f"data.train_{domain.lower()}"),
-                             cfg.data.batch_per_rank, domain)
+        urls[domain] = expand_pattern(pattern, f"data.train_{domain.lower()}")
+        check_enough_samples(pattern, urls[domain], cfg.data.batch_per_rank, domain)
     for key in ("test_a", "test_b"):
         source = cfg.data[key]
         if source and not Path(source).exists():
             expand_pattern(source, f"data.{key}")
     if cfg.eval.features and not Path(cfg.eval.features).is_file():
         raise ConfigError(f"eval.features='{cfg.eval.features}' is not a file. {how_to_provide()}")
+    return urls
 
 
-def _run(cfg: DictConfig, info: dist.DistInfo, device: torch.device, stop_flag: StopFlag | None) -> RunResult:
+def _run(cfg: DictConfig, info: dist.DistInfo, device: torch.device, stop_flag: StopFlag | None,
+         urls: dict[str, list[str]]) -> RunResult:
     # Resume (before anything is written, so a bad checkpoint loses nothing).
     resume = _find_resume(cfg)
     saved = _read_resume(resume, cfg, info.rank) if resume is not None else None
@@ -193,7 +219,7 @@ def _run(cfg: DictConfig, info: dist.DistInfo, device: torch.device, stop_flag: 
 
     # Data first: the failure to find shards surfaces before the networks are built.
     loader = train_loader(cfg.data, cfg.train.seed, info.rank, start_batch=start_step,
-                          pin_memory=device.type == "cuda")
+                          pin_memory=device.type == "cuda", urls=urls)
     parts = build_components(cfg, info, device)
     state = TrainingState(parts.nets, parts.step.optimisers, parts.step.pools, device, parts.ema,
                           getattr(parts.step, "sampling", None))
