@@ -1,5 +1,6 @@
-"""Evaluation split across ranks: under torchrun each rank translates its share of the held-out set, and the
-gathered features and per-image scores give every rank the numbers of one process evaluating everything."""
+"""Evaluation split across ranks: under torchrun each rank decodes and translates its share of the held-out set,
+and the gathered features and per-image scores give every rank the numbers of one process evaluating
+everything."""
 
 from __future__ import annotations
 
@@ -38,10 +39,13 @@ def test_two_ranks_evaluate_half_each_and_agree_with_one_process(held_out, tmp_p
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
-    one, translated = evaluate(*args, Share())
+    one, translated, decoded = evaluate(*args, Share())
 
     # Positions 0, 2, 4, 6, 8 on rank 0 and 1, 3, 5, 7 on rank 1: each translates only its share.
     assert translated == 9 and [r["translated"] for r in ranks] == [5, 4]
+    # And decodes only its share of each set (its sources, and targets that are its real share and its sources'
+    # ground truth: the same positions here): 10 + 8 files, the 18 of one process, instead of 18 on each rank.
+    assert decoded == 18 and [r["decoded"] for r in ranks] == [10, 8]
     assert ranks[0]["result"] == ranks[1]["result"]  # Every rank gets the whole set's result.
     got = ranks[0]["result"]
     assert got.keys() == one.keys() and got["images"] == got["real_images"] == got["pairs"] == 9

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
 from PIL import Image
+from torch import Tensor
 from webdataset.tariterators import tarfile_samples
 
 from pipeline.data.images import resize_square, to_tensor
@@ -33,10 +34,25 @@ class InputImage:
     image: Image.Image
 
 
-def iter_inputs(source: str, skipped: list[str] | None = None) -> Iterator[InputImage]:
-    """The images of a folder (sorted, recursive), a single image file, or a shard pattern (in shard order).
+@dataclass
+class LazyInput:
+    """An image of a held-out source before decoding: its names are known, its pixels only once `load()` runs."""
 
-    A folder without images is read as shards (its `*.tar`), as training reads a folder. Unreadable images are
+    name: str
+    key: str
+    load: Callable[[], Image.Image]
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def lazy_inputs(source: str, skipped: list[str] | None = None) -> Iterator[LazyInput]:
+    """The images of a folder (sorted, recursive), a single image file, or a shard pattern (in shard order), with
+    their names and keys, decoded only by `load()`: a process that evaluates a share of a set decodes only it.
+
+    A folder without images is read as shards (its `*.tar`), as training reads a folder. Unreadable shards are
     logged, appended to `skipped` and left out.
     """
     path = Path(source)
@@ -44,37 +60,52 @@ def iter_inputs(source: str, skipped: list[str] | None = None) -> Iterator[Input
     if files:
         for file in files:
             relative = file.relative_to(path).as_posix()
-            try:
-                with Image.open(file) as img:
-                    image = img.convert("RGB")
-            except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
-                _skip(skipped, relative, err)
-                continue
-            yield InputImage(relative, sample_key(relative), image)
+            yield LazyInput(relative, sample_key(relative), lambda file=file: _open_rgb(file))
         return
     if path.suffix.lower() in EXTENSIONS:
         if not path.is_file():
             raise DataError(f"input image '{source}' does not exist")
-        with Image.open(path) as img:
-            yield InputImage(path.name, sample_key(path.name), img.convert("RGB"))
+        yield LazyInput(path.name, sample_key(path.name), lambda: _open_rgb(path))
         return
-    count = unreadable = 0
+    count = 0
     for sample in _readable_samples(expand_pattern(source), skipped):
         key = sample["__key__"]
         ext = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), "png")
         name = sample["name.txt"].decode("utf-8") if "name.txt" in sample else f"{key}.{ext}"
         if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
             name = f"{key}.{ext}"  # Never write outside the output folder.
-        try:
-            image = decode_image(sample)
-        except Exception as err:  # noqa: BLE001
-            _skip(skipped, name, err)
-            unreadable += 1
-            continue
         count += 1
-        yield InputImage(name, key, image)
-    if not count and not unreadable:
+        yield LazyInput(name, key, lambda sample=sample: decode_image(sample))
+    if not count:
         raise DataError(f"shard pattern '{source}' holds no samples")
+
+
+def iter_inputs(source: str, skipped: list[str] | None = None) -> Iterator[InputImage]:
+    """The decoded images of `source` (see `lazy_inputs`). Unreadable images are logged, appended to `skipped`
+    and left out."""
+    for item in lazy_inputs(source, skipped):
+        try:
+            image = item.load()
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
+            _skip(skipped, item.name, err)
+            continue
+        yield InputImage(item.name, item.key, image)
+
+
+def iter_selected(source: str, size: int = 0, limit: int = 0,
+                  want: Callable[[int, str], bool] = lambda position, key: True) -> Iterator[tuple[int, str, Tensor]]:
+    """(position, key, [-1, 1] tensor) of the first `limit` images of `source` (0: all) that `want(position, key)`
+    selects, resized to `size` x `size` (0: as they are). Only those are decoded; positions count every image of
+    the source, so shares taken by position are the same whatever is readable."""
+    for position, item in enumerate(itertools.islice(lazy_inputs(source), limit or None)):
+        if not want(position, item.key):
+            continue
+        try:
+            image = item.load()
+        except Exception as err:  # noqa: BLE001
+            _skip(None, item.name, err)
+            continue
+        yield position, item.key, to_tensor(resize_square(image, size) if size else image)
 
 
 def _readable_samples(urls: list[str], skipped: list[str] | None) -> Iterator[dict]:

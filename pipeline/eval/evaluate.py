@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from pipeline.data.held_out import iter_inputs, iter_tensors
+from pipeline.data.held_out import iter_selected, lazy_inputs
 from pipeline.data.images import normalize, quantize, to_image, to_tensor, to_uint8
 from pipeline.data.stream import DataError
 from pipeline.engine import dist
@@ -128,7 +128,8 @@ def evaluate_direction(
     try:
         # This share's sources; with pairs, their keys first (one pass over the source set), so that each rank
         # keeps only its own ground truth.
-        source_keys = ([item.key for item in itertools.islice(iter_inputs(source), max_images or None)]
+        # Keys cost no decoding: every image is decoded by the one rank that uses it, whatever the world size.
+        source_keys = ([item.key for item in itertools.islice(lazy_inputs(source), max_images or None)]
                        if paired_keys else [])
         mine = {key for i, key in enumerate(source_keys) if share.takes(i)}
 
@@ -140,10 +141,10 @@ def evaluate_direction(
             # The ground truth of the first max_images sources, not the first max_images of the target set:
             # shards hold their files in a shuffled order, so those would not pair.
             keys = set(source_keys)
-            targets: Iterator[tuple[str, Tensor]] = ((k, im) for k, im in iter_tensors(target, size, 0) if k in keys)
+            targets = iter_selected(target, size, 0, lambda i, key: key in keys and (share.takes(i) or key in mine))
         else:
-            targets = iter_tensors(target, size, max_images)
-        for index, (key, image) in enumerate(targets):
+            targets = iter_selected(target, size, max_images, lambda i, key: share.takes(i) or key in mine)
+        for index, key, image in targets:
             if share.takes(index):
                 real_count += 1
                 real.add(index, image)
@@ -158,10 +159,9 @@ def evaluate_direction(
         count = 0
 
         def sources() -> Iterator[tuple[tuple[int, str], Tensor]]:
-            for index, (key, image) in enumerate(iter_tensors(source, size, max_images)):
-                if share.takes(index):
-                    inputs[index] = image
-                    yield (index, key), image
+            for index, key, image in iter_selected(source, size, max_images, lambda i, key: share.takes(i)):
+                inputs[index] = image
+                yield (index, key), image
 
         def translations() -> Iterator[tuple[int, Tensor]]:
             nonlocal count
