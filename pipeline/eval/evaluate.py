@@ -183,22 +183,16 @@ def evaluate_direction(
         for module, was_training in modes:
             module.train(was_training)
 
-    if share.world > 1:
-        parts = dist.gather_objects((count, real_count, real_features, fake.result(), per_image))
-    else:
-        parts = [(count, real_count, real_features, fake.result(), per_image)]
+    # Counts and per-image scores (a few numbers per image) go to every rank; features do not (below).
+    local = (count, real_count, per_image)
+    parts = dist.gather_objects(local) if share.world > 1 else [local]
     count, real_count = sum(p[0] for p in parts), sum(p[1] for p in parts)
-    scores = {name: [v for _, v in sorted(item for p in parts for item in p[4][name])] for name in _PER_IMAGE}
+    scores = {name: [v for _, v in sorted(item for p in parts for item in p[2][name])] for name in _PER_IMAGE}
 
     results: dict[str, float] = {"images": float(count), "real_images": float(real_count)}
     if features is not None:
-        fake_rows, real_rows = _in_set_order([p[3] for p in parts]), _in_set_order([p[2] for p in parts])
-        results["fid"] = distribution.fid(fake_rows, real_rows)
-        kid = distribution.kid(fake_rows, real_rows, kid_subsets, kid_subset_size)
-        results["kid"] = kid.value
-        results["kid_subset_size"] = float(kid.subset_size)
-        if kid.std is not None:
-            results["kid_std"] = kid.std
+        results.update(_distribution_metrics(fake.result(), real_features, share, device, kid_subsets,
+                                             kid_subset_size))
     if paired_keys:
         pairs = len(scores["l1"])
         if not pairs:
@@ -209,6 +203,41 @@ def evaluate_direction(
     if reverse is not None:
         results["cycle_l1"] = sum(scores["cycle_l1"]) / max(len(scores["cycle_l1"]), 1)
     return results
+
+
+def _distribution_metrics(fake: tuple[list[int], np.ndarray], real: tuple[list[int], np.ndarray], share: Share,
+                          device: torch.device, kid_subsets: int, kid_subset_size: int) -> dict[str, float]:
+    """FID from the sets' moments, summed over ranks by an all-reduce (count, sum, sum of outer products: a rank
+    holds D^2 numbers per set whatever the set's size); KID, which needs the features themselves, computed on
+    rank 0 from features gathered there only, and its numbers broadcast. One process: the same from its rows."""
+    if share.world == 1:
+        fake_rows, real_rows = _in_set_order([fake]), _in_set_order([real])
+        dim = fake_rows.shape[1]
+        fid = distribution.fid_of_moments(distribution.Moments.of(fake_rows, dim),
+                                          distribution.Moments.of(real_rows, dim))
+        return {"fid": fid, **_kid(fake_rows, real_rows, kid_subsets, kid_subset_size)}
+    # A rank whose share is empty has no rows to tell the dimension: take the largest.
+    dim = int(dist.all_reduce_max(torch.tensor([max(fake[1].shape[1], real[1].shape[1])], device=device)).item())
+    moments = [distribution.Moments.of(rows[1], dim) for rows in (fake, real)]
+    flat = torch.from_numpy(np.concatenate([np.concatenate([[m.count], m.total, m.outer.ravel()]) for m in moments]))
+    flat = dist.all_reduce_sum(flat.to(device)).cpu().numpy()
+    size = 1 + dim + dim * dim
+    summed = [distribution.Moments(int(round(part[0])), part[1 : 1 + dim], part[1 + dim :].reshape(dim, dim))
+              for part in (flat[:size], flat[size:])]
+    gathered = dist.gather_to_main((fake, real))
+    kid = None
+    if gathered is not None:
+        kid = _kid(_in_set_order([g[0] for g in gathered]), _in_set_order([g[1] for g in gathered]), kid_subsets,
+                   kid_subset_size)
+    return {"fid": distribution.fid_of_moments(*summed), **dist.broadcast_from_main(kid)}
+
+
+def _kid(fake_rows: np.ndarray, real_rows: np.ndarray, subsets: int, subset_size: int) -> dict[str, float]:
+    kid = distribution.kid(fake_rows, real_rows, subsets, subset_size)
+    out = {"kid": kid.value, "kid_subset_size": float(kid.subset_size)}
+    if kid.std is not None:
+        out["kid_std"] = kid.std
+    return out
 
 
 _PER_IMAGE = ("l1", "psnr", "ssim", "l1_identity", "psnr_identity", "ssim_identity", "cycle_l1")

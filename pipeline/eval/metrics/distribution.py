@@ -19,6 +19,31 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
+class Moments(NamedTuple):
+    """Sufficient statistics of a feature set for FID: count, sum and sum of outer products (float64). Ranks add
+    theirs (an all-reduce of D + D^2 numbers: 33.6 MB for Inception's 2048) instead of gathering the features."""
+
+    count: int
+    total: np.ndarray
+    outer: np.ndarray
+
+    @classmethod
+    def of(cls, features: np.ndarray, dim: int) -> Moments:
+        x = np.asarray(features, dtype=np.float64).reshape(-1, dim)
+        return cls(x.shape[0], x.sum(axis=0), x.T @ x)
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased covariance: (sum xx^T - n mu mu^T) / (n - 1)."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 feature vectors, got {self.count}")
+        mu = self.total / self.count
+        return mu, (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+
+
+def fid_of_moments(fake: Moments, real: Moments) -> float:
+    return frechet_distance(*fake.stats(), *real.stats())
+
+
 def _nonnegligible(eigenvalues: np.ndarray) -> np.ndarray:
     """Eigenvalues of a PSD matrix with those at round-off level set to 0.
 
