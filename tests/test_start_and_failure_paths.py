@@ -26,11 +26,12 @@ EXPAND_ON_TWO_RANKS = """
 import json, os, sys
 import torch.distributed as td
 from pipeline.config import load_config
+from pipeline.engine.dist import DistInfo
 from pipeline.train.loop import _inputs_from_main
 rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 cfg = load_config([], ["data.train_a=shards/trainA/*.tar", "data.train_b=shards/trainB/*.tar"])
-urls = _inputs_from_main(cfg)
+urls = _inputs_from_main(cfg, DistInfo(rank=rank, world_size=2, local_rank=rank))
 open(out, "w").write(json.dumps({"urls": urls, "cwd_has_shards": os.path.isdir("shards")}))
 td.destroy_process_group()
 """

@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from omegaconf import DictConfig
@@ -48,6 +49,8 @@ from pipeline.train.samples import sample_grid
 from pipeline.train.state import TrainingState, check_compatible
 
 log = logging.getLogger("pipeline.train")
+
+T = TypeVar("T")
 
 
 __all__ = ["NonFiniteLossError", "RunResult", "Trainer", "run"]
@@ -110,7 +113,7 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
     device = dist.select_device(cfg.train.device, info)
     dist.init_process_group(info, device, cfg.dist.timeout_s, socket_ifname=cfg.dist.socket_ifname)
     random.seed(cfg.train.seed * 1000 + info.rank)
-    urls = _inputs_from_main(cfg)  # Read-only: a typo leaves no run directory behind.
+    urls = _inputs_from_main(cfg, info)  # Read-only: a typo leaves no run directory behind.
     lock = _own_run_dir(cfg, info)
     try:
         return _run(cfg, info, device, stop_flag, urls)
@@ -119,69 +122,58 @@ def run(cfg: DictConfig, stop_flag: StopFlag | None = None) -> RunResult:
             lock.release()
 
 
-def _own_run_dir(cfg: DictConfig, info: dist.DistInfo) -> RunLock | None:
-    """Rank 0 takes the run directory's lock for the whole job before anything is written; every rank stops
-    with its reason when it cannot."""
-    lock, problem, unexpected = None, None, None
-    if info.is_main:
+# The errors rank 0 can meet while it sets the run up alone, by name: every rank raises the one rank 0 met.
+_SET_UP_ERRORS: dict[str, type[Exception]] = {
+    "RunDirError": RunDirError, "TrackingError": TrackingError, "DataError": DataError, "ConfigError": ConfigError,
+}
+
+
+def _main_decides(what: str, work: Callable[[], T], is_main: bool) -> T | None:
+    """`work()` on rank 0 (None elsewhere), and how it ended on every rank: an error rank 0 meets is raised on
+    every rank (an OSError as a RunDirError saying `what` failed; a bug as itself on rank 0 and a RuntimeError
+    elsewhere), so no rank waits for rank 0 in a collective that never comes."""
+    result, problem, unexpected = None, None, None
+    if is_main:
         try:
-            lock = acquire(cfg.run_dir, cfg.control.lock_stale_s, info.world_size)
-        except RunDirError as err:
-            problem = str(err)
+            result = work()
+        except tuple(_SET_UP_ERRORS.values()) as err:
+            problem = (type(err).__name__, str(err))
         except OSError as err:
-            problem = f"cannot take the lock of run_dir '{cfg.run_dir}': {err}"
-        except Exception as err:  # A bug: the other ranks must not wait for rank 0 in the broadcast below.
-            problem, unexpected = f"rank 0 failed while taking the run directory: {err!r}", err
+            problem = ("RunDirError", f"{what}: {err}")
+        except Exception as err:  # A bug: reported as itself on rank 0, in a line elsewhere.
+            problem, unexpected = ("RuntimeError", f"rank 0 failed ({what}): {err!r}"), err
     try:
         problem = dist.broadcast_from_main(problem)
     except BaseException:
-        if lock is not None:
-            lock.release()
+        if isinstance(result, RunLock):
+            result.release()  # Taken, but the job cannot go on.
         raise
     if unexpected is not None:
         raise unexpected
     if problem:
-        raise RunDirError(problem)
-    return lock
+        raise _SET_UP_ERRORS.get(problem[0], RuntimeError)(problem[1])
+    return result
+
+
+def _own_run_dir(cfg: DictConfig, info: dist.DistInfo) -> RunLock | None:
+    """Rank 0 takes the run directory's lock for the whole job before anything is written."""
+    return _main_decides(f"cannot take the lock of run_dir '{cfg.run_dir}'",
+                         lambda: acquire(cfg.run_dir, cfg.control.lock_stale_s, info.world_size), info.is_main)
 
 
 def _start_recorder(cfg: DictConfig, info: dist.DistInfo, run_id: str | None) -> NullRecorder:
-    """The run's recorder (rank 0 writes the record); when rank 0 cannot start it, every rank stops with why."""
-    recorder, problem, unexpected = None, None, None
-    try:
-        recorder = make_recorder(cfg, info, run_id)
-    except TrackingError as err:
-        problem = ("tracking", str(err))
-    except OSError as err:
-        problem = ("run_dir", f"cannot write the run's record in run_dir '{cfg.run_dir}': {err}")
-    except Exception as err:  # A bug: the other ranks must not wait for rank 0 in the broadcast below.
-        problem, unexpected = ("run_dir", f"rank 0 failed while starting the run's record: {err!r}"), err
-    problem = dist.broadcast_from_main(problem)
-    if unexpected is not None:
-        raise unexpected
-    if problem:
-        raise (TrackingError if problem[0] == "tracking" else RunDirError)(problem[1])
-    return recorder
+    """The run's recorder: rank 0's writes the record, the other ranks' do nothing."""
+    recorder = _main_decides(f"cannot write the run's record in run_dir '{cfg.run_dir}'",
+                             lambda: make_recorder(cfg, info, run_id), info.is_main)
+    return recorder if recorder is not None else NullRecorder()
 
 
-def _inputs_from_main(cfg: DictConfig) -> dict[str, list[str]]:
-    """Rank 0 checks the inputs and expands the training shard patterns; every rank takes its lists (or its
-    error). One glob and one stat per shard for the job, not per rank: 10k shards on 512 ranks would be 5M
-    metadata calls on a shared filesystem at every start."""
-    urls, problem, unexpected = None, None, None
-    if dist.is_main_process():
-        try:
-            urls = check_inputs(cfg)
-        except (DataError, ConfigError) as err:
-            problem = (type(err).__name__, str(err))
-        except Exception as err:  # A bug: the other ranks must not wait for rank 0 in the broadcast below.
-            problem, unexpected = ("DataError", f"rank 0 failed while checking the inputs: {err!r}"), err
-    urls, problem = dist.broadcast_from_main((urls, problem))
-    if unexpected is not None:
-        raise unexpected
-    if problem:
-        raise (ConfigError if problem[0] == "ConfigError" else DataError)(problem[1])
-    return urls
+def _inputs_from_main(cfg: DictConfig, info: dist.DistInfo) -> dict[str, list[str]]:
+    """Rank 0 checks the inputs and expands the training shard patterns; every rank takes its lists. One glob
+    and one stat per shard for the job, not per rank: 10k shards on 512 ranks would be 5M metadata calls on a
+    shared filesystem at every start."""
+    urls = _main_decides("cannot check the inputs", lambda: check_inputs(cfg), info.is_main)
+    return dist.broadcast_from_main(urls)
 
 
 def check_inputs(cfg: DictConfig) -> dict[str, list[str]]:
