@@ -326,3 +326,30 @@ def test_moments_summed_over_parts_give_the_mean_covariance_and_fid_of_the_whole
     np.testing.assert_allclose(got_mu, mu, rtol=1e-12)
     np.testing.assert_allclose(got_sigma, sigma, rtol=1e-12, atol=1e-12)
     assert fid_of_moments(summed, Moments.of(real, 16)) == pytest.approx(fid(fake, real), rel=1e-10)
+
+
+def test_the_real_sets_are_embedded_once_per_run_and_read_back_after_a_resume(tiny, tmp_path, caplog):
+    """Three evaluations and a resume: each real set is decoded and embedded once (the first evaluation), kept
+    in the run directory, and read from there by the resumed process; the numbers do not change for it."""
+    from pipeline.eval import evaluate as evaluation
+
+    features = tmp_path / "colour.pt"
+    torch.jit.save(torch.jit.script(ColourFeatures()), features)
+    settings = {"eval.paired": True, "eval.every_steps": 2, "eval.features": str(features),
+                "report.sample_every_steps": 0, "checkpoint.every_steps": 2, "tracking.enabled": False}
+    from pipeline.config import load_config
+    from pipeline.train.loop import run
+
+    with caplog.at_level("INFO"):  # run(), not main(): main's logging set-up would replace caplog's handler.
+        run(load_config([], tiny(**settings, **{"train.steps": 4})))
+        computed = [r.getMessage() for r in caplog.records if "real-set features of" in r.getMessage()]
+        assert len(computed) == 2 and all("computed (8 images)" in m for m in computed)  # Test B, then test A.
+        first = json.loads((tmp_path / "run" / "eval.json").read_text())["results"]
+        caplog.clear()
+        evaluation._REAL_SETS.clear()  # A new process: only the run directory remembers.
+        run(load_config([], tiny(**settings, **{"train.steps": 6})))
+    again = [r.getMessage() for r in caplog.records if "real-set features of" in r.getMessage()]
+    assert len(again) == 2 and all("read from" in m for m in again)
+    assert len(list((tmp_path / "run" / "eval-cache").glob("real-*.npz"))) == 2
+    assert math.isfinite(first["AtoB"]["fid"])
+    assert math.isfinite(json.loads((tmp_path / "run" / "eval.json").read_text())["results"]["AtoB"]["fid"])

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +52,23 @@ class Share:
         if not dist.is_distributed():
             return cls()
         return cls(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+
+@dataclass
+class RealSet:
+    """A real target set's features as the metrics need them, kept from one evaluation to the next: the set and
+    the extractor do not change while a run trains, so its images are decoded and embedded once."""
+
+    count: int = 0
+    """Real images (all ranks)."""
+    moments: distribution.Moments | None = None
+    """Their moments, summed over ranks (FID)."""
+    rows: np.ndarray | None = None
+    """Their features in the set's order, on rank 0 only (KID)."""
+
+    @property
+    def ready(self) -> bool:
+        return self.moments is not None
 
 
 class _Features:
@@ -98,7 +117,7 @@ def evaluate_direction(
     net: nn.Module, reverse: nn.Module | None, multiple: int, source: str, target: str, device: torch.device,
     features: nn.Module | None = None, size: int = 0, paired_keys: bool = False, batch_size: int = 8,
     precision: str = "fp32", max_images: int = 0, kid_subsets: int = 100, kid_subset_size: int = 1000,
-    share: Share = Share(),
+    share: Share = Share(), real_set: RealSet | None = None,
 ) -> dict[str, float]:
     """Metrics of `net` translating the images of `source`, against the real images of `target`.
 
@@ -116,6 +135,8 @@ def evaluate_direction(
         kid_subsets, kid_subset_size: KID's subsets.
         share: the images this process translates and embeds; with more than one process (`Share.world`),
             every process of the group must call this with its own share, and all get the whole set's result.
+        real_set: the target set's features from an earlier call with the same target, size and extractor, used
+            instead of embedding it again; an empty one is filled by this call.
 
     Returns:
         `images` and `real_images` (counts); `fid`, `kid`, `kid_subset_size` (0: whole sets) and `kid_std`
@@ -137,15 +158,19 @@ def evaluate_direction(
         real = _Features(features, device, batch_size)
         truth: dict[str, Tensor] = {}
         real_count = 0
+        known = features is not None and real_set is not None and real_set.ready
+        embeds = (lambda i: share.takes(i)) if not known else (lambda i: False)  # noqa: E731
         if paired_keys and max_images:
             # The ground truth of the first max_images sources, not the first max_images of the target set:
             # shards hold their files in a shuffled order, so those would not pair.
             keys = set(source_keys)
-            targets = iter_selected(target, size, 0, lambda i, key: key in keys and (share.takes(i) or key in mine))
+            targets = iter_selected(target, size, 0, lambda i, key: key in keys and (embeds(i) or key in mine))
         else:
-            targets = iter_selected(target, size, max_images, lambda i, key: share.takes(i) or key in mine)
+            targets = iter_selected(target, size, max_images, lambda i, key: embeds(i) or key in mine)
+        if known and not paired_keys:
+            targets = iter(())  # Nothing to read: the features are known and no ground truth is needed.
         for index, key, image in targets:
-            if share.takes(index):
+            if embeds(index):
                 real_count += 1
                 real.add(index, image)
             if key in mine:
@@ -189,10 +214,18 @@ def evaluate_direction(
     count, real_count = sum(p[0] for p in parts), sum(p[1] for p in parts)
     scores = {name: [v for _, v in sorted(item for p in parts for item in p[2][name])] for name in _PER_IMAGE}
 
+    if features is not None:
+        if not known:
+            real_set = real_set if real_set is not None else RealSet()
+            real_set.count = real_count
+            real_set.moments, real_set.rows = _pooled(real_features, share, device)
+        real_count = real_set.count
     results: dict[str, float] = {"images": float(count), "real_images": float(real_count)}
     if features is not None:
-        results.update(_distribution_metrics(fake.result(), real_features, share, device, kid_subsets,
-                                             kid_subset_size))
+        fake_moments, fake_rows = _pooled(fake.result(), share, device, len(real_set.moments.total))
+        kid = _kid(fake_rows, real_set.rows, kid_subsets, kid_subset_size) if fake_rows is not None else None
+        results["fid"] = distribution.fid_of_moments(fake_moments, real_set.moments)
+        results.update(dist.broadcast_from_main(kid) if share.world > 1 else kid)
     if paired_keys:
         pairs = len(scores["l1"])
         if not pairs:
@@ -205,31 +238,22 @@ def evaluate_direction(
     return results
 
 
-def _distribution_metrics(fake: tuple[list[int], np.ndarray], real: tuple[list[int], np.ndarray], share: Share,
-                          device: torch.device, kid_subsets: int, kid_subset_size: int) -> dict[str, float]:
-    """FID from the sets' moments, summed over ranks by an all-reduce (count, sum, sum of outer products: a rank
-    holds D^2 numbers per set whatever the set's size); KID, which needs the features themselves, computed on
-    rank 0 from features gathered there only, and its numbers broadcast. One process: the same from its rows."""
+def _pooled(part: tuple[list[int], np.ndarray], share: Share, device: torch.device,
+            dim: int = 0) -> tuple[distribution.Moments, np.ndarray | None]:
+    """A feature set's moments summed over ranks by an all-reduce (count, sum, sum of outer products: D^2 numbers
+    per rank whatever the set's size), and its rows in the set's order on rank 0 only (None elsewhere), gathered
+    there for KID, which needs the features themselves. One process: both from its own rows."""
     if share.world == 1:
-        fake_rows, real_rows = _in_set_order([fake]), _in_set_order([real])
-        dim = fake_rows.shape[1]
-        fid = distribution.fid_of_moments(distribution.Moments.of(fake_rows, dim),
-                                          distribution.Moments.of(real_rows, dim))
-        return {"fid": fid, **_kid(fake_rows, real_rows, kid_subsets, kid_subset_size)}
-    # A rank whose share is empty has no rows to tell the dimension: take the largest.
-    dim = int(dist.all_reduce_max(torch.tensor([max(fake[1].shape[1], real[1].shape[1])], device=device)).item())
-    moments = [distribution.Moments.of(rows[1], dim) for rows in (fake, real)]
-    flat = torch.from_numpy(np.concatenate([np.concatenate([[m.count], m.total, m.outer.ravel()]) for m in moments]))
+        rows = _in_set_order([part])
+        return distribution.Moments.of(rows, dim or rows.shape[1]), rows
+    if not dim:  # A rank whose share is empty has no rows to tell the dimension: take the largest.
+        dim = int(dist.all_reduce_max(torch.tensor([part[1].shape[1]], device=device)).item())
+    mine = distribution.Moments.of(part[1], dim)
+    flat = torch.from_numpy(np.concatenate([[mine.count], mine.total, mine.outer.ravel()]))
     flat = dist.all_reduce_sum(flat.to(device)).cpu().numpy()
-    size = 1 + dim + dim * dim
-    summed = [distribution.Moments(int(round(part[0])), part[1 : 1 + dim], part[1 + dim :].reshape(dim, dim))
-              for part in (flat[:size], flat[size:])]
-    gathered = dist.gather_to_main((fake, real))
-    kid = None
-    if gathered is not None:
-        kid = _kid(_in_set_order([g[0] for g in gathered]), _in_set_order([g[1] for g in gathered]), kid_subsets,
-                   kid_subset_size)
-    return {"fid": distribution.fid_of_moments(*summed), **dist.broadcast_from_main(kid)}
+    summed = distribution.Moments(int(round(flat[0])), flat[1 : 1 + dim], flat[1 + dim :].reshape(dim, dim))
+    gathered = dist.gather_to_main(part)
+    return summed, (_in_set_order(gathered) if gathered is not None else None)
 
 
 def _kid(fake_rows: np.ndarray, real_rows: np.ndarray, subsets: int, subset_size: int) -> dict[str, float]:
@@ -289,7 +313,56 @@ def held_out_eval(translators: dict[str, nn.Module], cfg: Any, device: torch.dev
     for direction, net in translators.items():
         source, target = sets[direction]
         reverse = translators.get("BtoA" if direction == "AtoB" else "AtoB")
+        real_set = _real_set(cfg, target, share) if features is not None else None
+        fresh = real_set is not None and not real_set.ready
         result = evaluate_direction(net, reverse, multiple, source, target, device, features, size,
-                                    paired_keys=cfg.eval.paired, batch_size=cfg.eval.batch_size, share=share)
+                                    paired_keys=cfg.eval.paired, batch_size=cfg.eval.batch_size, share=share,
+                                    real_set=real_set)
+        if fresh:
+            _save_real_set(cfg, target, real_set, share)
         out.update({f"{direction}/{k}": v for k, v in result.items() if k not in ("images", "real_images")})
     return out
+
+
+# The real sets' features of this process's runs: (run_dir, target, extractor, size) -> RealSet.
+_REAL_SETS: dict[tuple[str, ...], RealSet] = {}
+
+
+def _real_set_file(cfg: Any, target: str) -> tuple[tuple[str, ...], Path]:
+    """The key of a real set's features and the file that keeps them in the run directory: the set, the
+    extractor file (its path, size and time) and the resolution name them."""
+    weights = Path(cfg.eval.features)
+    stat = weights.stat()
+    key = (str(Path(cfg.run_dir).resolve()), target, str(weights.resolve()), str(stat.st_size),
+           str(stat.st_mtime_ns), str(cfg.data.crop_size))
+    digest = hashlib.sha256("\n".join(key[1:]).encode()).hexdigest()[:16]
+    return key, Path(cfg.run_dir) / "eval-cache" / f"real-{digest}.npz"
+
+
+def _real_set(cfg: Any, target: str, share: Share) -> RealSet:
+    """The real set's features: from this process's memory, else from the run directory (a resumed run), else
+    an empty RealSet that the evaluation fills. Rank 0 alone loads the rows (KID is computed there)."""
+    key, path = _real_set_file(cfg, target)
+    if key not in _REAL_SETS:
+        real_set = RealSet()
+        if path.is_file():
+            with np.load(path) as saved:
+                real_set.count = int(saved["count"])
+                real_set.moments = distribution.Moments(int(saved["moments_count"]), saved["total"], saved["outer"])
+                real_set.rows = saved["rows"] if share.rank == 0 else None
+            log.info("real-set features of %s read from %s", target, path)
+        _REAL_SETS[key] = real_set
+    return _REAL_SETS[key]
+
+
+def _save_real_set(cfg: Any, target: str, real_set: RealSet, share: Share) -> None:
+    """Rank 0 keeps a real set's features in the run directory, for the evaluations after a resume."""
+    _, path = _real_set_file(cfg, target)
+    log.info("real-set features of %s computed (%d images); kept in %s", target, real_set.count, path)
+    if share.rank != 0 or real_set.moments is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, count=real_set.count, moments_count=real_set.moments.count, total=real_set.moments.total,
+             outer=real_set.moments.outer, rows=real_set.rows)
+    tmp.replace(path)
