@@ -328,15 +328,23 @@ def test_moments_summed_over_parts_give_the_mean_covariance_and_fid_of_the_whole
     assert fid_of_moments(summed, Moments.of(real, 16)) == pytest.approx(fid(fake, real), rel=1e-10)
 
 
-def test_the_real_sets_are_embedded_once_per_run_and_read_back_after_a_resume(tiny, tmp_path, caplog):
-    """Three evaluations and a resume: each real set is decoded and embedded once (the first evaluation), kept
-    in the run directory, and read from there by the resumed process; the numbers do not change for it."""
+def test_the_real_sets_are_embedded_once_per_run_and_read_back_after_a_resume(tiny, shards, tmp_path, caplog):
+    """Two evaluations and a resume: each real set is decoded and embedded once (the first evaluation), kept
+    in the run directory, and read from there by the resumed process; a set whose files changed is embedded
+    again."""
+    import shutil
+
     from pipeline.eval import evaluate as evaluation
 
     features = tmp_path / "colour.pt"
     torch.jit.save(torch.jit.script(ColourFeatures()), features)
+    sets = {}
+    for split in ("testA", "testB"):
+        sets[split] = tmp_path / split
+        shutil.copytree(Path(shards[split]).parent, sets[split])
     settings = {"eval.paired": True, "eval.every_steps": 2, "eval.features": str(features),
-                "report.sample_every_steps": 0, "checkpoint.every_steps": 2, "tracking.enabled": False}
+                "report.sample_every_steps": 0, "checkpoint.every_steps": 2, "tracking.enabled": False,
+                "data.test_a": str(sets["testA"]), "data.test_b": str(sets["testB"])}
     from pipeline.config import load_config
     from pipeline.train.loop import run
 
@@ -353,3 +361,14 @@ def test_the_real_sets_are_embedded_once_per_run_and_read_back_after_a_resume(ti
     assert len(list((tmp_path / "run" / "eval-cache").glob("real-*.npz"))) == 2
     assert math.isfinite(first["AtoB"]["fid"])
     assert math.isfinite(json.loads((tmp_path / "run" / "eval.json").read_text())["results"]["AtoB"]["fid"])
+
+    changed = next(sets["testB"].glob("*.tar"))
+    changed.write_bytes(changed.read_bytes())  # Written again: a new time, as a set replaced by a new copy.
+    caplog.clear()
+    evaluation._REAL_SETS.clear()
+    evaluation._fingerprint.cache_clear()
+    with caplog.at_level("INFO"):
+        run(load_config([], tiny(**settings, **{"train.steps": 8})))
+    said = [r.getMessage() for r in caplog.records if "real-set features of" in r.getMessage()]
+    assert sorted(m.split(" of ")[1].split(" ")[0] for m in said if "computed" in m) == [str(sets["testB"])]
+    assert [m for m in said if "read from" in m][0].startswith(f"real-set features of {sets['testA']}")

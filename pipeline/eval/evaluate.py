@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from pipeline.data.held_out import iter_selected, lazy_inputs
 from pipeline.data.images import normalize, quantize, to_image, to_tensor, to_uint8
-from pipeline.data.stream import DataError
+from pipeline.data.stream import DataError, expand_pattern, local_path
 from pipeline.engine import dist
 from pipeline.eval.metrics import distribution, paired
 from pipeline.eval.metrics.features import load_extractor
@@ -333,10 +334,25 @@ def _real_set_file(cfg: Any, target: str) -> tuple[tuple[str, ...], Path]:
     extractor file (its path, size and time) and the resolution name them."""
     weights = Path(cfg.eval.features)
     stat = weights.stat()
-    key = (str(Path(cfg.run_dir).resolve()), target, str(weights.resolve()), str(stat.st_size),
-           str(stat.st_mtime_ns), str(cfg.data.crop_size))
+    key = (str(Path(cfg.run_dir).resolve()), target, _fingerprint(target), str(weights.resolve()),
+           str(stat.st_size), str(stat.st_mtime_ns), str(cfg.data.crop_size))
     digest = hashlib.sha256("\n".join(key[1:]).encode()).hexdigest()[:16]
     return key, Path(cfg.run_dir) / "eval-cache" / f"real-{digest}.npz"
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(target: str) -> str:
+    """The local files of a held-out set, by name, size and time (once per process): a set replaced between two
+    runs on one run directory is embedded again. URLs stand for themselves."""
+    path = Path(target)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        files = [Path(local_path(url)) for url in expand_pattern(target) if local_path(url) is not None]
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
 
 
 def _real_set(cfg: Any, target: str, share: Share) -> RealSet:
