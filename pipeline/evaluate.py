@@ -96,10 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         return _run(args)
-    except (CheckpointError, ConfigError, DataError, FeatureError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
+    except (CheckpointError, ConfigError, DataError, FeatureError, OSError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
 

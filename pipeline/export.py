@@ -66,10 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes = [] if args.no_check else args.check or [(1, s, s), (2, s + 3, max(s - 5, 1))]
         worst = export(gens, args.format, args.output, shapes, args.tolerance, args.opset,
                        select_device(args.device))
-    except (CheckpointError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
+    except (CheckpointError, ConfigError, OSError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except ExportError as err:

@@ -27,10 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         packed = generators_file(load_checkpoint(args.checkpoint, ranks=None))
         size = save_atomic(packed, args.output)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
+    except (CheckpointError, OSError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     ema = "raw and EMA" if packed.get("ema", {}).get("started") else "raw"

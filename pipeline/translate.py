@@ -102,10 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tile_progress=tiles,
         )
         tiles.close()
-    except (CheckpointError, ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
+    except (CheckpointError, ConfigError, DataError, OSError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     skipped = f", {len(manifest['skipped'])} unreadable skipped" if manifest["skipped"] else ""

@@ -33,7 +33,9 @@ class BadShard(RuntimeError):
 
 
 def shard_problem(err: BaseException) -> str:
-    """A shard's read error in words: `tarfile`'s ReadError carries a tuple."""
+    """A shard's read error in words: `tarfile`'s ReadError carries a tuple; a BadShard is worded already."""
+    if isinstance(err, BadShard):
+        return str(err)
     if isinstance(err, tarfile.ReadError) and err.args and isinstance(err.args[0], str):
         what = err.args[0].split(" @ ")[0]  # webdataset appends " @ <the stream>"
         known = {"empty file": "an empty file (0 bytes: an interrupted copy?)",

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.data.images import to_uint8_tensor
-from pipeline.data.remote import BadShard, ShardUnreachable, retrying_samples, shard_problem
+from pipeline.data.remote import ShardUnreachable, retrying_samples, shard_problem
 from pipeline.data.skips import DEFAULT_MAX_PIXELS, IMAGE_KEYS, Skips, image_member, name_of, unusable
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,8 @@ def _domain_label(domain: str, pattern: str) -> str:
 
 def _fewer_than_a_batch(holders: str, count: int, batch_per_rank: int, skips: Skips | None = None) -> DataError:
     """The error for a domain smaller than one batch; `holders` is its subject and verb ("... holds")."""
-    skipped = f" ({skips.describe()})" if skips is not None and skips.describe() else ""
+    described = skips.describe() if skips is not None else ""
+    skipped = f" ({described})" if described else ""
     if count == 0:
         return DataError(f"{holders} no usable sample{skipped}: check its shards with `python -m pipeline.shards "
                          "inspect PATTERN` and write them again from the images")
@@ -239,11 +240,7 @@ def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int, min_sa
             buffer[index], sample = sample, buffer[index]
             yield sample
         what = f"{label} holds" if label else f"shards {order[:3]}... hold"
-        if produced == 0:
-            skipped = skips.describe()
-            raise DataError(f"{what} no usable sample{': ' + skipped if skipped else ''}. Check the shards with "
-                            "`python -m pipeline.shards inspect PATTERN`")
-        if first and produced < min_samples:
+        if produced == 0 or (first and produced < min_samples):
             raise _fewer_than_a_batch(what, produced, min_samples, skips)
         if first:
             skips.end_of_first_pass(produced)
@@ -259,9 +256,7 @@ def _samples_of(urls: list[str], retry_s: float, skips: Skips) -> Iterator[dict[
                 yield sample
         except ShardUnreachable as err:
             raise DataError(str(err)) from None
-        except BadShard as err:
-            skips.shard(url, str(err), delivered)
-        except Exception as err:  # noqa: BLE001 - a local shard: tarfile, the OS and webdataset raise many types
+        except Exception as err:  # noqa: BLE001 - tarfile, the OS, webdataset and BadShard: the shard's own fault
             skips.shard(url, shard_problem(err), delivered)
 
 

@@ -216,7 +216,7 @@ def prepare_run_dir(run_dir: str | os.PathLike) -> Path:
 
 @dataclass
 class RunLock:
-    """A held lock; `release()` (or leaving the `with`) removes it if it is still ours."""
+    """A held lock; `release()` removes it if it is still ours."""
 
     path: Path
     content: dict[str, Any]
@@ -261,11 +261,6 @@ class RunLock:
             log.warning("could not remove the lock %s (%s); the next run will see its process is gone",
                         self.path, err)
 
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def acquire(run_dir: str | os.PathLike, stale_after_s: float = 120.0, world_size: int = 1) -> RunLock:
@@ -276,10 +271,11 @@ def acquire(run_dir: str | os.PathLike, stale_after_s: float = 120.0, world_size
     """
     path = prepare_run_dir(run_dir) / LOCK_NAME
     me = identity(world_size)
+    interval_s = max(0.5, min(30.0, stale_after_s / 4))
     for _ in range(20):
         try:
             if _write_new(path, me):
-                return RunLock(path, me, interval_s=max(0.5, min(30.0, stale_after_s / 4)))
+                return RunLock(path, me, interval_s)
         except OSError as err:
             raise RunDirError(f"cannot write the lock file in run_dir '{run_dir}' ({err.strerror or err}): "
                               "check the folder's permissions and free space") from None
@@ -289,7 +285,7 @@ def acquire(run_dir: str | os.PathLike, stale_after_s: float = 120.0, world_size
         if holder.get("token") == me["token"]:
             # Ours after all: an NFS server that answers a retransmitted link with "exists" although the first
             # one made it.
-            return RunLock(path, me, interval_s=max(0.5, min(30.0, stale_after_s / 4)))
+            return RunLock(path, me, interval_s)
         if not holder:
             # Being written (the O_EXCL fallback writes after creating), or damaged: only an old one is dead.
             age = _age(path)

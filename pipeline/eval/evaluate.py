@@ -60,10 +60,8 @@ class RealSet:
     """A real target set's features as the metrics need them, kept from one evaluation to the next: the set and
     the extractor do not change while a run trains, so its images are decoded and embedded once."""
 
-    count: int = 0
-    """Real images (all ranks)."""
     moments: distribution.Moments | None = None
-    """Their moments, summed over ranks (FID)."""
+    """Their moments, summed over ranks (FID); `moments.count` is the number of real images."""
     rows: np.ndarray | None = None
     """Their features in the set's order, on rank 0 only (KID)."""
 
@@ -215,16 +213,14 @@ def evaluate_direction(
     count, real_count = sum(p[0] for p in parts), sum(p[1] for p in parts)
     scores = {name: [v for _, v in sorted(item for p in parts for item in p[2][name])] for name in _PER_IMAGE}
 
+    results: dict[str, float] = {"images": float(count), "real_images": float(real_count)}
     if features is not None:
         if not known:
             real_set = real_set if real_set is not None else RealSet()
-            real_set.count = real_count
             real_set.moments, real_set.rows = _pooled(real_features, share, device)
-        real_count = real_set.count
-    results: dict[str, float] = {"images": float(count), "real_images": float(real_count)}
-    if features is not None:
         fake_moments, fake_rows = _pooled(fake.result(), share, device, len(real_set.moments.total))
         kid = _kid(fake_rows, real_set.rows, kid_subsets, kid_subset_size) if fake_rows is not None else None
+        results["real_images"] = float(real_set.moments.count)
         results["fid"] = distribution.fid_of_moments(fake_moments, real_set.moments)
         results.update(dist.broadcast_from_main(kid) if share.world > 1 else kid)
     if paired_keys:
@@ -314,13 +310,13 @@ def held_out_eval(translators: dict[str, nn.Module], cfg: Any, device: torch.dev
     for direction, net in translators.items():
         source, target = sets[direction]
         reverse = translators.get("BtoA" if direction == "AtoB" else "AtoB")
-        real_set = _real_set(cfg, target, share) if features is not None else None
+        real_set, kept = _real_set(cfg, target, share) if features is not None else (None, None)
         fresh = real_set is not None and not real_set.ready
         result = evaluate_direction(net, reverse, multiple, source, target, device, features, size,
                                     paired_keys=cfg.eval.paired, batch_size=cfg.eval.batch_size, share=share,
                                     real_set=real_set)
         if fresh:
-            _save_real_set(cfg, target, real_set, share)
+            _save_real_set(real_set, kept, target, share)
         out.update({f"{direction}/{k}": v for k, v in result.items() if k not in ("images", "real_images")})
     return out
 
@@ -355,30 +351,31 @@ def _fingerprint(target: str) -> str:
     return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
 
 
-def _real_set(cfg: Any, target: str, share: Share) -> RealSet:
-    """The real set's features: from this process's memory, else from the run directory (a resumed run), else
-    an empty RealSet that the evaluation fills. Rank 0 alone loads the rows (KID is computed there)."""
+def _real_set(cfg: Any, target: str, share: Share) -> tuple[RealSet, Path]:
+    """The real set's features and the file that keeps them: from this process's memory, else from the run
+    directory (a resumed run), else an empty RealSet that the evaluation fills. Rank 0 alone loads the rows
+    (KID is computed there)."""
     key, path = _real_set_file(cfg, target)
     if key not in _REAL_SETS:
         real_set = RealSet()
         if path.is_file():
             with np.load(path) as saved:
-                real_set.count = int(saved["count"])
-                real_set.moments = distribution.Moments(int(saved["moments_count"]), saved["total"], saved["outer"])
+                real_set.moments = distribution.Moments(int(saved["count"]), saved["total"], saved["outer"])
                 real_set.rows = saved["rows"] if share.rank == 0 else None
             log.info("real-set features of %s read from %s", target, path)
         _REAL_SETS[key] = real_set
-    return _REAL_SETS[key]
+    return _REAL_SETS[key], path
 
 
-def _save_real_set(cfg: Any, target: str, real_set: RealSet, share: Share) -> None:
+def _save_real_set(real_set: RealSet, path: Path, target: str, share: Share) -> None:
     """Rank 0 keeps a real set's features in the run directory, for the evaluations after a resume."""
-    _, path = _real_set_file(cfg, target)
-    log.info("real-set features of %s computed (%d images); kept in %s", target, real_set.count, path)
-    if share.rank != 0 or real_set.moments is None:
+    if real_set.moments is None:
+        return
+    log.info("real-set features of %s computed (%d images); kept in %s", target, real_set.moments.count, path)
+    if share.rank != 0:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, count=real_set.count, moments_count=real_set.moments.count, total=real_set.moments.total,
-             outer=real_set.moments.outer, rows=real_set.rows)
+    np.savez(tmp, count=real_set.moments.count, total=real_set.moments.total, outer=real_set.moments.outer,
+             rows=real_set.rows)
     tmp.replace(path)
