@@ -393,6 +393,13 @@ def yaml_file(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
+def images_folder(folder: Path) -> list[str]:
+    """A folder of images given where shards are expected."""
+    folder.mkdir()
+    Image.new("RGB", (40, 40)).save(folder / "a.png")
+    return [f"data.train_a={folder}"]
+
+
 def record_blocked(run_dir: Path) -> list[str]:
     """A run directory where the run's record cannot be written (a folder where metrics.jsonl goes)."""
     (run_dir / "metrics.jsonl").mkdir(parents=True)
@@ -420,6 +427,11 @@ MISTAKES = {
     "features file missing": (lambda t: [f"eval.features={t}/inception.pt"], ["eval.features=", "is not a file"]),
     "features path is a folder": (lambda t: [f"eval.features={t}"], ["eval.features=", "is not a file"]),
     "shard folder without shards": (lambda t: [f"data.train_b={t}"], ["data.train_b=", "no shards (*.tar)"]),
+    "training shards missing": (lambda t: [f"data.train_a={t}/nope/*.tar"], ["data.train_a=", "matches no file"]),
+    "folder of images": (lambda t: images_folder(t / "photos"),
+                         ["is a folder of images", "python -m pipeline.shards"]),
+    "checkpoint of another model": (lambda t: ["model.ngf=8"],
+                                    ["was trained with another architecture", "model.ngf: checkpoint 4, config 8"]),
     "run_dir is a file": (lambda t: [f"run_dir={t / 'afile'}"], ["is a file, not a folder"]),
     "run_dir cannot be created": (lambda t: [f"run_dir={t / 'afile' / 'run'}"],
                                   ["cannot be created (Not a directory)", "choose a folder you can write to"]),
@@ -467,6 +479,19 @@ def test_every_row_of_the_readme_table_names_tests_that_exist():
                 assert f"def {function}(" in source, ref
             if function.startswith("test_mistakes_") and params:
                 assert set(params.rstrip("]").split(", ")) <= set(MISTAKES), ref
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_with_a_warning_and_the_one_before_resumes(shards, finished,
+                                                                                           tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    newest = max(run_dir.glob("ckpt-*"))
+    data = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # A copy or a write cut short.
+    result = train(offline(shards, run_dir, **{"train.steps": 8}))
+    trained(result)
+    before = max(p for p in run_dir.glob("ckpt-*") if p != newest and p.name < newest.name)
+    assert str(newest) in result.stderr and f"resumed from {before}" in result.stderr
 
 
 # The other commands: translate.
