@@ -20,8 +20,8 @@ def shard(shards) -> Path:
     return Path(sorted(glob.glob(shards["trainA"]))[0])
 
 
-def keys(samples) -> list[str]:
-    return [s["__key__"] for s in samples]
+def keys(items) -> list[str]:
+    return [item.sample["__key__"] for item in items]
 
 
 def test_http_shard_has_the_samples_of_the_file(shard):
@@ -32,7 +32,8 @@ def test_http_shard_has_the_samples_of_the_file(shard):
         server.close()
     want = list(shard_samples(str(shard)))
     assert keys(got) == keys(want) and len(got) == 16
-    assert all(g["png"] == w["png"] for g, w in zip(got, want))
+    assert all(g.sample["png"] == w.sample["png"] for g, w in zip(got, want))
+    assert [g.start for g in got] == [w.start for w in want]
 
 
 def test_a_server_failing_mid_shard_is_read_again_and_each_sample_comes_once(shard, caplog):
@@ -44,6 +45,11 @@ def test_a_server_failing_mid_shard_is_read_again_and_each_sample_comes_once(sha
         server.close()
     assert keys(got) == keys(shard_samples(str(shard)))  # In order, none twice, none lost.
     assert server.requests == 3
+    # Each read after a cut asks for the rest of the shard from the first sample not yet delivered.
+    assert server.ranges[0] == ""
+    starts = [int(r.removeprefix("bytes=").rstrip("-")) for r in server.ranges[1:]]
+    assert 0 < starts[0] <= shard.stat().st_size // 2 < starts[1]
+    assert server.sent < 2 * shard.stat().st_size  # Nothing is downloaded twice but a part of one sample.
     warnings = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert len(warnings) == 2 and f"{server.url}/{shard.name}" in warnings[0]
     assert "data.remote_retry_s" in warnings[0]
@@ -74,14 +80,15 @@ def test_a_transient_read_error_of_a_local_shard_is_read_again_and_each_sample_c
 
     real, calls = remote.shard_samples, []
 
-    def flaky(url):
-        calls.append(url)
-        for index, sample in enumerate(real(url)):
+    def flaky(url, start):
+        calls.append(start)
+        for index, item in enumerate(real(url, start)):
             if len(calls) == 1 and index == 3:
                 raise OSError(errno.EIO, "Input/output error")
-            yield sample
+            yield item
 
     monkeypatch.setattr(remote, "shard_samples", flaky)
     slept = []
     got = list(retrying_samples(str(shard), retry_s=30, sleep=slept.append))
     assert keys(got) == keys(real(str(shard))) and len(calls) == 2 and len(slept) == 1
+    assert calls[1].index == 3 and calls[1].offset > 0  # Read again from the sample that failed, by a seek.

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+from support.http_server import Server
 from support.runs import nets_equal, process_env, tiny_overrides, train_cmd
 
 from pipeline.engine.checkpoint import list_checkpoints, load_checkpoint
@@ -36,23 +39,38 @@ def metric_steps(tmp_path, run_id: str, key: str) -> list[int]:
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
-@pytest.mark.parametrize("nproc,norm", [(0, "instance"), (2, "instance"), (2, "batch")],
-                         ids=["1-process", "2-ranks", "2-ranks-batchnorm"])
-def test_new_process_resume_equals_a_straight_run_bitwise(shards, tmp_path, nproc, norm):
+@pytest.fixture
+def served(shards):
+    """The training shards from a real HTTP server (a pattern per domain, its URLs joined by '::')."""
+    folders = {split: Path(sorted(glob.glob(shards[split]))[0]).parent for split in ("trainA", "trainB")}
+    server = Server(folders["trainA"].parent)
+    yield {**shards, **{split: "::".join(f"{server.url}/{split}/{p.name}" for p in sorted(folder.glob("*.tar")))
+                        for split, folder in folders.items()}}
+    server.close()
+
+
+@pytest.mark.parametrize("nproc,norm,workers,where", [(0, "instance", 0, "http"), (2, "instance", 2, "local"),
+                                                      (2, "batch", 1, "http")],
+                         ids=["1-process-0-workers-http", "2-ranks-2-workers-local", "2-ranks-batchnorm-http"])
+def test_new_process_resume_equals_a_straight_run_bitwise(shards, served, tmp_path, nproc, norm, workers, where):
     # Batch norm: the running statistics differ between ranks between DDP's broadcasts of rank 0's; a checkpoint
     # must hold rank 0's (the replicated state is otherwise written by whichever rank DCP's planner picks).
-    common = {"train.steps": 8, "checkpoint.every_steps": 8, "data.workers": 1, "report.log_every_steps": 1,
+    common = {"train.steps": 8, "checkpoint.every_steps": 8, "data.workers": workers, "report.log_every_steps": 1,
               "model.norm": norm, "perf.fused_calls": norm != "batch"}  # Batch norm couples a fused call's images.
-    straight = tiny_overrides(shards, tmp_path / "straight", **common)
-    chunked = tiny_overrides(shards, tmp_path / "chunked", **common, **{"control.stop_after_steps": 4})
+    source = served if where == "http" else shards
+    straight = tiny_overrides(source, tmp_path / "straight", **common)
+    chunked = tiny_overrides(source, tmp_path / "chunked", **common, **{"control.stop_after_steps": 4})
     straight_run = subprocess.run(train_cmd(nproc, straight), env=process_env(), cwd=tmp_path, capture_output=True)
     assert straight_run.returncode == 0
     first = subprocess.run(train_cmd(nproc, chunked), env=process_env(), cwd=tmp_path, capture_output=True, text=True)
     assert first.returncode == (0 if nproc else EXIT_STOPPED), first.stderr[-3000:]
     assert "stopped after step 4 (control.stop_after_steps)" in first.stderr
     assert [s for s, _ in list_checkpoints(tmp_path / "chunked")] == [4]
+    halfway = load_checkpoint(tmp_path / "chunked" / "ckpt-000000004")
+    assert all(entry["stream"]["loader"] for entry in halfway["ranks"])  # Where every rank's streams stand.
     second = subprocess.run(train_cmd(nproc, chunked), env=process_env(), cwd=tmp_path, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "stream" not in second.stderr  # Continued from the saved positions: neither replayed nor started anew.
 
     a = load_checkpoint(tmp_path / "straight" / "ckpt-000000008")
     b = load_checkpoint(tmp_path / "chunked" / "ckpt-000000008")
@@ -131,6 +149,7 @@ def test_world_size_change_resumes_with_a_warning(shards, tmp_path, before, afte
                             text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"written by {before} ranks, this run has {after}" in second.stderr
+    assert f"(the world size {before} -> {after}): rank 0 starts new streams at step 3" in second.stderr
     assert "resumed from" in second.stderr and "(step 3)" in second.stderr
     final = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])
     assert final["step"] == 6 and final["world_size"] == after

@@ -1,27 +1,22 @@
 """Reading one shard's samples, and reading network shards again when their server goes away mid-read.
 
-Network shards (http(s)://, and pipe: commands such as `pipe:aws s3 cp ... -`) are read again from their start
-after a failure, skipping the samples already delivered, so a stream continues exactly where it stopped. A shard
-that keeps failing for `retry_s` seconds (without delivering a sample) ends the run with an error naming it.
+Network shards (http(s)://, and pipe: commands such as `pipe:aws s3 cp ... -`) are read again after a failure
+from the first sample not yet delivered (http(s) by a range request; a pipe: from its start, skipping what was
+delivered), so a stream continues exactly where it stopped. A shard that keeps failing for `retry_s` seconds
+(without delivering a sample) ends the run with an error naming it.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import tarfile
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
-from webdataset.tariterators import group_by_keys, tar_file_expander, tarfile_samples
+from pipeline.data.shard_reader import START, Located, Position, read_samples
 
 log = logging.getLogger(__name__)
-
-# Seconds an http(s) connection or read may stall before it counts as a failure (and is retried).
-HTTP_TIMEOUT_S = 30.0
 
 
 class ShardUnreachable(RuntimeError):
@@ -74,57 +69,28 @@ def is_remote(url: str) -> bool:
     return ("://" in url and not url.startswith("file://")) or url.startswith("pipe:")
 
 
-class _WholeBody(io.RawIOBase):
-    """An HTTP response body that raises when the connection ends before Content-Length bytes arrived.
-
-    A streamed tar read that simply stops looks like the end of the archive to `tarfile` (an empty header),
-    so a server dying between two members would silently drop the rest of the shard.
-    """
-
-    def __init__(self, response: Any, url: str) -> None:
-        self.response, self.url, self.got = response, url, 0
-        length = response.headers.get("Content-Length")
-        self.expected = int(length) if length and length.isdigit() else None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = self.response.readinto(buffer)
-        self.got += n
-        if n == 0 and self.expected is not None and self.got < self.expected:
-            raise ConnectionError(f"connection closed after {self.got} of {self.expected} bytes")
-        return n
+def shard_samples(url: str, start: Position = START) -> Iterator[Located]:
+    """The samples of one shard from `start` on, with their positions. http(s) is read with a bounded timeout
+    (webdataset's curl retries 30 times with 2 s between, over a minute per shard before anything is reported),
+    and a body cut short is an error, not a shorter shard."""
+    return read_samples(url, start)
 
 
-def shard_samples(url: str) -> Iterator[dict[str, Any]]:
-    """The samples of one shard, in order. http(s) is opened here with a bounded timeout (webdataset's curl
-    retries 30 times with 2 s between, over a minute per shard before anything is reported), and a body cut
-    short is an error, not a shorter shard."""
-    if url.startswith(("http://", "https://")):
-        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
-            body = io.BufferedReader(_WholeBody(response, url), buffer_size=1 << 16)
-            yield from group_by_keys(tar_file_expander([{"url": url, "stream": body}]))
-        return
-    yield from tarfile_samples([{"url": url}])
-
-
-def retrying_samples(url: str, retry_s: float, sleep=time.sleep) -> Iterator[dict[str, Any]]:
-    """`shard_samples(url)`, read again after a failure of a network shard or a transient read error of a local
-    one (other local failures, and HTTP answers that the shard is bad, raise at once).
+def retrying_samples(url: str, retry_s: float, sleep=time.sleep, start: Position = START) -> Iterator[Located]:
+    """`shard_samples(url, start)`, continued after a failure of a network shard or a transient read error of a
+    local one from the sample that failed (an http(s) shard by a range request, a pipe: from its start); other
+    local failures, and HTTP answers that the shard is bad, raise at once.
 
     Raises:
         ShardUnreachable: the shard failed for `retry_s` seconds in a row, naming the URL and the last error.
     """
-    delivered, failing_since, attempt = 0, None, 0
+    at, failing_since, attempt = start, None, 0
     while True:
         try:
-            for index, sample in enumerate(shard_samples(url)):
-                if index < delivered:
-                    continue
-                delivered += 1
+            for item in shard_samples(url, at):
+                at = item.end
                 failing_since, attempt = None, 0
-                yield sample
+                yield item
             return
         except Exception as err:  # noqa: BLE001 - urllib, tarfile, webdataset and pipes raise many types
             if not is_remote(url) and not _transient_local(err):
@@ -143,5 +109,5 @@ def retrying_samples(url: str, retry_s: float, sleep=time.sleep) -> Iterator[dic
             attempt += 1
             delay = min(2.0 ** attempt, 10.0, max(retry_s - (now - failing_since), 0.1))
             log.warning("shard %s failed after %d sample(s) (%s); retrying in %.0f s (the run stops if it keeps "
-                        "failing for %g s: data.remote_retry_s)", url, delivered, reason, delay, retry_s)
+                        "failing for %g s: data.remote_retry_s)", url, at.index, reason, delay, retry_s)
             sleep(delay)

@@ -3,7 +3,9 @@
 Every rank and every DataLoader worker draws its own stream: its seed is derived from (seed, rank, worker,
 domain). A stream visits the shards in a freshly shuffled order on each pass, mixes samples through a seeded
 shuffle buffer, and augments sample number k with a generator seeded by (stream seed, k). So the stream is a
-pure function of its seed, and resuming at step s skips the samples already consumed without decoding them.
+pure function of its seed, and its state is small: the pass, the random state, the position in the current shard
+and references to the buffered samples. A checkpoint holds it; resuming fetches the buffered samples and
+continues the shard from its position, reading nothing else again.
 
 Streams are infinite and training runs a fixed number of steps, so no rank runs out of data before another
 (WebDataset's split_by_node would give ranks unequal batch counts and hang DDP).
@@ -17,6 +19,7 @@ import logging
 import math
 import random
 import tarfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +28,13 @@ from typing import Any
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.data.images import to_uint8_tensor
 from pipeline.data.remote import ShardUnreachable, retrying_samples, shard_problem
+from pipeline.data.shard_reader import START, Located, Position, fetch
 from pipeline.data.skips import DEFAULT_MAX_PIXELS, IMAGE_KEYS, Skips, image_member, name_of, unusable
 
 log = logging.getLogger(__name__)
@@ -210,103 +215,189 @@ def decode_image(sample: dict[str, Any]) -> Image.Image:
     return Image.open(io.BytesIO(sample[key])).convert("RGB")
 
 
-def raw_samples(urls: list[str], rng: random.Random, shuffle_buffer: int, min_samples: int = 1,
-                label: str = "", retry_s: float = 120.0, skips: Skips | None = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict[str, Any]]:
-    """Undecoded usable samples forever: shards in a new random order each pass, mixed through a shuffle buffer.
+class ShuffledSamples:
+    """Undecoded usable samples forever: shards in a new random order each pass, mixed through a shuffle buffer,
+    with a state (`state_dict`) that says where the stream is, so a resumed stream reads no sample twice.
+
+    The state is the pass, the random state at its start (which gives the pass's shard order) and now, the shard
+    being read and the position in it of the next sample, and the buffered samples as references (shard,
+    start, end), not bytes. `load_state_dict` fetches those samples again and continues the shard from its
+    position: the samples that follow are the uninterrupted stream's, bit for bit.
 
     Unreadable shards and samples that are not usable images (judged from their headers) are left out before the
     buffer and recorded in `skips`. A pass with no usable sample, or a first pass with fewer than `min_samples`
     (one batch), raises DataError naming `label` and what was skipped; a network shard that fails for `retry_s`
     seconds in a row raises DataError naming its URL.
     """
-    skips = skips if skips is not None else Skips(label)
-    buffer: list[dict[str, Any]] = []
-    first = True
-    while True:
-        order = list(urls)
-        rng.shuffle(order)
-        produced = 0
-        for sample in _samples_of(order, retry_s, skips):
-            reason = unusable(sample, max_pixels)
-            if reason is not None:
-                skips.sample(name_of(sample), reason)
-                continue
-            produced += 1
-            if len(buffer) < shuffle_buffer:
-                buffer.append(sample)
-                continue
-            index = rng.randrange(len(buffer))
-            buffer[index], sample = sample, buffer[index]
-            yield sample
-        what = f"{label} holds" if label else f"shards {order[:3]}... hold"
-        if produced == 0 or (first and produced < min_samples):
-            raise _fewer_than_a_batch(what, produced, min_samples, skips)
-        if first:
-            skips.end_of_first_pass(produced)
-        first = False
 
+    def __init__(self, urls: list[str], rng: random.Random, shuffle_buffer: int, min_samples: int = 1,
+                 label: str = "", retry_s: float = 120.0, skips: Skips | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.urls, self.rng, self.shuffle_buffer, self.min_samples = urls, rng, shuffle_buffer, min_samples
+        self.label, self.retry_s, self.max_pixels = label, retry_s, max_pixels
+        self.skips = skips if skips is not None else Skips(label)
+        self.passes = 0  # Passes completed.
+        self.pass_rng: Any = None  # The random state that shuffled this pass's shard order.
+        self.shard = 0  # Index in this pass's order of the shard being read.
+        self.at = START  # Where its next sample starts.
+        self.produced = 0  # Usable samples of this pass so far.
+        self.buffer: list[dict[str, Any]] = []
+        self.refs: list[tuple[int, int, int, int, int]] = []  # (url index, start offset, index, end offset, index)
+        self._resumed = False
 
-def _samples_of(urls: list[str], retry_s: float, skips: Skips) -> Iterator[dict[str, Any]]:
-    for url in urls:
-        delivered = 0
+    def state_dict(self) -> dict[str, Any]:
+        return {"passes": self.passes, "pass_rng": self.pass_rng, "rng": self.rng.getstate(), "shard": self.shard,
+                "at": [self.at.offset, self.at.index], "produced": self.produced, "buffer": list(self.refs),
+                "first_pass": self.skips.first_pass}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`: the buffered samples are fetched again (a seek or a range request each, or the
+        shards they come from read again when they cannot seek)."""
+        self.passes, self.shard, self.produced = state["passes"], state["shard"], state["produced"]
+        self.pass_rng, self.at = state["pass_rng"], Position(*state["at"])
+        self.rng.setstate(state["rng"])
+        self.skips.first_pass = state["first_pass"]
+        self.refs = [tuple(ref) for ref in state["buffer"]]
+        self.buffer = self._fetch(self.refs)
+        self._resumed = self.pass_rng is not None
+
+    def _fetch(self, refs: list[tuple[int, ...]]) -> list[dict[str, Any]]:
+        spans: dict[int, list[tuple[Position, Position]]] = {}
+        for shard, *where in refs:
+            spans.setdefault(shard, []).append((Position(*where[:2]), Position(*where[2:])))
+        found: dict[tuple[int, Position], dict[str, Any]] = {}
+        for shard, wanted in spans.items():
+            try:
+                got = fetch(self.urls[shard], wanted)
+            except Exception as err:  # noqa: BLE001 - as when reading the shard: its own fault
+                self.skips.shard(self.urls[shard], shard_problem(err))
+                got = {}
+            found.update({(shard, start): sample for start, sample in got.items()})
+        kept = [(ref, found.get((ref[0], Position(*ref[1:3])))) for ref in refs]
+        lost = sum(sample is None for _, sample in kept)
+        if lost:
+            log.warning("%s: %d of the %d samples the shuffle buffer held at the checkpoint can no longer be read "
+                        "(%s); the stream continues without them, no longer bit for bit", self.label, lost,
+                        len(refs), self.skips.describe() or "their shards changed")
+        self.refs = [ref for ref, sample in kept if sample is not None]
+        return [sample for _, sample in kept if sample is not None]
+
+    def order(self) -> list[str]:
+        """This pass's shard order (the shuffle of the random state at its start)."""
+        order = list(self.urls)
+        shuffler = random.Random()
+        shuffler.setstate(self.pass_rng)
+        shuffler.shuffle(order)
+        return order
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        index_of = {url: i for i, url in enumerate(self.urls)}
+        while True:
+            if self._resumed:
+                order = self.order()
+            else:
+                self.pass_rng, self.shard, self.at, self.produced = self.rng.getstate(), 0, START, 0
+                order = list(self.urls)
+                self.rng.shuffle(order)
+            self._resumed = False
+            while self.shard < len(order):
+                url = order[self.shard]
+                for item in self._samples_of(url, self.at):
+                    self.at = item.end
+                    sample = item.sample
+                    reason = unusable(sample, self.max_pixels)
+                    if reason is not None:
+                        self.skips.sample(name_of(sample), reason)
+                        continue
+                    self.produced += 1
+                    ref = (index_of[url], item.start.offset, item.start.index, item.end.offset, item.end.index)
+                    if len(self.buffer) < self.shuffle_buffer:
+                        self.buffer.append(sample)
+                        self.refs.append(ref)
+                        continue
+                    index = self.rng.randrange(len(self.buffer))
+                    self.buffer[index], sample = sample, self.buffer[index]
+                    self.refs[index] = ref
+                    yield sample
+                self.shard, self.at = self.shard + 1, START
+            first = self.passes == 0
+            what = f"{self.label} holds" if self.label else f"shards {order[:3]}... hold"
+            if self.produced == 0 or (first and self.produced < self.min_samples):
+                raise _fewer_than_a_batch(what, self.produced, self.min_samples, self.skips)
+            if first:
+                self.skips.end_of_first_pass(self.produced)
+            self.passes += 1
+
+    def _samples_of(self, url: str, start: Position) -> Iterator[Located]:
         try:
-            for sample in retrying_samples(url, retry_s):
-                delivered += 1
-                yield sample
+            yield from retrying_samples(url, self.retry_s, start=start)
         except ShardUnreachable as err:
             raise DataError(str(err)) from None
         except Exception as err:  # noqa: BLE001 - tarfile, the OS, webdataset and BadShard: the shard's own fault
-            skips.shard(url, shard_problem(err), delivered)
+            self.skips.shard(url, shard_problem(err), self.at.index)
 
 
 class DomainStream:
-    """An infinite stream of augmented images of one domain, a pure function of its seed."""
+    """An infinite stream of augmented images of one domain: a function of its seed, and resumable from its
+    `state_dict` without reading again what it has delivered."""
 
     def __init__(self, urls: list[str], seed: str, augment: Augment, shuffle_buffer: int, min_samples: int = 1,
                  label: str = "", retry_s: float = 120.0, report: bool = True,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.urls = urls
-        self.retry_s = retry_s
         self.seed = seed
         self.augment = augment
         self.shuffle_buffer = shuffle_buffer
-        self.min_samples = min_samples
         self.label = label
-        self.max_pixels = max_pixels
         self.skips = Skips(label, report)
+        self.samples = ShuffledSamples(urls, random.Random(f"{seed}:shards"), shuffle_buffer, min_samples, label,
+                                       retry_s, self.skips, max_pixels)
+        self.index = 0  # Samples taken from `samples` so far (sample k is augmented with a seed of k).
+        self.failing = 0  # Samples in a row that did not decode.
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "index": self.index, "failing": self.failing,
+                "samples": self.samples.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed, self.index, self.failing = state["seed"], state["index"], state["failing"]
+        self.samples.load_state_dict(state["samples"])
 
     def iterate(self, skip: int = 0) -> Iterator[torch.Tensor]:
-        """Images from position `skip` on; skipped samples are read but not decoded.
+        """Images from where the stream is (the start, or its loaded state), after skipping `skip` samples, read
+        but not decoded (how a checkpoint without stream state is resumed).
 
         Raises:
-            DataError: as raw_samples, or when no sample decodes for ten passes' worth of samples in a row
+            DataError: as ShuffledSamples, or when no sample decodes for ten passes' worth of samples in a row
                 (headers that open but pixels that do not).
         """
-        samples = raw_samples(self.urls, random.Random(f"{self.seed}:shards"), self.shuffle_buffer,
-                              self.min_samples, self.label, self.retry_s, self.skips, self.max_pixels)
-        failing = 0
-        for index, sample in enumerate(samples):
+        for sample in self.samples:
+            index = self.index
+            self.index += 1
             if index < skip:
                 continue
             try:
                 img = decode_image(sample)
             except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
                 self.skips.sample(name_of(sample), f"undecodable ({type(err).__name__}: {err})")
-                failing += 1
-                if self.skips.first_pass and failing > 10 * (self.skips.first_pass + self.shuffle_buffer):
-                    raise DataError(f"{self.label or 'a domain'}: none of the last {failing} samples decodes "
+                self.failing += 1
+                if self.skips.first_pass and self.failing > 10 * (self.skips.first_pass + self.shuffle_buffer):
+                    raise DataError(f"{self.label or 'a domain'}: none of the last {self.failing} samples decodes "
                                     f"({self.skips.describe()})") from None
                 continue
-            failing = 0
+            self.failing = 0
             yield self.augment(img, random.Random(f"{self.seed}:{index}"))
 
 
 class UnpairedBatches(IterableDataset):
     """Zips the A and B streams of this rank and worker into (batch_a, batch_b) uint8 pairs.
 
-    `start_batch` is the number of batches this rank has already consumed (the resumed step): DataLoader hands
-    out worker batches round-robin, so worker w of W has produced ceil((start_batch - w) / W) of them.
+    Its iterator has a state (the streams' states, taken by StatefulDataLoader after each batch in the worker that
+    made it), so a checkpoint holds where every stream of the rank is. `start_batch` resumes a checkpoint that has
+    no stream state (written by an earlier version) the old way, by reading again what the rank consumed:
+    DataLoader hands out worker batches round-robin, so worker w of W has produced ceil((start_batch - w) / W) of
+    them. `fresh_from` > 0 starts new streams at that step (after a change of world size), seeded apart from the
+    streams the run began with so that they do not repeat its first samples.
     """
 
     def __init__(
@@ -322,6 +413,7 @@ class UnpairedBatches(IterableDataset):
         patterns: tuple[str, str] = ("", ""),
         retry_s: float = 120.0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        fresh_from: int = 0,
     ) -> None:
         super().__init__()
         self.max_pixels = max_pixels
@@ -334,24 +426,62 @@ class UnpairedBatches(IterableDataset):
         self.rank = rank
         self.shuffle_buffer = shuffle_buffer
         self.start_batch = start_batch
+        self.fresh_from = fresh_from
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        done = max(0, math.ceil((self.start_batch - worker) / workers))
-        skip = done * self.batch_size
-        _set_pixel_limit(self.max_pixels)
-        streams = [
-            DomainStream(urls, f"{self.seed}:{self.rank}:{worker}:{domain}", self.augment, self.shuffle_buffer,
+    def __iter__(self) -> _Batches:
+        return _Batches(self)
+
+    def streams(self, worker: int) -> list[DomainStream]:
+        salt = f":from{self.fresh_from}" if self.fresh_from else ""
+        return [
+            DomainStream(urls, f"{self.seed}:{self.rank}:{worker}:{domain}{salt}", self.augment, self.shuffle_buffer,
                          self.batch_size, _domain_label(domain, pattern) if pattern else "", self.retry_s,
                          report=self.rank == 0 and worker == 0, max_pixels=self.max_pixels)
             for urls, domain, pattern in ((self.urls_a, "A", self.patterns[0]), (self.urls_b, "B", self.patterns[1]))
         ]
-        iter_a, iter_b = (stream.iterate(skip) for stream in streams)
-        while True:
-            batch_a = torch.stack([next(iter_a) for _ in range(self.batch_size)])
-            batch_b = torch.stack([next(iter_b) for _ in range(self.batch_size)])
-            yield batch_a, batch_b
+
+
+class _Batches:
+    """One worker's batches; its streams start at the first `next` (after a `load_state_dict`, if any)."""
+
+    def __init__(self, dataset: UnpairedBatches) -> None:
+        self.dataset = dataset
+        self.loaded: dict[str, Any] | None = None
+        self.streams: list[DomainStream] = []
+        self.iters: list[Iterator[torch.Tensor]] = []
+
+    def __iter__(self) -> _Batches:
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.streams:
+            return dict(self.loaded or {})
+        return {"A": self.streams[0].state_dict(), "B": self.streams[1].state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loaded = state
+
+    def _start(self) -> None:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        _set_pixel_limit(self.dataset.max_pixels)
+        self.streams = self.dataset.streams(worker)
+        skip = 0
+        if self.loaded:
+            for stream, domain in zip(self.streams, "AB"):
+                stream.load_state_dict(self.loaded[domain])
+        else:
+            skip = max(0, math.ceil((self.dataset.start_batch - worker) / workers)) * self.dataset.batch_size
+        self.iters = [stream.iterate(skip) for stream in self.streams]
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.iters:
+            self._start()
+        iter_a, iter_b = self.iters
+        size = self.dataset.batch_size
+        batch_a = torch.stack([next(iter_a) for _ in range(size)])
+        batch_b = torch.stack([next(iter_b) for _ in range(size)])
+        return batch_a, batch_b
 
 
 def _set_pixel_limit(max_pixels: int) -> None:
@@ -361,12 +491,17 @@ def _set_pixel_limit(max_pixels: int) -> None:
 
 def train_loader(
     data_cfg: Any, seed: int, rank: int, start_batch: int = 0, pin_memory: bool = False,
-    urls: dict[str, list[str]] | None = None,
-) -> DataLoader:
-    """DataLoader of unpaired (A, B) batches for one rank, resumed at `start_batch`.
+    urls: dict[str, list[str]] | None = None, state: dict[str, Any] | None = None, fresh_from: int = 0,
+) -> StatefulDataLoader:
+    """DataLoader of unpaired (A, B) batches for one rank: from the start, from a saved `state` (its
+    `state_dict()`, as a checkpoint holds it), or (a checkpoint without one) by re-reading `start_batch` batches.
+
+    torchdata's StatefulDataLoader does the bookkeeping a resumable loader needs: it takes each worker's stream
+    state right after the batch it belongs to, keeps the states of the batches training has consumed (not of
+    those prefetched), and on load restores each worker and which worker's batch comes next.
 
     `urls` are the domains' shard URLs ("A", "B") as rank 0 expanded and checked them; without them the patterns
-    are expanded and checked here.
+    are expanded and checked here. `fresh_from`: see UnpairedBatches.
 
     Raises:
         DataError: a pattern matches nothing, or its local shards hold fewer samples than one batch (checked
@@ -386,22 +521,33 @@ def train_loader(
         seed,
         rank,
         data_cfg.shuffle_buffer,
-        start_batch,
+        start_batch if state is None else 0,
         patterns=(data_cfg.train_a, data_cfg.train_b),
         retry_s=data_cfg.remote_retry_s,
         max_pixels=data_cfg.max_image_pixels,
+        fresh_from=fresh_from,
     )
     workers = data_cfg.workers
-    return DataLoader(
+    with warnings.catch_warnings():
+        # torchdata 0.11 calls torch.set_vital, which torch >= 2.9 deprecates: nothing a user can act on.
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        loader = _loader(dataset, workers, data_cfg.prefetch_factor, pin_memory, seed * 1000 + rank)
+    if state is not None:
+        loader.load_state_dict(state)
+    return loader
+
+
+def _loader(dataset: UnpairedBatches, workers: int, prefetch_factor: int, pin_memory: bool,
+            seed: int) -> StatefulDataLoader:
+    return StatefulDataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
         pin_memory=pin_memory,
-        prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None,
+        prefetch_factor=prefetch_factor if workers > 0 else None,
         persistent_workers=False,
         # Its own generator: drawing worker seeds from the global RNG would make a resumed process's RNG
         # state differ from an uninterrupted one's (our streams are seeded independently of it anyway).
-        generator=torch.Generator().manual_seed(seed * 1000 + rank),
+        generator=torch.Generator().manual_seed(seed),
+        snapshot_every_n_steps=1,
     )
-
-

@@ -21,6 +21,7 @@ from pipeline.config import ConfigError
 from pipeline.data.held_out import held_out
 from pipeline.data.images import normalize
 from pipeline.data.stream import DataError, check_enough_samples, expand_pattern, train_loader
+from pipeline.data.stream_state import saved_streams, stream_identity, stream_start
 from pipeline.engine import dist
 from pipeline.engine.checkpoint import (
     BEST_NAME,
@@ -210,11 +211,14 @@ def _run(cfg: DictConfig, info: dist.DistInfo, device: torch.device, stop_flag: 
     start_step = saved["step"] if saved else 0
 
     # Data first: the failure to find shards surfaces before the networks are built.
-    loader = train_loader(cfg.data, cfg.train.seed, info.rank, start_batch=start_step,
-                          pin_memory=device.type == "cuda", urls=urls)
+    identity = stream_identity(cfg.data, urls, info.world_size)
+    start = stream_start(saved, info.rank, identity)
+    loader = train_loader(cfg.data, cfg.train.seed, info.rank, start_batch=start.start_batch,
+                          pin_memory=device.type == "cuda", urls=urls, state=start.state,
+                          fresh_from=start.fresh_from)
     parts = build_components(cfg, info, device)
     state = TrainingState(parts.nets, parts.step.optimisers, parts.step.pools, device, parts.ema,
-                          getattr(parts.step, "sampling", None))
+                          getattr(parts.step, "sampling", None), streams=lambda: saved_streams(loader, identity))
     if saved is not None:
         state.load_state_dict(saved, info.rank, info.world_size)
         log.info("resumed from %s (step %d)", resume, start_step)

@@ -2,16 +2,17 @@
 
 Everything needed to continue bit for bit: the four networks, both optimisers, the GradScaler and the EMA
 (replicated: equal on every rank, written once), the step and images seen, each rank's image pools and random
-states (written by that rank), the resolved config, the MLflow run id, the world size and the code version. The
-learning rate is a function of the step and the data streams a function of (seed, rank, worker, step), so neither
-needs more than the counters. Streams are resumed by skipping the samples already consumed (read, not decoded):
-exact, at the cost of re-reading them once.
+states and where its data streams stand (written by that rank), the resolved config, the MLflow run id, the world size
+and the code version. The learning rate is a function of the step. The streams' state (pipeline.data.stream_state)
+names the samples by position, so a resume reads only the samples the shuffle buffers held and the rest of the
+shards being read, however long the run has been.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,8 +50,10 @@ class TrainingState:
     a resume restores."""
 
     def __init__(self, nets: dict[str, torch.nn.Module], optimisers: Optimisers, pools: Pools,
-                 device: torch.device, ema: Any = None, sampling: Any = None) -> None:
+                 device: torch.device, ema: Any = None, sampling: Any = None,
+                 streams: Callable[[], dict[str, Any]] | None = None) -> None:
         self.nets, self.optimisers, self.pools, self.device = nets, optimisers, pools, device
+        self.streams = streams  # This rank's data streams' state, where they have one (`saved_streams`).
         self.sampling = sampling  # CUT's per-rank draws (flips, patch positions), else None.
         self.ema = ema
         self.step = 0
@@ -58,11 +61,13 @@ class TrainingState:
         self.nonfinite_steps = 0
 
     def rank_state(self) -> dict[str, Any]:
-        """What differs between ranks: image pools and random states (each rank writes its own)."""
+        """What differs between ranks: image pools, random states and data streams (each rank writes its own)."""
         state = {"pool_a": self.pools.a.state_dict(), "pool_b": self.pools.b.state_dict(),
                  "rng": rng_state(self.device)}
         if self.sampling is not None:
             state["sampling"] = self.sampling.state_dict()
+        if self.streams is not None:
+            state["stream"] = self.streams()
         return state
 
     def shared_state(self, buffers: bool = True) -> dict[str, Any]:
