@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slow
     ("tiled_memory.py", {"mode", "tile", "seconds", "peak_rss_gb", "added_rss_gb"}),
     ("methods_quality.py", {"seed", "method", "steps", "seconds", "of_budget", "l1", "l1_identity", "ssim",
                             "ssim_identity"}),
+    ("bench_resume.py", {"source", "design", "step", "bytes_read", "shards_opened", "seconds_to_first_batch"}),
+    ("bench_eval.py", {"world_size", "rank", "images", "decoded", "translated", "seconds", "peak_rss_mb"}),
     ("bench_checkpoint.py", {"design", "world_size", "bytes_written_max_rank", "rank0_peak_rss", "blocked_s",
                              "durable_s", "resume_bytes_read_max_rank"}),
 ])
@@ -36,6 +38,14 @@ def test_benchmark_smoke(tmp_path, script, keys):
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(keys <= set(row) for row in rows)
     assert all(row.get("seconds", 1) > 0 for row in rows)
+    if script == "bench_resume.py":
+        # Bytes, not times: replay reads what the run consumed, the stream state what the buffers held.
+        growth = json.loads(out.read_text())["growth_4s_over_s"]
+        assert all(growth[f"{where}/state"] < growth[f"{where}/replay"] for where in ("local", "http"))
+    if script == "bench_eval.py":
+        by = {(r["world_size"], r["rank"]): r for r in rows}
+        assert by[1, 0]["decoded"] == 2 * by[1, 0]["images"]  # One process decodes both sets whole.
+        assert sum(by[2, r]["decoded"] for r in (0, 1)) == by[1, 0]["decoded"]  # Two ranks split them.
     if script == "bench_checkpoint.py":
         # Bytes, not times: the landed design's rank 0 writes every rank's pools, the sharded one's its own share.
         by = {(r["design"], r["world_size"]): r for r in rows}

@@ -114,3 +114,36 @@ def test_a_changed_world_size_or_worker_count_starts_new_streams_with_a_warning(
     first = batches(train_loader(cfg, seed=5, rank=1), 2)
     assert not torch.equal(fresh[0][0], first[0][0])
 
+
+
+def test_pipe_shards_resume_bit_for_bit_reading_again_only_the_shards_the_buffer_refers_to(shards):
+    """A pipe: command cannot seek: its shards are read from the start, but only those the state names."""
+    piped = {split: "::".join(f"pipe:cat {p}" for p in sorted(glob.glob(shards[split])))
+             for split in ("trainA", "trainB")}
+    cfg = data_cfg(piped)
+    straight = batches(train_loader(cfg, seed=5, rank=1), 26)
+    state = stopped_at(cfg, 20)
+    streams = state_of(state)
+    named = sum(len({ref[0] for ref in streams[domain]["samples"]["buffer"]}) for domain in "AB")
+    READ.clear()
+    resumed = batches(train_loader(cfg, seed=5, rank=1, state=state), 1)
+    # Until the first batch: each shard the buffers refer to, and the shard each stream was reading (or the next).
+    assert READ["opens"] <= named + 2 * 2
+    resumed += batches(train_loader(cfg, seed=5, rank=1, state=state), 6)[1:]
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(straight[20:], resumed))
+    assert len(resumed) == 6
+
+
+def state_of(loader_state):
+    """The stream state of a 0-worker loader's dataset iterator."""
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            if {"A", "B"} <= set(value) and isinstance(value["A"], dict) and "samples" in value["A"]:
+                found.append(value)
+            for v in value.values():
+                walk(v)
+
+    walk(loader_state)
+    return found[0]

@@ -13,10 +13,12 @@ from __future__ import annotations
 import io
 import re
 import tarfile
+import threading
 import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -28,10 +30,11 @@ HTTP_TIMEOUT_S = 30.0
 
 # Bytes read from shards and shards opened by this process (a benchmark's measure of what a resume costs).
 READ: Counter[str] = Counter()
+_COUNTING = threading.Lock()
 
-# Buffered samples of one shard closer than this are fetched by one range request (the gap read and dropped):
-# a resumed shuffle buffer holds many samples of the few shards read last.
-_MERGE_GAP = 1 << 20
+# Range requests in flight at once while a resumed stream fetches its buffer: each costs a round trip to the store
+# (adjacent samples share one), so a buffer of 512 samples would otherwise wait 512 round trips.
+_PARALLEL_RANGES = 8
 
 _META = re.compile(r"__[^/]*__($|/)")
 
@@ -133,6 +136,18 @@ def _http(url: str, first: int, last: int | None = None) -> Any:
     return body
 
 
+def _read_exactly(stream: Any, count: int) -> bytes:
+    """`count` bytes of `stream` (a raw stream's read may return fewer), or fewer at its end."""
+    parts = []
+    while count > 0:
+        chunk = stream.read(count)
+        if not chunk:
+            break
+        parts.append(chunk)
+        count -= len(chunk)
+    return b"".join(parts)
+
+
 def _drop(stream: Any, count: int) -> None:
     while count > 0:
         chunk = stream.read(min(count, 1 << 20))
@@ -220,8 +235,9 @@ def _located(url: str, stream: BinaryIO, base: Position) -> Iterator[Located]:
 def fetch(url: str, spans: Iterable[tuple[Position, Position]]) -> dict[Position, dict[str, Any]]:
     """The samples of shard `url` at `spans` ((start, end) positions read before), by start position.
 
-    A seekable shard reads just those bytes: a local one a seek and a read per run of nearby samples, an
-    http(s) one a range request per run. One that cannot seek is read from its start to the last of them.
+    A seekable shard reads just those bytes: a local one a seek and a read per run of adjacent samples, an
+    http(s) one a range request per run (several at once). One that cannot seek is read from its start to the
+    last of them.
     """
     wanted = sorted(set(spans), key=lambda span: span[0].offset)
     if not wanted:
@@ -236,19 +252,26 @@ def fetch(url: str, spans: Iterable[tuple[Position, Position]]) -> dict[Position
             if item.start.index >= last:
                 break
         return found
-    for first, end in _runs(wanted):
-        with _range(url, first.offset, end.offset) as stream:
-            for item in _located(url, stream, first):
-                if item.start in starts:
-                    found[item.start] = item.sample
+    remote = url.startswith(("http://", "https://"))
+    runs = _runs(wanted)
+
+    def read(run: tuple[Position, Position]) -> list[Located]:
+        with _range(url, run[0].offset, run[1].offset) as stream:
+            return [item for item in _located(url, stream, run[0]) if item.start in starts]
+
+    # Range requests wait on the network more than on anything here: several at once.
+    with ThreadPoolExecutor(_PARALLEL_RANGES if remote else 1) as pool:
+        for items in pool.map(read, runs):
+            found.update({item.start: item.sample for item in items})
     return found
 
 
 def _runs(wanted: list[tuple[Position, Position]]) -> list[tuple[Position, Position]]:
-    """Spans (sorted by start) merged into runs (first start, last end) where they lie within _MERGE_GAP."""
+    """Spans (sorted by start) merged into runs (first start, last end) where one ends where the next starts: a
+    read of each run reads the buffered samples' bytes and nothing else."""
     runs = [list(wanted[0])]
     for start, end in wanted[1:]:
-        if start.offset - runs[-1][1].offset > _MERGE_GAP:
+        if start.offset > runs[-1][1].offset:
             runs.append([start, end])
         elif end.offset > runs[-1][1].offset:
             runs[-1][1] = end
@@ -257,13 +280,15 @@ def _runs(wanted: list[tuple[Position, Position]]) -> list[tuple[Position, Posit
 
 def _range(url: str, first: int, end: int) -> BinaryIO:
     """Bytes `first` to `end` (exclusive) of a seekable shard, followed by an end-of-archive block."""
-    READ["opens"] += 1
+    with _COUNTING:
+        READ["opens"] += 1
     if url.startswith(("http://", "https://")):
         with _http(url, first, end - 1) as body:
-            data = body.read(end - first)
+            data = _read_exactly(body, end - first)
     else:
         with open(url.removeprefix("file:"), "rb") as file:
             file.seek(first)
             data = file.read(end - first)
-    READ["bytes"] += len(data)
+    with _COUNTING:
+        READ["bytes"] += len(data)
     return io.BytesIO(data + bytes(2 * tarfile.BLOCKSIZE))

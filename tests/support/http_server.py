@@ -80,7 +80,10 @@ class Server:
                     self.close_connection = True
                     self.connection.shutdown(2)  # Cut mid-body: Content-Length promised more.
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Threading(http.server.ThreadingHTTPServer):
+            request_queue_size = 64  # Clients fetch ranges in parallel; the default backlog of 5 drops their SYNs.
+
+        self.httpd = Threading(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
