@@ -10,8 +10,9 @@ counted here):
 - `state`: the loader resumed from the state a checkpoint at that step holds (fetch the buffered samples, seek);
 - `replay`: the landed code's resume, which a checkpoint without stream state still gets: every sample consumed
   before the step is read again (not decoded) to find the streams' place.
-Per row: bytes read until the first batch (local: counted by the reader; http: sent by the server), shards opened
-and seconds to the first batch. Then the same on paper for 8, 64 and 512 ranks.
+Per row: bytes read until the first batch (local: counted by the reader; http: sent by the server), reads (a
+shard opened, or one seek or range request for adjacent buffered samples) and seconds to the first batch. Then
+the same on paper for 8, 64 and 512 ranks.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def first_batch(cfg: SimpleNamespace, start: dict, server: Server | None) -> dic
     t0 = time.perf_counter()
     next(iter(train_loader(cfg, seed=0, rank=0, **start)))
     seconds = time.perf_counter() - t0
-    return {"bytes_read": (server.sent - sent) if server else READ["bytes"], "shards_opened": READ["opens"],
+    return {"bytes_read": (server.sent - sent) if server else READ["bytes"], "reads": READ["opens"],
             "seconds_to_first_batch": seconds}
 
 
@@ -90,7 +91,7 @@ def measure(shards: dict[str, list[Path]], args: argparse.Namespace) -> list[dic
                            **first_batch(cfg, start, server if source == "http" else None)}
                     rows.append(row)
                     print(f"{source:5s} {design:6s} step {step:5d}: {row['bytes_read'] / 1e6:8.2f} MB read, "
-                          f"{row['shards_opened']:3d} shards opened, {row['seconds_to_first_batch']:6.2f} s to the "
+                          f"{row['reads']:4d} reads, {row['seconds_to_first_batch']:6.2f} s to the "
                           "first batch", flush=True)
     finally:
         server.close()

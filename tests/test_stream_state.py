@@ -106,8 +106,11 @@ def test_a_changed_world_size_or_worker_count_starts_new_streams_with_a_warning(
         assert start.state is None and start.fresh_from == 4
         start = stream_start({**checkpoint, "ranks": [{"stream": saved_by}]}, 0, stream_identity(cfg, urls, 1))
         assert start.state is None and start.fresh_from == 4
+        fewer = {"A": urls["A"][1:], "B": urls["B"]}  # A shard deleted (or added): positions name other shards.
+        assert stream_start(checkpoint, 1, stream_identity(cfg, fewer, 2)).fresh_from == 4
     said = [r.getMessage() for r in caplog.records]
     assert "data.workers 0 -> 2" in said[0] and "the world size 2 -> 1" in said[1]
+    assert "the shard lists changed (3+3 -> 2+3 shards for A+B)" in said[2]
     assert "starts new streams at step 4" in said[1]
     # New streams are seeded apart from the run's first ones: they do not repeat its first batches.
     fresh = batches(train_loader(cfg, seed=5, rank=1, fresh_from=4), 2)
@@ -147,3 +150,25 @@ def state_of(loader_state):
 
     walk(loader_state)
     return found[0]
+
+
+def test_a_shard_emptied_since_the_checkpoint_costs_its_buffered_samples_with_a_warning(shards, tmp_path, caplog):
+    """(A shard deleted or added changes the shard list, which the checkpoint's identity catches: new streams.)"""
+    copies = {}
+    for split in ("trainA", "trainB"):
+        (tmp_path / split).mkdir()
+        for path in sorted(glob.glob(shards[split])):
+            (tmp_path / split / Path(path).name).write_bytes(Path(path).read_bytes())
+        copies[split] = str(tmp_path / split / "*.tar")
+    cfg = data_cfg(copies)
+    state = stopped_at(cfg, 6)
+    buffered = state_of(state)["A"]["samples"]["buffer"]
+    urls = sorted(glob.glob(copies["trainA"]))
+    Path(urls[buffered[0][0]]).write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        resumed = batches(train_loader(cfg, seed=5, rank=1, state=state), 3)
+    assert len(resumed) == 3
+    lost = sum(ref[0] == buffered[0][0] for ref in buffered)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{lost} of the {len(buffered)} samples the shuffle buffer held at the checkpoint can no longer be read" \
+        in said and "no longer bit for bit" in said
