@@ -61,8 +61,10 @@ class Located:
 
 
 def seekable(url: str) -> bool:
-    """Whether reading `url` can start at a byte offset: local files and http(s), uncompressed."""
-    return not url.startswith("pipe:") and not url.endswith((".gz", ".tgz"))
+    """Whether reading `url` can start at a byte offset: local files and http(s), uncompressed. (pipe: commands
+    and other schemes, which webdataset opens through a command, are read from their start.)"""
+    local = "://" not in url and not url.startswith("pipe:")
+    return (local or url.startswith(("http://", "https://"))) and not url.endswith((".gz", ".tgz"))
 
 
 class _Counted(io.RawIOBase):
