@@ -1,23 +1,15 @@
 import io
 import itertools
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+from support.loaders import data_cfg
 from webdataset.tariterators import tarfile_samples
 
 from pipeline.data.held_out import held_out
 from pipeline.data.images import normalize
 from pipeline.data.stream import Augment, DataError, expand_pattern, train_loader
-
-
-def data_cfg(shards, **extra):
-    values = dict(train_a=shards["trainA"], train_b=shards["trainB"], preprocess="resize_and_crop", load_size=36,
-                  crop_size=32, flip=True, batch_per_rank=2, workers=2, shuffle_buffer=16, prefetch_factor=2,
-                  remote_retry_s=120.0, max_image_pixels=89_478_485)
-    values.update(extra)
-    return SimpleNamespace(**values)
 
 
 def take(loader, n):

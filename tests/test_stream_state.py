@@ -8,10 +8,10 @@ import itertools
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+from support import loaders
 from support.http_server import Server
 
 from pipeline.data.shard_reader import READ
@@ -21,11 +21,8 @@ from pipeline.engine.checkpoint.codec import flatten, unflatten
 
 
 def data_cfg(shards, **extra):
-    values = dict(train_a=shards["trainA"], train_b=shards["trainB"], preprocess="resize_and_crop", load_size=36,
-                  crop_size=32, flip=True, batch_per_rank=2, workers=0, shuffle_buffer=8, prefetch_factor=2,
-                  remote_retry_s=120.0, max_image_pixels=89_478_485)
-    values.update(extra)
-    return SimpleNamespace(**values)
+    """No workers (every byte read is counted in this process) and a buffer of 8, unless `extra` says otherwise."""
+    return loaders.data_cfg(shards, **{"workers": 0, "shuffle_buffer": 8, **extra})
 
 
 def through_a_checkpoint(state):
