@@ -58,6 +58,13 @@ class ModelConfig:
     antialias_up: bool = True
     """cut/fastcut: antialiased upsampling in the generator (false is --no_antialias_up; both false give the
     CycleGAN reference's generator)."""
+    g_variant: str = "reference"
+    """Generator variant: reference (the paper's: blind to a colour cast and nearly to exposure, G(x + c) = G(x))
+    or colour (sees absolute colour and intensity: a skip in tanh's logit space, a per-pixel colour branch, and
+    the paper's network as a residual; starts as the identity). See pipeline/gan/colour.py."""
+    d_variant: str = "reference"
+    """Discriminator variant: reference (the paper's PatchGAN with model.norm) or spectral (spectral norm on every
+    convolution instead of norm layers: its scores see exposure)."""
     init_type: str = "normal"
     """Weight initialisation: normal, xavier, kaiming or orthogonal."""
     init_gain: float = 0.02
@@ -225,6 +232,11 @@ class ReportConfig:
     """Held-out images per domain in each sample grid."""
     data_wait_warn_share: float = 0.2
     """Warn (with a worker count that would help) when steps spend more than this share waiting for data."""
+    health_after_steps: int = 1000
+    """From this step on, warn (once per sign, with the evidence and the usual causes) when the run shows it is not
+    learning: a cycle loss that has not fallen, discriminators winning outright, translations that no longer
+    depend on the input (pipeline/train/health.py). The signals are logged as health/* metrics from the start;
+    0 turns the warnings off."""
 
 
 @dataclass
@@ -352,6 +364,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("instance", "batch", "none", "group", "layer"),
     "model.padding": ("reflect", "replicate", "zero"),
     "model.init_type": ("normal", "xavier", "kaiming", "orthogonal"),
+    "model.g_variant": ("reference", "colour"),
+    "model.d_variant": ("reference", "spectral"),
     "loss.gan_mode": ("lsgan", "vanilla", "hinge"),
     "data.preprocess": ("resize_and_crop", "crop", "scale_width_and_crop", "none"),
     "train.precision": ("fp32", "bf16", "fp16"),

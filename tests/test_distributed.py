@@ -35,14 +35,14 @@ def run_workers(tmp_path, nproc: int, steps: int, dtype: str, overrides=TINY) ->
     return torch.load(out, weights_only=True)
 
 
-def reference(steps: int, dtype: torch.dtype, world: int, batches) -> dict:
+def reference(steps: int, dtype: torch.dtype, world: int, batches, overrides=TINY) -> dict:
     """One process, written independently of TrainStep: per-rank G and D phases, gradients averaged in rank order."""
     default, threads = torch.get_default_dtype(), torch.get_num_threads()
     torch.set_default_dtype(dtype)
     torch.set_num_threads(1)  # As the workers (OMP_NUM_THREADS=1): kernels then sum in the same order.
     torch.set_flush_denormal(True)  # As build_components does on CPU.
     try:
-        cfg = load_config([], TINY)
+        cfg = load_config([], overrides)
         torch.manual_seed(cfg.train.seed)
         gens, discs = build_networks(cfg.model, fused=cfg.perf.fused_calls,  # as the workers
                                      group_kernel_norm=uses_group_kernel_norm(cfg.perf.instance_norm_kernel,
@@ -90,10 +90,12 @@ def reference(steps: int, dtype: torch.dtype, world: int, batches) -> dict:
         torch.set_num_threads(threads)
 
 
-def test_two_ranks_equal_one_process_averaging_in_rank_order_bitwise(tmp_path):
+@pytest.mark.parametrize("variants", [[], ["model.g_variant=colour", "model.d_variant=spectral"]],
+                         ids=["reference-networks", "colour-networks"])
+def test_two_ranks_equal_one_process_averaging_in_rank_order_bitwise(tmp_path, variants):
     steps = 6  # Pool of 2 fills after 2 steps: later steps exercise the swaps.
-    ddp = run_workers(tmp_path, 2, steps, "float32")
-    ref = reference(steps, torch.float32, 2, lambda r, s: fixed_batch(r, s, torch.float32))
+    ddp = run_workers(tmp_path, 2, steps, "float32", [*TINY, *variants])
+    ref = reference(steps, torch.float32, 2, lambda r, s: fixed_batch(r, s, torch.float32), [*TINY, *variants])
     assert len(ddp["params"]) == steps
     for step, (got, want) in enumerate(zip(ddp["params"], ref["params"])):
         assert torch.equal(got, want), f"step {step + 1}: max diff {(got - want).abs().max().item()}"

@@ -49,14 +49,19 @@ def served(shards):
     server.close()
 
 
-@pytest.mark.parametrize("nproc,norm,workers,where", [(0, "instance", 0, "http"), (2, "instance", 2, "local"),
-                                                      (2, "batch", 1, "http")],
-                         ids=["1-process-0-workers-http", "2-ranks-2-workers-local", "2-ranks-batchnorm-http"])
-def test_new_process_resume_equals_a_straight_run_bitwise(shards, served, tmp_path, nproc, norm, workers, where):
+@pytest.mark.parametrize("nproc,norm,workers,where,variant", [(0, "instance", 0, "http", "colour"),
+                                                              (2, "instance", 2, "local", "reference"),
+                                                              (2, "batch", 1, "http", "reference")],
+                         ids=["1-process-0-workers-http-colour-networks", "2-ranks-2-workers-local",
+                              "2-ranks-batchnorm-http"])
+def test_new_process_resume_equals_a_straight_run_bitwise(shards, served, tmp_path, nproc, norm, workers, where,
+                                                          variant):
     # Batch norm: the running statistics differ between ranks between DDP's broadcasts of rank 0's; a checkpoint
     # must hold rank 0's (the replicated state is otherwise written by whichever rank DCP's planner picks).
+    # The colour networks: spectral norm's power-iteration vectors are buffers that every forward pass changes.
     common = {"train.steps": 8, "checkpoint.every_steps": 8, "data.workers": workers, "report.log_every_steps": 1,
-              "model.norm": norm, "perf.fused_calls": norm != "batch"}  # Batch norm couples a fused call's images.
+              "model.norm": norm, "perf.fused_calls": norm != "batch",  # Batch norm couples a fused call's images.
+              "model.g_variant": variant, "model.d_variant": "spectral" if variant == "colour" else "reference"}
     source = served if where == "http" else shards
     straight = tiny_overrides(source, tmp_path / "straight", **common)
     chunked = tiny_overrides(source, tmp_path / "chunked", **common, **{"control.stop_after_steps": 4})

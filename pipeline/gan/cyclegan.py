@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.gan.losses import GANLoss, cycle_loss, identity_loss
-from pipeline.gan.networks import build_discriminator, generator_from, use_group_kernel_instance_norm
+from pipeline.gan.networks import discriminator_from, generator_from, use_group_kernel_instance_norm
 
 # Our network name -> the reference implementation's (file `<epoch>_net_<name>.pth`, loss suffix).
 REFERENCE_NAMES = {"G_ab": "G_A", "G_ba": "G_B", "D_b": "D_A", "D_a": "D_B"}
@@ -121,14 +121,8 @@ def build_networks(model_cfg, fused: bool = False,
     if fused and model_cfg.norm == "batch":
         raise ValueError("perf.fused_calls batches different images through one norm layer; with "
                          "model.norm=batch that changes the maths: set perf.fused_calls=false")
-    def disc() -> nn.Module:
-        return build_discriminator(
-            model_cfg.discriminator, ndf=model_cfg.ndf, n_layers=model_cfg.n_layers_d, norm=model_cfg.norm,
-            init_type=model_cfg.init_type, init_gain=model_cfg.init_gain, norm_groups=model_cfg.norm_groups,
-        )
-
     G_ab, G_ba = generator_from(model_cfg), generator_from(model_cfg)
-    D_a, D_b = disc(), disc()
+    D_a, D_b = discriminator_from(model_cfg), discriminator_from(model_cfg)
     if group_kernel_norm:
         for net in (G_ab, G_ba, D_a, D_b):
             use_group_kernel_instance_norm(net)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from pipeline.config import GENERATORS
+from pipeline.gan.colour import colour_discriminator, colour_generator, discriminator_norm
 
 GENERATOR_ARCHS = tuple(GENERATORS)
 DISCRIMINATOR_ARCHS = ("basic", "n_layers", "pixel")
@@ -473,6 +474,17 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def generator_from(model: object) -> nn.Module:
-    """`build_generator` with a model config's settings (`model.generator`, `ngf`, `norm`, `padding`, ...)."""
-    return build_generator(model.generator, ngf=model.ngf, norm=model.norm, init_type=model.init_type,
-                           init_gain=model.init_gain, padding=model.padding, norm_groups=model.norm_groups)
+    """`build_generator` with a model config's settings (`model.generator`, `ngf`, `norm`, `padding`, ...), as
+    `model.g_variant` asks."""
+    net = build_generator(model.generator, ngf=model.ngf, norm=model.norm, init_type=model.init_type,
+                          init_gain=model.init_gain, padding=model.padding, norm_groups=model.norm_groups)
+    return colour_generator(net, getattr(model, "g_variant", "reference"))
+
+
+def discriminator_from(model: object) -> nn.Module:
+    """`build_discriminator` with a model config's settings (`model.discriminator`, `ndf`, `d_variant`, ...)."""
+    variant = getattr(model, "d_variant", "reference")
+    net = build_discriminator(model.discriminator, ndf=model.ndf, n_layers=model.n_layers_d,
+                              norm=discriminator_norm(variant, model.norm), init_type=model.init_type,
+                              init_gain=model.init_gain, norm_groups=model.norm_groups)
+    return colour_discriminator(net, variant)

@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from pipeline.gan.cyclegan import REFERENCE_NAMES
-from pipeline.gan.networks import build_discriminator, generator_from
+from pipeline.gan.networks import discriminator_from, generator_from
 
 # InstanceNorm statistics that PyTorch < 0.4 saved; the reference deletes them on load too.
 _STALE_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -43,6 +43,17 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], source: str, what:
             f"'{source}' does not fit the configured {what} ({first}); set model.generator / "
             "model.discriminator / model.ngf / model.ndf / model.norm to the settings it was trained with"
         ) from None
+
+
+def reference_networks_only(model_cfg, what: str) -> None:
+    """The reference implementation has the paper's networks only: files of another variant cannot be shared."""
+    variants = {key: getattr(model_cfg, key, "reference") for key in ("g_variant", "d_variant")}
+    other = {key: value for key, value in variants.items() if value != "reference"}
+    if other:
+        named = ", ".join(f"model.{key}={value}" for key, value in other.items())
+        raise CheckpointError(f"{what} has {named}: the reference implementation's files hold the paper's networks "
+                              "only (model.g_variant=reference, model.d_variant=reference); share it with "
+                              "`python -m pipeline.pack` or export it with `python -m pipeline.export` instead")
 
 
 def load_generator(path: Path, model_cfg, direction: str = "AtoB") -> nn.Module:
@@ -96,14 +107,9 @@ def nets_from_checkpoint(path: Path, model_cfg) -> dict[str, nn.Module]:
         what = "a generators file" if state.get("kind") == "generators" else "a checkpoint of another method"
         raise CheckpointError(f"'{path}' is {what}: it has no {', '.join(missing)}; export the four networks from "
                               "a ckpt-* checkpoint of a CycleGAN run")
-    nets = {
-        "G_ab": generator_from(model_cfg),
-        "G_ba": generator_from(model_cfg),
-        "D_a": build_discriminator(model_cfg.discriminator, ndf=model_cfg.ndf, n_layers=model_cfg.n_layers_d,
-                                   norm=model_cfg.norm, norm_groups=model_cfg.norm_groups),
-        "D_b": build_discriminator(model_cfg.discriminator, ndf=model_cfg.ndf, n_layers=model_cfg.n_layers_d,
-                                   norm=model_cfg.norm, norm_groups=model_cfg.norm_groups),
-    }
+    reference_networks_only(model_cfg, f"'{path}'")
+    nets = {"G_ab": generator_from(model_cfg), "G_ba": generator_from(model_cfg),
+            "D_a": discriminator_from(model_cfg), "D_b": discriminator_from(model_cfg)}
     for name, net in nets.items():
         load_into(net, state["nets"][name], str(path), name)
     return nets

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import ConfigError
+from pipeline.gan.colour import ColourGenerator, combine
 from pipeline.gan.cut.networks import CUTGenerator, Downsample, Upsample
 from pipeline.gan.networks import ResnetBlock, ResnetGenerator, UnetGenerator, UnetSkipConnectionBlock
 
@@ -103,6 +104,11 @@ class TiledForward:
         """`module(x)`; `owned`: x is referenced nowhere else, so it may be overwritten."""
         if isinstance(module, (ResnetGenerator, UnetGenerator, CUTGenerator)):
             return self._run(module.model, x, owned)
+        if isinstance(module, ColourGenerator):
+            body = self._run(module.body, x, owned=False)
+            colour = self._run(module.colour, x, owned=False)
+            return self._pointwise(body, lambda t, part: combine(x[part].to(t.device), t, colour[part].to(t.device)),
+                                   owned=True)
         if isinstance(module, Downsample):  # Blur-pool: reflection pad 1, depthwise 3x3 filter at stride 2.
             return self._conv2d(x, module.filt, None, (2, 2), (1, 1), module.channels, (1, 1, 1, 1), "reflect")
         if isinstance(module, Upsample):

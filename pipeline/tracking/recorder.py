@@ -58,6 +58,7 @@ class NullRecorder:
     def start(self, start_step: int, total_steps: int) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def batch_regime(self, world_size: int, global_batch: int, lr: float) -> None: ...
+    def health_warning(self, message: str) -> None: ...
     def save_samples(self, make_grid: Callable[[], np.ndarray], step: int) -> None: ...
     def checkpoint_written(self, outcome: Outcome) -> str | None:
         return None
@@ -129,6 +130,11 @@ class Recorder(NullRecorder):
                         "image; set optim.lr_scaling=sqrt or linear to scale it, or see README 'Distributed "
                         "training'", global_batch, optim.lr_reference_batch)
         self.tracker.set_tags({"global_batch": str(global_batch), "lr_in_use": f"{lr:g}"})
+
+    def health_warning(self, message: str) -> None:
+        """A sign that the run is not learning (pipeline.train.health), said once, and tagged on the run."""
+        log.warning("%s", message)
+        self.tracker.set_tags({"health_warning": message[:500]})
 
     def _last_step_in_file(self) -> int:
         lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()

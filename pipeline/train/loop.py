@@ -46,6 +46,7 @@ from pipeline.infer.generators import generators_file
 from pipeline.infer.interop import load_reference_dir
 from pipeline.tracking.recorder import NullRecorder, TrackingError, make_recorder
 from pipeline.train.build import Components, build_components
+from pipeline.train.health import TrainingHealth, input_dependence
 from pipeline.train.samples import sample_grid
 from pipeline.train.state import TrainingState, check_compatible
 
@@ -262,6 +263,8 @@ class Trainer:
         self.base_lr = scaled_lr(cfg.optim.lr, self.images_per_step, cfg.optim.lr_scaling,
                                  cfg.optim.lr_reference_batch)
         self.meter = MetricMeter(device)
+        self.health = TrainingHealth(cfg.report.health_after_steps, cfg.loss.gan_mode)
+        self.dependence: float | None = None  # Of the last sample grid's translations on their inputs.
         self.metrics: dict[str, float] = {}
         self.evaluation: dict[str, float] = {}
         self._held: dict[str, torch.Tensor] = {}
@@ -389,6 +392,12 @@ class Trainer:
                         "fp16_skipped_steps": float(self.parts.step.scaler_skips)})
         metrics["perf/images_per_s"] = metrics["perf/steps_per_s"] * self.images_per_step
         metrics.update(peak_memory(self.device))
+        if self.dependence is not None:
+            metrics["health/input_dependence"] = self.dependence
+        signals, warnings = self.health.observe(step, metrics)
+        metrics.update(signals)
+        for warning in warnings:
+            self.recorder.health_warning(warning)
         self.metrics = metrics
         self.recorder.log_metrics(metrics, step)
 
@@ -397,7 +406,10 @@ class Trainer:
             size, count = self.cfg.data.crop_size, self.cfg.report.sample_images
             self._held["a"] = held_out(self.cfg.data.test_a, count, size)[1].to(self.device)
             self._held["b"] = held_out(self.cfg.data.test_b, count, size)[1].to(self.device)
-        return sample_grid(self.parts.translators(), self._held["a"], self._held["b"])
+        def seen(real_a: torch.Tensor, fake_b: torch.Tensor) -> None:
+            self.dependence = input_dependence(real_a, fake_b)
+
+        return sample_grid(self.parts.translators(), self._held["a"], self._held["b"], seen)
 
     def evaluate(self, step: int) -> None:
         self.evaluation = held_out_eval(self.parts.translators(), self.cfg, self.device)

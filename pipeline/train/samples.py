@@ -4,6 +4,8 @@ NCE keeps unchanged)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -17,10 +19,12 @@ def _nhwc_uint8(images: Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def sample_grid(translators: dict[str, nn.Module], real_a: Tensor, real_b: Tensor) -> np.ndarray:
+def sample_grid(translators: dict[str, nn.Module], real_a: Tensor, real_b: Tensor,
+                seen: Callable[[Tensor, Tensor], None] | None = None) -> np.ndarray:
     """One image: a row per held-out sample (A rows first for CycleGAN), with 2-pixel white gutters.
 
-    `translators`: direction -> generator (AtoB and BtoA for CycleGAN, AtoB only for CUT)."""
+    `translators`: direction -> generator (AtoB and BtoA for CycleGAN, AtoB only for CUT). `seen(real_a, fake_b)`
+    is told the A images and their translations (the training-health check looks at them)."""
     nets = list(translators.values())
     modes = [net.training for net in nets]
     for net in nets:
@@ -33,11 +37,15 @@ def sample_grid(translators: dict[str, nn.Module], real_a: Tensor, real_b: Tenso
             fake_a = g_ba(real_b)
             rec_b = g_ab(fake_a)
             rows = [torch.cat(list(triple), dim=-1) for triple in zip(real_a, fake_b, rec_a)]
+            if seen is not None:
+                seen(real_a, fake_b)
             rows += [torch.cat(list(triple), dim=-1) for triple in zip(real_b, fake_a, rec_b)]
         else:
             n = min(len(real_a), len(real_b))
-            rows = [torch.cat(list(four), dim=-1)
-                    for four in zip(real_a[:n], g_ab(real_a[:n]), real_b[:n], g_ab(real_b[:n]))]
+            fake_b = g_ab(real_a[:n])
+            rows = [torch.cat(list(four), dim=-1) for four in zip(real_a[:n], fake_b, real_b[:n], g_ab(real_b[:n]))]
+            if seen is not None:
+                seen(real_a[:n], fake_b)
     finally:
         for net, mode in zip(nets, modes):
             net.train(mode)

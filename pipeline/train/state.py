@@ -145,9 +145,13 @@ def _weights(net: torch.nn.Module, buffers: bool) -> dict[str, Any]:
     return {key: value for key, value in state.items() if key not in names}
 
 
+_MODEL_DEFAULTS = {"g_variant": "reference", "d_variant": "reference"}
+
+
 def check_compatible(state: dict[str, Any], cfg: DictConfig, source: str) -> None:
     """Raise CheckpointError naming every model setting in which the checkpoint differs from `cfg`."""
-    saved = state.get("model", {})
+    # A setting added after the checkpoint was written has its default there (what the code then built).
+    saved = {**_MODEL_DEFAULTS, **state.get("model", {})}
     wanted = OmegaConf.to_container(cfg.model)
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in wanted.items() if saved.get(k) != v]
     # Initialisation does not shape the networks: a different init is not a mismatch for a resume.

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.gan.colour import colour_discriminator, colour_generator, discriminator_norm
 from pipeline.gan.networks import ResnetBlock, _norm_layer, init_weights
 
 
@@ -187,16 +188,19 @@ class PatchSampleF(nn.Module):
         return out, ids
 
 
-def build_cut_generator(model_cfg, n_blocks: int) -> CUTGenerator:
+def build_cut_generator(model_cfg, n_blocks: int) -> nn.Module:
     net = CUTGenerator(3, 3, model_cfg.ngf, model_cfg.norm, n_blocks, model_cfg.padding, model_cfg.antialias,
                        model_cfg.antialias_up, model_cfg.norm_groups)
-    return init_weights(net, model_cfg.init_type, model_cfg.init_gain)
+    return colour_generator(init_weights(net, model_cfg.init_type, model_cfg.init_gain),
+                            getattr(model_cfg, "g_variant", "reference"))
 
 
-def build_cut_discriminator(model_cfg) -> CUTDiscriminator:
+def build_cut_discriminator(model_cfg) -> nn.Module:
     n_layers = 3 if model_cfg.discriminator == "basic" else model_cfg.n_layers_d
-    net = CUTDiscriminator(3, model_cfg.ndf, n_layers, model_cfg.norm, model_cfg.antialias, model_cfg.norm_groups)
-    return init_weights(net, model_cfg.init_type, model_cfg.init_gain)
+    variant = getattr(model_cfg, "d_variant", "reference")
+    net = CUTDiscriminator(3, model_cfg.ndf, n_layers, discriminator_norm(variant, model_cfg.norm),
+                           model_cfg.antialias, model_cfg.norm_groups)
+    return colour_discriminator(init_weights(net, model_cfg.init_type, model_cfg.init_gain), variant)
 
 
 def build_patch_sampler(widths: Sequence[int], width: int, init_type: str, init_gain: float) -> PatchSampleF:

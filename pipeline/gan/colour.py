@@ -1,0 +1,118 @@
+"""Networks that see absolute colour and intensity: variants of the paper's generators and discriminators.
+
+The paper's ResNet generator starts with a bias-free convolution followed by instance norm, which removes any
+per-channel offset of its input exactly and a global scale nearly so: G(x + c) = G(x), G(0.7 x) ~ G(x). It cannot
+see a colour cast or an exposure, so it cannot learn a colour grade, a white balance, a stain normalisation or an
+intensity mapping. Its PatchGAN discriminator sees offsets (its first layer has a bias and no norm) but hardly an
+exposure change (the instance norms after it take the scale out).
+
+- `colour` generator: G(x) = tanh(atanh(x) + body(x) + colour(x)). `body` is the paper's generator without its
+  final tanh, `colour` a per-pixel network (1x1 convolutions) of the raw input. The skip in tanh's logit space
+  carries the input's absolute values through, `colour` can map them (any global per-pixel transform: exposure,
+  cast, gamma, channel mix), and `body` adds what depends on the image's structure. Both branches' last layers
+  start at zero, so G starts as the identity, as a colour task's answer is near it.
+- `spectral` discriminator: the same PatchGAN with spectral normalisation (Miyato et al. 2018) on every
+  convolution instead of instance norm, so that scores depend on absolute intensities; spectral norm bounds D's
+  Lipschitz constant, which keeps it from winning outright the way an unnormalised D would.
+
+The `reference` settings keep the paper's networks, unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+G_VARIANTS = ("reference", "colour")
+D_VARIANTS = ("reference", "spectral")
+
+
+class ColourGenerator(nn.Module):
+    """tanh(atanh(x) + body(x) + colour(x)); see the module's docstring.
+
+    Args:
+        body: a generator whose last module is its output `nn.Tanh` (it is replaced by an identity here) and whose
+            last convolution makes the output (it is set to zero).
+        in_channels, out_channels: the image channels (the skip needs them equal).
+        width: channels of the per-pixel colour network.
+    """
+
+    def __init__(self, body: nn.Module, in_channels: int = 3, out_channels: int = 3, width: int = 32) -> None:
+        super().__init__()
+        if in_channels != out_channels:
+            raise ValueError(f"the colour generator's skip needs as many output channels as input ({in_channels}), "
+                             f"got {out_channels}")
+        _drop_last_tanh(body)
+        _zero(_last_conv(body))
+        self.body = body
+        self.colour = nn.Sequential(
+            nn.Conv2d(in_channels, width, 1), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(width, width, 1), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(width, out_channels, 1),
+        )
+        _zero(self.colour[-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return combine(x, self.body(x), self.colour(x))
+
+    # CUT's generator is also its PatchNCE encoder: its layers stay reachable through the body.
+    def encode(self, x: Tensor, layers: list[int]) -> list[Tensor]:
+        return self.body.encode(x, layers)
+
+    def feature_widths(self, layers: list[int]) -> list[int]:
+        return self.body.feature_widths(layers)
+
+
+def combine(x: Tensor, body: Tensor, colour: Tensor) -> Tensor:
+    """The colour generator's output from its input and its two branches (also used tile by tile). atanh of a
+    pixel at the ends of [-1, 1] is infinite: inputs are held 1e-3 inside (a fifth of an 8-bit level)."""
+    return torch.tanh(torch.atanh(x.clamp(-0.999, 0.999)) + body + colour)
+
+
+def _drop_last_tanh(net: nn.Module) -> None:
+    found = [(name, module) for name, module in net.named_modules() if isinstance(module, nn.Tanh)]
+    if not found:
+        raise ValueError(f"{type(net).__name__} has no output tanh to take the colour skip's place")
+    name = found[-1][0]
+    parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+    setattr(parent, name.rpartition(".")[2], nn.Identity())
+
+
+def _last_conv(net: nn.Module) -> nn.Module:
+    convs = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    return convs[-1]
+
+
+@torch.no_grad()
+def _zero(layer: nn.Module) -> None:
+    layer.weight.zero_()
+    if layer.bias is not None:
+        layer.bias.zero_()
+
+
+def colour_generator(body: nn.Module, variant: str, in_channels: int = 3, out_channels: int = 3) -> nn.Module:
+    """`body` as the `variant` generator asks ("reference": unchanged)."""
+    _check(variant, G_VARIANTS, "model.g_variant")
+    return body if variant == "reference" else ColourGenerator(body, in_channels, out_channels)
+
+
+def colour_discriminator(net: nn.Module, variant: str) -> nn.Module:
+    """`net` (built without norm layers for `spectral`) as the `variant` discriminator asks."""
+    _check(variant, D_VARIANTS, "model.d_variant")
+    if variant == "spectral":
+        for name, module in list(net.named_modules()):
+            if isinstance(module, nn.Conv2d):
+                parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+                setattr(parent, name.rpartition(".")[2], spectral_norm(module))
+    return net
+
+
+def discriminator_norm(variant: str, norm: str) -> str:
+    """The norm a `variant` discriminator is built with: spectral normalisation replaces the norm layers."""
+    return "none" if variant == "spectral" else norm
+
+
+def _check(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r}: choose one of {', '.join(choices)}")

@@ -1,0 +1,128 @@
+"""Networks that see colour and intensity: the paper's generator is blind to a colour cast (a property of its
+first bias-free convolution followed by instance norm), the colour variants are not, and they tile, export and
+keep the reference networks' interop unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import load_config
+from pipeline.engine.checkpoint import CheckpointError
+from pipeline.gan.colour import ColourGenerator
+from pipeline.gan.cut.networks import build_cut_discriminator, build_cut_generator
+from pipeline.gan.networks import discriminator_from, generator_from
+from pipeline.infer.export import check_export, export_onnx, export_torchscript
+from pipeline.infer.generators import PaddedGenerator
+from pipeline.infer.interop import nets_from_checkpoint
+from pipeline.infer.tiled import TiledForward
+
+SMALL = ["model.generator=resnet_6blocks", "model.ngf=8", "model.ndf=8"]
+MIX = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.2, 0.7]])
+
+
+def model(*settings: str):
+    return load_config([], [*SMALL, *settings]).model
+
+
+def images(seed: int) -> torch.Tensor:
+    """Images inside [-0.7, 0.7], so that a cast of 0.3 stays inside [-1, 1]."""
+    return torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 1.4 - 0.7
+
+
+@torch.no_grad()
+def responses(net: nn.Module) -> dict[str, float]:
+    """Mean |net(y) - net(x)| for y a colour cast, an exposure change, a channel mix and an unrelated image."""
+    net.eval()
+    x, other = images(0), images(1)
+    out = net(x)
+    change = {"cast": x + 0.3, "exposure": 0.7 * x, "mix": torch.einsum("ij,bjhw->bihw", MIX, x), "unrelated": other}
+    return {name: (net(y) - out).abs().mean().item() for name, y in change.items()}
+
+
+@torch.no_grad()
+def trained_like(net: ColourGenerator) -> ColourGenerator:
+    """The colour generator with its zero-initialised output layers made non-zero, as training makes them."""
+    generator = torch.Generator().manual_seed(3)
+    for branch in (net.body, net.colour):
+        last = [m for m in branch.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][-1]
+        last.weight.copy_(torch.randn(last.weight.shape, generator=generator) * 0.05)
+        last.bias.copy_(torch.randn(last.bias.shape, generator=generator) * 0.05)
+    return net
+
+
+@pytest.mark.parametrize("method", ["cyclegan", "cut"])
+def test_the_reference_generator_is_blind_to_a_colour_cast_and_nearly_to_exposure(method):
+    torch.manual_seed(0)
+    cfg = model(f"model.method={method}")
+    seen = responses(generator_from(cfg) if method == "cyclegan" else build_cut_generator(cfg, 6))
+    assert seen["cast"] < 1e-6 + 1e-4 * seen["unrelated"]  # Exactly blind, up to float round-off.
+    assert seen["exposure"] < 0.05 * seen["unrelated"]
+    assert seen["unrelated"] > 0  # Not a constant network.
+
+
+@pytest.mark.parametrize("method", ["cyclegan", "cut"])
+@pytest.mark.parametrize("state", ["initial", "trained-like"])
+def test_the_colour_generator_sees_cast_exposure_and_mix(method, state):
+    torch.manual_seed(0)
+    cfg = model(f"model.method={method}", "model.g_variant=colour")
+    net = generator_from(cfg) if method == "cyclegan" else build_cut_generator(cfg, 6)
+    assert isinstance(net, ColourGenerator)
+    if state == "initial":  # It starts as the identity (within the clamp that keeps atanh finite).
+        x = images(0)
+        assert (net.eval()(x) - x).abs().max() < 1e-5
+    else:
+        trained_like(net)
+    seen = responses(net)
+    assert seen["cast"] > 0.3 * seen["unrelated"] and seen["exposure"] > 0.1 * seen["unrelated"]
+    assert seen["mix"] > 0.1 * seen["unrelated"]
+
+
+@pytest.mark.parametrize("method", ["cyclegan", "cut"])
+def test_the_spectral_discriminator_sees_exposure(method):
+    def build(variant):
+        torch.manual_seed(0)
+        cfg = model(f"model.method={method}", f"model.d_variant={variant}")
+        return discriminator_from(cfg) if method == "cyclegan" else build_cut_discriminator(cfg)
+
+    reference, spectral = responses(build("reference")), responses(build("spectral"))
+    # Relative to what an unrelated image changes: the reference D hardly sees an exposure change.
+    assert spectral["exposure"] > 0.15 * spectral["unrelated"]
+    if method == "cyclegan":  # (CUT's blur-pooled PatchGAN sees some exposure already.)
+        assert reference["exposure"] < 0.05 * reference["unrelated"]
+        assert spectral["exposure"] / spectral["unrelated"] > 5 * reference["exposure"] / reference["unrelated"]
+    assert not any(isinstance(m, (nn.InstanceNorm2d, nn.GroupNorm)) for m in build("spectral").modules())
+
+
+def test_the_colour_generator_tiles_exactly():
+    torch.manual_seed(0)
+    net = trained_like(generator_from(model("model.g_variant=colour", "model.init_gain=0.3"))).eval()
+    x = torch.rand(1, 3, 44, 60, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        want = net(x)
+    got = TiledForward(tile=12, device=torch.device("cpu"))(net, x)
+    assert want.std() > 0.1 and (got - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_the_colour_generator_exports(tmp_path, fmt):
+    torch.manual_seed(0)
+    net = PaddedGenerator(trained_like(generator_from(model("model.g_variant=colour"))).eval(), 4)
+    path = tmp_path / f"g.{'pt' if fmt == 'torchscript' else 'onnx'}"
+    (export_torchscript if fmt == "torchscript" else export_onnx)(net, path, {"g_variant": "colour"})
+    assert check_export(net, path, fmt, [(1, 32, 32), (2, 37, 53)]) < 1e-4
+
+
+def test_reference_files_refuse_the_colour_variants_by_name(tmp_path):
+    from pipeline.config import to_yaml
+    from pipeline.engine.checkpoint import FORMAT, save_atomic
+
+    cfg = load_config([], [*SMALL, "model.g_variant=colour", "model.d_variant=spectral"])
+    torch.manual_seed(0)
+    nets = {name: (generator_from(cfg.model) if name.startswith("G") else discriminator_from(cfg.model)).state_dict()
+            for name in ("G_ab", "G_ba", "D_a", "D_b")}
+    path = tmp_path / "ckpt-000000001.pt"
+    save_atomic({"format": FORMAT, "config": to_yaml(cfg), "step": 1, "mlflow_run_id": "", "nets": nets}, path)
+    with pytest.raises(CheckpointError, match="model.g_variant=colour, model.d_variant=spectral: the reference"):
+        nets_from_checkpoint(path, cfg.model)
