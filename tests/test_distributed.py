@@ -55,7 +55,13 @@ def reference(steps: int, dtype: torch.dtype, world: int, batches, overrides=TIN
         history, first_grads = [], {}
         for step in range(steps):
             g_grads, d_grads = [], []
+            # Buffers a forward pass changes (spectral norm's power-iteration vectors, which depend on the weights
+            # only): each rank starts the step from the same ones, as every rank of a DDP job does.
+            at_start = {name: b.clone() for name, b in discs.named_buffers()}
             for rank in range(world):
+                with torch.no_grad():
+                    for name, b in discs.named_buffers():
+                        b.copy_(at_start[name])
                 real_a, real_b = batches(rank, step)
                 for p in discs.parameters():
                     p.requires_grad_(False)

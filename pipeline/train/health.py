@@ -11,6 +11,7 @@ collapsed. Each signal is logged as a `health/*` metric at every loss log, and t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # A discriminator's loss when it outputs the same score for real and fake (per its loss, averaged over them).
 CHANCE = {"lsgan": 0.25, "vanilla": 0.6931, "hinge": 1.0}
@@ -43,10 +44,23 @@ class TrainingHealth:
     gan_mode: str = "lsgan"
     cycle: list[float] = field(default_factory=list)
     warned: set[str] = field(default_factory=set)
+    dependence: float | None = None
+    """`input_dependence` of the last sample grid's translations, logged with the losses until the next grid."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so that a resumed run's health metrics and warnings are the straight run's."""
+        return {"cycle": list(self.cycle), "warned": sorted(self.warned), "dependence": self.dependence}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cycle, self.warned = list(state["cycle"]), set(state["warned"])
+        self.dependence = state.get("dependence")
 
     def observe(self, step: int, metrics: dict[str, float]) -> tuple[dict[str, float], list[str]]:
         """(health metrics to log, warnings to give) for the losses logged at `step`."""
         signals: dict[str, float] = {}
+        if self.dependence is not None:
+            metrics = {**metrics, "health/input_dependence": self.dependence}
+            signals["health/input_dependence"] = self.dependence
         evidence: dict[str, str] = {}
         cycle_terms = sorted(k for k in metrics if k.startswith("loss/") and k.endswith("/cycle"))
         if cycle_terms:

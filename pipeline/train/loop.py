@@ -219,7 +219,8 @@ def _run(cfg: DictConfig, info: dist.DistInfo, device: torch.device, stop_flag: 
                           fresh_from=start.fresh_from)
     parts = build_components(cfg, info, device)
     state = TrainingState(parts.nets, parts.step.optimisers, parts.step.pools, device, parts.ema,
-                          getattr(parts.step, "sampling", None), streams=lambda: saved_streams(loader, identity))
+                          getattr(parts.step, "sampling", None), streams=lambda: saved_streams(loader, identity),
+                          health=TrainingHealth(cfg.report.health_after_steps, cfg.loss.gan_mode))
     if saved is not None:
         state.load_state_dict(saved, info.rank, info.world_size)
         log.info("resumed from %s (step %d)", resume, start_step)
@@ -263,8 +264,8 @@ class Trainer:
         self.base_lr = scaled_lr(cfg.optim.lr, self.images_per_step, cfg.optim.lr_scaling,
                                  cfg.optim.lr_reference_batch)
         self.meter = MetricMeter(device)
-        self.health = TrainingHealth(cfg.report.health_after_steps, cfg.loss.gan_mode)
-        self.dependence: float | None = None  # Of the last sample grid's translations on their inputs.
+        self.health = state.health if state.health is not None else TrainingHealth(
+            cfg.report.health_after_steps, cfg.loss.gan_mode)
         self.metrics: dict[str, float] = {}
         self.evaluation: dict[str, float] = {}
         self._held: dict[str, torch.Tensor] = {}
@@ -392,8 +393,6 @@ class Trainer:
                         "fp16_skipped_steps": float(self.parts.step.scaler_skips)})
         metrics["perf/images_per_s"] = metrics["perf/steps_per_s"] * self.images_per_step
         metrics.update(peak_memory(self.device))
-        if self.dependence is not None:
-            metrics["health/input_dependence"] = self.dependence
         signals, warnings = self.health.observe(step, metrics)
         metrics.update(signals)
         for warning in warnings:
@@ -407,7 +406,7 @@ class Trainer:
             self._held["a"] = held_out(self.cfg.data.test_a, count, size)[1].to(self.device)
             self._held["b"] = held_out(self.cfg.data.test_b, count, size)[1].to(self.device)
         def seen(real_a: torch.Tensor, fake_b: torch.Tensor) -> None:
-            self.dependence = input_dependence(real_a, fake_b)
+            self.health.dependence = input_dependence(real_a, fake_b)
 
         return sample_grid(self.parts.translators(), self._held["a"], self._held["b"], seen)
 

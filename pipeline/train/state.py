@@ -51,8 +51,9 @@ class TrainingState:
 
     def __init__(self, nets: dict[str, torch.nn.Module], optimisers: Optimisers, pools: Pools,
                  device: torch.device, ema: Any = None, sampling: Any = None,
-                 streams: Callable[[], dict[str, Any]] | None = None) -> None:
+                 streams: Callable[[], dict[str, Any]] | None = None, health: Any = None) -> None:
         self.nets, self.optimisers, self.pools, self.device = nets, optimisers, pools, device
+        self.health = health  # The training-health monitor's history (pipeline.train.health), if any.
         self.streams = streams  # This rank's data streams' state, where they have one (`saved_streams`).
         self.sampling = sampling  # CUT's per-rank draws (flips, patch positions), else None.
         self.ema = ema
@@ -97,6 +98,7 @@ class TrainingState:
             "step": self.step,
             "images_seen": self.images_seen,
             "nonfinite_steps": self.nonfinite_steps,
+            "health": self.health.state_dict() if self.health is not None else None,
             "world_size": world_size,
             "config": to_yaml(cfg),
             "model": OmegaConf.to_container(cfg.model),
@@ -121,6 +123,8 @@ class TrainingState:
                             "starts from the current weights at the next step")
         self.step, self.images_seen = state["step"], state["images_seen"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        if self.health is not None and state.get("health"):
+            self.health.load_state_dict(state["health"])
         saved = state["ranks"]
         if len(saved) != world_size:
             log.warning(
