@@ -140,7 +140,7 @@ def train_once(task: dict[str, str], variant: str, seed: int, run_dir: Path, arg
         f"data.load_size={args.size}", f"data.crop_size={args.size}", "data.workers=1", "data.shuffle_buffer=256",
         "tracking.enabled=false", "report.sample_every_steps=0", "report.log_every_steps=50",
         "report.health_after_steps=0", "checkpoint.every_steps=0", "checkpoint.resume=never",
-        "eval.paired=true", f"eval.every_steps={args.steps}", "eval.features=", *extra]
+        "eval.paired=true", f"eval.every_steps={args.steps}", "eval.features=''", *extra]
     cfg = load_config([config] if config else [], overrides)
     t0 = time.perf_counter()
     result = run(cfg)
