@@ -27,6 +27,8 @@ pytestmark = pytest.mark.slow
                             "ssim_identity"}),
     ("bench_resume.py", {"source", "design", "step", "bytes_read", "reads", "seconds_to_first_batch"}),
     ("bench_eval.py", {"world_size", "rank", "images", "decoded", "translated", "seconds", "peak_rss_mb"}),
+    ("colour_tasks.py", {"transform", "variant", "seed", "l1", "l1_identity", "ssim", "ssim_identity",
+                         "cycle_curve"}),
     ("bench_checkpoint.py", {"design", "world_size", "bytes_written_max_rank", "rank0_peak_rss", "blocked_s",
                              "durable_s", "resume_bytes_read_max_rank"}),
 ])

@@ -18,6 +18,10 @@ CHANCE = {"lsgan": 0.25, "vanilla": 0.6931, "hinge": 1.0}
 
 # The cycle loss must fall below this fraction of its start, and D's loss stay above this fraction of chance.
 NOT_FALLING, D_WINNING, INDEPENDENT = 0.9, 0.1, 0.05
+# A cycle error (mean L1 per direction, in [-1, 1] units) below this is a working reconstruction even if it does
+# not fall: generators that start as the identity (model.g_variant=colour) start with a near-zero cycle error,
+# which grows a little as they learn the mapping. Unrelated images are about 0.5 apart.
+RECONSTRUCTS = 0.1
 
 _CAUSES = {
     "cycle": ("usual causes: generators that cannot represent the mapping (the paper's networks are blind to a colour "
@@ -42,6 +46,8 @@ class TrainingHealth:
 
     after_steps: int
     gan_mode: str = "lsgan"
+    cycle_weight: float = 10.0
+    """The cycle terms' weight (loss.lambda_a, lambda_b): logged cycle losses over it are L1 errors."""
     cycle: list[float] = field(default_factory=list)
     warned: set[str] = field(default_factory=set)
     dependence: float | None = None
@@ -67,11 +73,15 @@ class TrainingHealth:
             self.cycle.append(sum(metrics[k] for k in cycle_terms))
             third = max(1, len(self.cycle) // 3)
             start, now = _mean(self.cycle[:third]), _mean(self.cycle[-third:])
+            error = now / (len(cycle_terms) * self.cycle_weight) if self.cycle_weight > 0 else 0.0
+            signals["health/cycle_l1"] = error
             if start > 0:
                 signals["health/cycle_progress"] = now / start
-                if now / start > NOT_FALLING and len(self.cycle) >= 3:
+                if now / start > NOT_FALLING and error > RECONSTRUCTS and len(self.cycle) >= 3:
                     evidence["cycle"] = (f"the cycle loss has not fallen in {step} steps ({' + '.join(cycle_terms)}: "
-                                         f"{start:.3g} at the start, {now:.3g} now, {now / start:.0%})")
+                                         f"{start:.3g} at the start, {now:.3g} now, {now / start:.0%}; a "
+                                         f"reconstruction error of {error:.2f} in [-1, 1] units, where unrelated "
+                                         "images are about 0.5 apart)")
         d_terms = sorted(k for k in metrics if k.startswith("loss/D"))
         chance = CHANCE.get(self.gan_mode)
         if d_terms and chance:
