@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from support.http_server import Server
 
-from pipeline.data.remote import ShardUnreachable, retrying_samples, shard_samples
+from pipeline.data.remote import ShardUnreachable, retrying_samples
+from pipeline.data.shard_reader import read_samples
 
 
 @pytest.fixture
@@ -27,10 +28,10 @@ def keys(items) -> list[str]:
 def test_http_shard_has_the_samples_of_the_file(shard):
     server = Server(shard.parent)
     try:
-        got = list(shard_samples(f"{server.url}/{shard.name}"))
+        got = list(read_samples(f"{server.url}/{shard.name}"))
     finally:
         server.close()
-    want = list(shard_samples(str(shard)))
+    want = list(read_samples(str(shard)))
     assert keys(got) == keys(want) and len(got) == 16
     assert all(g.sample["png"] == w.sample["png"] for g, w in zip(got, want))
     assert [g.start for g in got] == [w.start for w in want]
@@ -43,7 +44,7 @@ def test_a_server_failing_mid_shard_is_read_again_and_each_sample_comes_once(sha
             got = list(retrying_samples(f"{server.url}/{shard.name}", retry_s=30, sleep=lambda s: None))
     finally:
         server.close()
-    assert keys(got) == keys(shard_samples(str(shard)))  # In order, none twice, none lost.
+    assert keys(got) == keys(read_samples(str(shard)))  # In order, none twice, none lost.
     assert server.requests == 3
     # Each read after a cut asks for the rest of the shard from the first sample not yet delivered.
     assert server.ranges[0] == ""
@@ -78,7 +79,7 @@ def test_a_transient_read_error_of_a_local_shard_is_read_again_and_each_sample_c
     """EIO or ESTALE from a network filesystem passes; a missing file or a broken tar does not (tested above)."""
     from pipeline.data import remote
 
-    real, calls = remote.shard_samples, []
+    real, calls = remote.read_samples, []
 
     def flaky(url, start):
         calls.append(start)
@@ -87,7 +88,7 @@ def test_a_transient_read_error_of_a_local_shard_is_read_again_and_each_sample_c
                 raise OSError(errno.EIO, "Input/output error")
             yield item
 
-    monkeypatch.setattr(remote, "shard_samples", flaky)
+    monkeypatch.setattr(remote, "read_samples", flaky)
     slept = []
     got = list(retrying_samples(str(shard), retry_s=30, sleep=slept.append))
     assert keys(got) == keys(real(str(shard))) and len(calls) == 2 and len(slept) == 1

@@ -69,15 +69,8 @@ def is_remote(url: str) -> bool:
     return ("://" in url and not url.startswith("file://")) or url.startswith("pipe:")
 
 
-def shard_samples(url: str, start: Position = START) -> Iterator[Located]:
-    """The samples of one shard from `start` on, with their positions. http(s) is read with a bounded timeout
-    (webdataset's curl retries 30 times with 2 s between, over a minute per shard before anything is reported),
-    and a body cut short is an error, not a shorter shard."""
-    return read_samples(url, start)
-
-
 def retrying_samples(url: str, retry_s: float, sleep=time.sleep, start: Position = START) -> Iterator[Located]:
-    """`shard_samples(url, start)`, continued after a failure of a network shard or a transient read error of a
+    """`read_samples(url, start)`, continued after a failure of a network shard or a transient read error of a
     local one from the sample that failed (an http(s) shard by a range request, a pipe: from its start); other
     local failures, and HTTP answers that the shard is bad, raise at once.
 
@@ -87,7 +80,7 @@ def retrying_samples(url: str, retry_s: float, sleep=time.sleep, start: Position
     at, failing_since, attempt = start, None, 0
     while True:
         try:
-            for item in shard_samples(url, at):
+            for item in read_samples(url, at):
                 at = item.end
                 failing_since, attempt = None, 0
                 yield item

@@ -25,7 +25,8 @@ from typing import Any, BinaryIO
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-# Seconds an http(s) connection or read may stall before it counts as a failure (and is retried).
+# Seconds an http(s) connection or read may stall before it counts as a failure (and is retried). http(s) is read
+# here, not through webdataset's curl, which retries 30 times 2 s apart before anything is reported.
 HTTP_TIMEOUT_S = 30.0
 
 # Bytes read from shards and shards opened by this process (a benchmark's measure of what a resume costs).
@@ -67,11 +68,19 @@ def seekable(url: str) -> bool:
     return (local or url.startswith(("http://", "https://"))) and not url.endswith((".gz", ".tgz"))
 
 
-class _Counted(io.RawIOBase):
-    """A raw byte stream whose reads are counted in READ."""
+def _count(key: str, n: int) -> None:
+    with _COUNTING:  # Range requests run on several threads.
+        READ[key] += n
 
-    def __init__(self, raw: Any) -> None:
-        self.raw = raw
+
+class _Body(io.RawIOBase):
+    """A shard's raw bytes, counted in READ as they are read. With `expected` (an HTTP body's Content-Length), a
+    connection that ends before that many bytes raises: a streamed tar read that simply stops looks like the end
+    of the archive to `tarfile` (an empty header), so a server dying between two members would silently drop the
+    rest of the shard."""
+
+    def __init__(self, raw: Any, expected: int | None = None) -> None:
+        self.raw, self.expected, self.got = raw, expected, 0
 
     def readable(self) -> bool:
         return True
@@ -83,41 +92,15 @@ class _Counted(io.RawIOBase):
             data = self.raw.read(len(buffer))
             n = len(data)
             buffer[:n] = data
-        READ["bytes"] += n
-        return n
-
-    def close(self) -> None:
-        try:
-            self.raw.close()
-        finally:
-            super().close()
-
-
-class _WholeBody(io.RawIOBase):
-    """An HTTP response body that raises when the connection ends before Content-Length bytes arrived.
-
-    A streamed tar read that simply stops looks like the end of the archive to `tarfile` (an empty header),
-    so a server dying between two members would silently drop the rest of the shard.
-    """
-
-    def __init__(self, response: Any) -> None:
-        self.response, self.got = response, 0
-        length = response.headers.get("Content-Length")
-        self.expected = int(length) if length and length.isdigit() else None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = self.response.readinto(buffer)
         self.got += n
+        _count("bytes", n)
         if n == 0 and self.expected is not None and self.got < self.expected:
             raise ConnectionError(f"connection closed after {self.got} of {self.expected} bytes")
         return n
 
     def close(self) -> None:
         try:
-            self.response.close()
+            self.raw.close()
         finally:
             super().close()
 
@@ -132,7 +115,8 @@ def _http(url: str, first: int, last: int | None = None) -> Any:
         if err.code == 416:  # Nothing from `first` on: the shard ends there.
             return io.BytesIO(b"")
         raise
-    body = _WholeBody(response)
+    length = response.headers.get("Content-Length")
+    body = _Body(response, int(length) if length and length.isdigit() else None)
     if first and response.status != 206:
         _drop(body, first)
     return body
@@ -160,16 +144,17 @@ def _drop(stream: Any, count: int) -> None:
 
 def open_bytes(url: str, offset: int = 0) -> BinaryIO:
     """The bytes of shard `url` from byte `offset` on (only 0 for a shard that is not `seekable`)."""
-    READ["opens"] += 1
+    _count("opens", 1)
     if url.startswith(("http://", "https://")):
-        raw = _http(url, offset)
+        body = _http(url, offset)
     elif url.startswith("pipe:") or "://" in url:
-        raw = gopen(url, "rb")
-        _drop(raw, offset)
+        body = _Body(gopen(url, "rb"))
+        _drop(body, offset)
     else:
         raw = open(url.removeprefix("file:"), "rb", buffering=0)  # noqa: SIM115 - closed with the stream
         raw.seek(offset)
-    return io.BufferedReader(_Counted(raw), buffer_size=1 << 16)
+        body = _Body(raw)
+    return io.BufferedReader(body, buffer_size=1 << 16)
 
 
 def read_samples(url: str, start: Position = START) -> Iterator[Located]:
@@ -282,8 +267,7 @@ def _runs(wanted: list[tuple[Position, Position]]) -> list[tuple[Position, Posit
 
 def _range(url: str, first: int, end: int) -> BinaryIO:
     """Bytes `first` to `end` (exclusive) of a seekable shard, followed by an end-of-archive block."""
-    with _COUNTING:
-        READ["opens"] += 1
+    _count("opens", 1)
     if url.startswith(("http://", "https://")):
         with _http(url, first, end - 1) as body:
             data = _read_exactly(body, end - first)
@@ -291,6 +275,5 @@ def _range(url: str, first: int, end: int) -> BinaryIO:
         with open(url.removeprefix("file:"), "rb") as file:
             file.seek(first)
             data = file.read(end - first)
-    with _COUNTING:
-        READ["bytes"] += len(data)
+        _count("bytes", len(data))
     return io.BytesIO(data + bytes(2 * tarfile.BLOCKSIZE))

@@ -344,7 +344,6 @@ class DomainStream:
     def __init__(self, urls: list[str], seed: str, augment: Augment, shuffle_buffer: int, min_samples: int = 1,
                  label: str = "", retry_s: float = 120.0, report: bool = True,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        self.urls = urls
         self.seed = seed
         self.augment = augment
         self.shuffle_buffer = shuffle_buffer

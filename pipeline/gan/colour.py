@@ -70,13 +70,17 @@ def combine(x: Tensor, body: Tensor, colour: Tensor) -> Tensor:
     return torch.tanh(torch.atanh(x.clamp(-0.999, 0.999)) + body + colour)
 
 
+def _children(net: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, child) of every submodule of `net`, in module order: what replacing one in place needs."""
+    return [(parent, name, child) for parent in net.modules() for name, child in parent.named_children()]
+
+
 def _drop_last_tanh(net: nn.Module) -> None:
-    found = [(name, module) for name, module in net.named_modules() if isinstance(module, nn.Tanh)]
+    found = [(parent, name) for parent, name, child in _children(net) if isinstance(child, nn.Tanh)]
     if not found:
         raise ValueError(f"{type(net).__name__} has no output tanh to take the colour skip's place")
-    name = found[-1][0]
-    parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
-    setattr(parent, name.rpartition(".")[2], nn.Identity())
+    parent, name = found[-1]
+    setattr(parent, name, nn.Identity())
 
 
 def _last_conv(net: nn.Module) -> nn.Module:
@@ -101,10 +105,9 @@ def colour_discriminator(net: nn.Module, variant: str) -> nn.Module:
     """`net` (built without norm layers for `spectral`) as the `variant` discriminator asks."""
     _check(variant, D_VARIANTS, "model.d_variant")
     if variant == "spectral":
-        for name, module in list(net.named_modules()):
-            if isinstance(module, nn.Conv2d):
-                parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
-                setattr(parent, name.rpartition(".")[2], spectral_norm(module))
+        for parent, name, child in _children(net):
+            if isinstance(child, nn.Conv2d):
+                setattr(parent, name, spectral_norm(child))
     return net
 
 

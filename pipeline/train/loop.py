@@ -220,7 +220,8 @@ def _run(cfg: DictConfig, info: dist.DistInfo, device: torch.device, stop_flag: 
     parts = build_components(cfg, info, device)
     state = TrainingState(parts.nets, parts.step.optimisers, parts.step.pools, device, parts.ema,
                           getattr(parts.step, "sampling", None), streams=lambda: saved_streams(loader, identity),
-                          health=_health(cfg))
+                          health=TrainingHealth(cfg.report.health_after_steps, cfg.loss.gan_mode,
+                                                (cfg.loss.lambda_a + cfg.loss.lambda_b) / 2))
     if saved is not None:
         state.load_state_dict(saved, info.rank, info.world_size)
         log.info("resumed from %s (step %d)", resume, start_step)
@@ -232,11 +233,6 @@ def _run(cfg: DictConfig, info: dist.DistInfo, device: torch.device, stop_flag: 
     checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps,
                                 cfg.checkpoint.min_free_mb, is_main=info.is_main, timeout_s=cfg.dist.timeout_s)
     return Trainer(cfg, info, device, parts, state, guard, recorder, checkpointer).train(loader, stop_flag)
-
-
-def _health(cfg: DictConfig) -> TrainingHealth:
-    return TrainingHealth(cfg.report.health_after_steps, cfg.loss.gan_mode,
-                          (cfg.loss.lambda_a + cfg.loss.lambda_b) / 2)
 
 
 def _initialise(cfg: DictConfig, nets: dict[str, torch.nn.Module]) -> None:
@@ -269,7 +265,7 @@ class Trainer:
         self.base_lr = scaled_lr(cfg.optim.lr, self.images_per_step, cfg.optim.lr_scaling,
                                  cfg.optim.lr_reference_batch)
         self.meter = MetricMeter(device)
-        self.health = state.health if state.health is not None else _health(cfg)
+        self.health = state.health
         self.metrics: dict[str, float] = {}
         self.evaluation: dict[str, float] = {}
         self._held: dict[str, torch.Tensor] = {}

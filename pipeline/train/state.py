@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import to_yaml
+from pipeline.config import ModelConfig, to_yaml
 from pipeline.engine.checkpoint import SHARDED_FORMAT, CheckpointError
 from pipeline.engine.version import code_version
 from pipeline.gan.stepping import Optimisers, Pools
@@ -149,12 +149,12 @@ def _weights(net: torch.nn.Module, buffers: bool) -> dict[str, Any]:
     return {key: value for key, value in state.items() if key not in names}
 
 
-_MODEL_DEFAULTS = {"g_variant": "reference", "d_variant": "reference"}
+# Model settings added after checkpoints were first written: an older checkpoint was built with their defaults.
+_MODEL_DEFAULTS = {key: getattr(ModelConfig, key) for key in ("g_variant", "d_variant")}
 
 
 def check_compatible(state: dict[str, Any], cfg: DictConfig, source: str) -> None:
     """Raise CheckpointError naming every model setting in which the checkpoint differs from `cfg`."""
-    # A setting added after the checkpoint was written has its default there (what the code then built).
     saved = {**_MODEL_DEFAULTS, **state.get("model", {})}
     wanted = OmegaConf.to_container(cfg.model)
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in wanted.items() if saved.get(k) != v]
