@@ -12,6 +12,7 @@ import copy
 import difflib
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -65,6 +66,11 @@ class ModelConfig:
     d_variant: str = "reference"
     """Discriminator variant: reference (the paper's PatchGAN with model.norm) or spectral (spectral norm on every
     convolution instead of norm layers: its scores see exposure)."""
+    channels_a: int = 3
+    """Channels of domain A's images: 1 (grayscale), 3 (RGB) or a band count (multi-band TIFF or .npy). The
+    reference's input_nc, per domain: G_ab maps channels_a -> channels_b, G_ba back, D_a judges channels_a."""
+    channels_b: int = 3
+    """Channels of domain B's images (the reference's output_nc)."""
     init_type: str = "normal"
     """Weight initialisation: normal, xavier, kaiming or orthogonal."""
     init_gain: float = 0.02
@@ -133,6 +139,27 @@ class OptimConfig:
 
 
 @dataclass
+class DomainImagesConfig:
+    """How one domain's stored values are read (model.channels_a/b says how many channels it has)."""
+
+    depth: str = "uint8"
+    """Type of the stored values: uint8, uint16 (16-bit PNG/TIFF), int16 (e.g. CT in HU, TIFF or .npy) or float32
+    (TIFF or .npy). Translations into this domain are written with it (16-bit PNG/TIFF, or .npy)."""
+    intensity: str = "full"
+    """How stored values map to the networks' [-1, 1], values outside clipped: full (the depth's range: 0..255,
+    0..65535), a window LOW..HIGH in stored units (-1000..1000 for CT in HU, 0..1 for float images) or per-image
+    percentiles pLOW..pHIGH (p0.5..p99.5 for MRI). Stored in checkpoints and exports: translate writes the
+    original units."""
+    mismatch: str = "convert"
+    """Images that disagree with the domain's channels or depth (a stray RGB file in a grayscale set, 8-bit
+    files in a 16-bit set): convert (with a warning that counts them) or error. Images with more bits than the
+    depth, or other band counts, are always an error naming the file and the setting."""
+    bands: str = ""
+    """Multi-band domains: the bands sample grids and MLflow show as RGB, e.g. '3,2,1' (0-based); empty: the
+    first three. 1-channel domains are shown as grayscale."""
+
+
+@dataclass
 class DataConfig:
     train_a: str = ""
     """Shard pattern of domain A's training set (path, brace pattern, file:, pipe: or http(s) URL)."""
@@ -161,6 +188,10 @@ class DataConfig:
     max_image_pixels: int = 89_478_485
     """Images with more pixels are skipped with a warning, not decoded (decompression bombs: a few kilobytes
     that decode to gigabytes); PIL's own limit by default. 0: no limit."""
+    domain_a: DomainImagesConfig = field(default_factory=DomainImagesConfig)
+    """Domain A's stored values: depth, intensity mapping, mismatch handling, displayed bands."""
+    domain_b: DomainImagesConfig = field(default_factory=DomainImagesConfig)
+    """Domain B's stored values."""
     remote_retry_s: float = 120.0
     """How long a network shard (http(s)://, pipe:), or a local one with transient read errors (EIO, ESTALE), may
     keep failing, read again with a warning each time, before the run stops with an error naming it."""
@@ -376,6 +407,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tracking.checkpoint_content": ("generators", "full"),
     "checkpoint.best_mode": ("min", "max"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
+    "data.domain_a.mismatch": ("convert", "error"),
+    "data.domain_b.mismatch": ("convert", "error"),
+    "data.domain_a.depth": ("uint8", "uint16", "int16", "float32"),
+    "data.domain_b.depth": ("uint8", "uint16", "int16", "float32"),
 }
 
 
@@ -536,8 +571,8 @@ def validate(cfg: DictConfig) -> None:
     positive = ["cut.num_patches", "cut.mlp_width", "cut.nce_t", "train.steps", "data.batch_per_rank",
                 "data.crop_size", "data.load_size", "data.shuffle_buffer", "data.prefetch_factor",
                 "report.log_every_steps", "report.sample_images", "dist.timeout_s", "model.norm_groups",
-                "model.ngf", "model.ndf", "model.n_layers_d", "model.init_gain", "control.lock_stale_s",
-                "optim.lr_reference_batch"]
+                "model.ngf", "model.ndf", "model.n_layers_d", "model.channels_a", "model.channels_b",
+                "model.init_gain", "control.lock_stale_s", "optim.lr_reference_batch"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"'{key}' must be positive, got {OmegaConf.select(cfg, key)}")
@@ -570,6 +605,7 @@ def validate(cfg: DictConfig) -> None:
         if not layers or min(layers) < 0:
             raise ConfigError(f"'cut.nce_layers' is '{cfg.cut.nce_layers}'; give comma-separated generator layer "
                               "indices, e.g. 0,4,8,12,16")
+    _validate_domains(cfg)
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"'train.ema_decay' must lie in [0, 1) (0: no EMA), got {cfg.train.ema_decay}")
     best = cfg.checkpoint.best_metric
@@ -595,6 +631,67 @@ def validate(cfg: DictConfig) -> None:
     for key in ("checkpoint.keep_last", "eval.batch_size", "train.ema_every"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
+
+
+# Stored value types of data.domain_*.depth and the range `intensity: full` maps to [-1, 1] (float32: none).
+DEPTH_RANGES: dict[str, tuple[float, float] | None] = {"uint8": (0, 255), "uint16": (0, 65535),
+                                                       "int16": (-32768, 32767), "float32": None}
+_WINDOW = re.compile(r"^(p?)(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\.\.(p?)(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)$")
+
+
+def parse_intensity(text: str, key: str = "intensity") -> tuple[str, float, float]:
+    """data.domain_*.intensity as (kind, low, high): ("full", 0, 0), ("window", LOW, HIGH) from `LOW..HIGH`, or
+    ("percentile", LOW, HIGH) from `pLOW..pHIGH`. Raises ConfigError naming `key` for anything else."""
+    text = str(text).replace(" ", "")
+    if text == "full":
+        return "full", 0.0, 0.0
+    match = _WINDOW.match(text)
+    if match is None or match.group(1) != match.group(3):
+        raise ConfigError(f"{key}={text!r}: give full (the depth's range), a window LOW..HIGH in stored units "
+                          "(e.g. -1000..1000 for CT) or per-image percentiles pLOW..pHIGH (e.g. p0.5..p99.5)")
+    low, high = float(match.group(2)), float(match.group(4))
+    percentile = match.group(1) == "p"
+    if not low < high or (percentile and not 0 <= low < high <= 100):
+        raise ConfigError(f"{key}={text!r}: the low end must be below the high end"
+                          + (", both within 0..100" if percentile else ""))
+    return ("percentile" if percentile else "window"), low, high
+
+
+def parse_bands(text: str, channels: int, key: str = "bands") -> tuple[int, ...]:
+    """data.domain_*.bands as band indices (empty: none given); ConfigError for anything but 0-based indices
+    below `channels`."""
+    try:
+        bands = tuple(int(b) for b in str(text).split(",") if b.strip())
+    except ValueError:
+        raise ConfigError(f"{key}={text!r}: give comma-separated 0-based band indices, e.g. 3,2,1") from None
+    wrong = [b for b in bands if not 0 <= b < channels]
+    if wrong or len(bands) not in (0, 1, 3):
+        raise ConfigError(f"{key}={text!r}: give 1 or 3 band indices within 0..{channels - 1}")
+    return bands
+
+
+def _validate_domains(cfg: DictConfig) -> None:
+    """Channels, depths and intensity mappings, and what a channel count that differs between A and B rules out."""
+    for domain in ("a", "b"):
+        group, key = cfg.data[f"domain_{domain}"], f"data.domain_{domain}"
+        kind, _, _ = parse_intensity(group.intensity, f"{key}.intensity")
+        parse_bands(group.bands, cfg.model[f"channels_{domain}"], f"{key}.bands")
+        if kind == "full" and DEPTH_RANGES[group.depth] is None:
+            raise ConfigError(f"{key}.depth=float32 has no fixed range: set {key}.intensity to a window LOW..HIGH "
+                              "(e.g. 0..1) or percentiles pLOW..pHIGH")
+    a, b = cfg.model.channels_a, cfg.model.channels_b
+    if a == b:
+        return
+    if cfg.model.method == "cyclegan" and cfg.loss.lambda_idt > 0:
+        raise ConfigError(f"loss.lambda_idt={cfg.loss.lambda_idt} asks G_ab(b) to equal b, which needs as many "
+                          f"channels in A as in B (model.channels_a={a}, channels_b={b}): set loss.lambda_idt=0")
+    if cfg.model.g_variant == "colour":
+        raise ConfigError(f"model.g_variant=colour keeps the input under its output, which needs as many channels "
+                          f"in A as in B (model.channels_a={a}, channels_b={b}): use model.g_variant=reference")
+    if cfg.model.method != "cyclegan" and 1 not in (a, b):
+        raise ConfigError(f"model.method={cfg.model.method} compares G's features of its input and its output "
+                          f"through the same encoder: channel counts {a} -> {b} cannot share it (one of them "
+                          "must be 1, or both equal)")
 
 
 def load_config(yaml_paths: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> DictConfig:

@@ -11,18 +11,41 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
 from webdataset.tariterators import tarfile_samples
 
-from pipeline.data.images import resize_square, to_tensor
+from pipeline.data.images import resize_square, resize_values, to_tensor
+from pipeline.data.pixels import NATIVE_KEYS, PixelError, PixelFormat, conform, native_member, read_native
 from pipeline.data.remote import shard_problem
 from pipeline.data.shards import EXTENSIONS, list_images, sample_key
+from pipeline.data.skips import name_of
 from pipeline.data.stream import DataError, decode_image, expand_pattern
 
 log = logging.getLogger("pipeline.data")
+
+
+@dataclass
+class NativeImage:
+    """A decoded image of a domain that is not 8-bit RGB: (C, H, W) float32 in [-1, 1], and the window of stored
+    values that maps to [-1, 1] (an image's own for percentile domains)."""
+
+    values: Tensor
+    window: tuple[float, float]
+
+    @property
+    def width(self) -> int:
+        return int(self.values.shape[-1])
+
+    @property
+    def height(self) -> int:
+        return int(self.values.shape[-2])
+
+
+Decoded = Image.Image | NativeImage
 
 
 @dataclass
@@ -31,7 +54,8 @@ class InputImage:
     """Relative file name to write the translation under (the original's, for shards from name.txt)."""
     key: str
     """Sample key (shards) or the key `pipeline.shards` would give the file: pairs images across domains."""
-    image: Image.Image
+    image: Decoded
+    """8-bit RGB: the PIL image; other formats: a NativeImage."""
 
 
 @dataclass
@@ -40,7 +64,7 @@ class LazyInput:
 
     name: str
     key: str
-    load: Callable[[], Image.Image]
+    load: Callable[[], Decoded]
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -48,64 +72,106 @@ def _open_rgb(path: Path) -> Image.Image:
         return img.convert("RGB")
 
 
-def lazy_inputs(source: str, skipped: list[str] | None = None) -> Iterator[LazyInput]:
+def _decoder(fmt: PixelFormat | None) -> Callable[[dict[str, Any]], Decoded]:
+    """A sample dict -> its image, as domain `fmt` reads it (8-bit RGB: PIL, as always)."""
+    if fmt is None or fmt.is_8bit_rgb:
+        return decode_image
+
+    def native(sample: dict[str, Any]) -> NativeImage:
+        key = native_member(sample)
+        if key is None:
+            raise DataError(f"sample '{sample.get('__key__')}' has no image member")
+        array, what = read_native(sample[key], key)
+        array, converted = conform(array, fmt, name_of(sample), what)
+        if converted:
+            log.warning("%s: converted (%s)", name_of(sample), converted)
+        values, window = fmt.to_unit(array)
+        return NativeImage(torch.from_numpy(values).permute(2, 0, 1).contiguous(), window)
+
+    return native
+
+
+def _file_sample(path: Path) -> dict[str, Any]:
+    return {"__key__": path.stem, "__url__": str(path.parent), EXTENSIONS[path.suffix.lower()]: path.read_bytes()}
+
+
+def lazy_inputs(source: str, skipped: list[str] | None = None, fmt: PixelFormat | None = None) -> Iterator[LazyInput]:
     """The images of a folder (sorted, recursive), a single image file, or a shard pattern (in shard order), with
     their names and keys, decoded only by `load()`: a process that evaluates a share of a set decodes only it.
+    `fmt`: the domain's pixel format (8-bit RGB, through PIL, when None).
 
     A folder without images is read as shards (its `*.tar`), as training reads a folder. Unreadable shards are
     logged, appended to `skipped` and left out.
     """
     path = Path(source)
     files = list_images(path) if path.is_dir() else []
+    rgb = fmt is None or fmt.is_8bit_rgb
+    decode = _decoder(fmt)
     if files:
         for file in files:
             relative = file.relative_to(path).as_posix()
-            yield LazyInput(relative, sample_key(relative), lambda file=file: _open_rgb(file))
+            load = (lambda file=file: _open_rgb(file)) if rgb else (lambda file=file: decode(_file_sample(file)))
+            yield LazyInput(relative, sample_key(relative), load)
         return
     if path.suffix.lower() in EXTENSIONS:
         if not path.is_file():
             raise DataError(f"input image '{source}' does not exist")
-        yield LazyInput(path.name, sample_key(path.name), lambda: _open_rgb(path))
+        yield LazyInput(path.name, sample_key(path.name),
+                        (lambda: _open_rgb(path)) if rgb else (lambda: decode(_file_sample(path))))
         return
     count = 0
     for sample in _readable_samples(expand_pattern(source), skipped):
         key = sample["__key__"]
-        ext = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), "png")
+        ext = next((k for k in NATIVE_KEYS if k in sample), "png")
         name = sample["name.txt"].decode("utf-8") if "name.txt" in sample else f"{key}.{ext}"
         if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
             name = f"{key}.{ext}"  # Never write outside the output folder.
         count += 1
-        yield LazyInput(name, key, lambda sample=sample: decode_image(sample))
+        yield LazyInput(name, key, lambda sample=sample: decode(sample))
     if not count:
         raise DataError(f"shard pattern '{source}' holds no samples")
 
 
-def iter_inputs(source: str, skipped: list[str] | None = None) -> Iterator[InputImage]:
+def iter_inputs(source: str, skipped: list[str] | None = None, fmt: PixelFormat | None = None) -> Iterator[InputImage]:
     """The decoded images of `source` (see `lazy_inputs`). Unreadable images are logged, appended to `skipped`
-    and left out."""
-    for item in lazy_inputs(source, skipped):
+    and left out; an image its domain cannot take (PixelError) stops with a DataError naming it."""
+    for item in lazy_inputs(source, skipped, fmt):
         try:
             image = item.load()
+        except PixelError as err:
+            raise DataError(str(err)) from None
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
             _skip(skipped, item.name, err)
             continue
         yield InputImage(item.name, item.key, image)
 
 
+def as_tensor(image: Decoded, size: int = 0) -> Tensor:
+    """A decoded image as the networks take it, (C, H, W) in [-1, 1], resized to `size` x `size` (0: as it is):
+    8-bit RGB as the reference's test transform (PIL bicubic), other formats by antialiased bicubic resizing of
+    their float values."""
+    if isinstance(image, NativeImage):
+        return resize_values(image.values, size) if size else image.values
+    return to_tensor(resize_square(image, size) if size else image)
+
+
 def iter_selected(source: str, size: int = 0, limit: int = 0,
-                  want: Callable[[int, str], bool] = lambda position, key: True) -> Iterator[tuple[int, str, Tensor]]:
+                  want: Callable[[int, str], bool] = lambda position, key: True,
+                  fmt: PixelFormat | None = None) -> Iterator[tuple[int, str, Tensor]]:
     """(position, key, [-1, 1] tensor) of the first `limit` images of `source` (0: all) that `want(position, key)`
     selects, resized to `size` x `size` (0: as they are). Only those are decoded; positions count every image of
     the source, so shares taken by position are the same whatever is readable."""
-    for position, item in enumerate(itertools.islice(lazy_inputs(source), limit or None)):
+    for position, item in enumerate(itertools.islice(lazy_inputs(source, fmt=fmt), limit or None)):
         if not want(position, item.key):
             continue
         try:
             image = item.load()
+        except PixelError as err:
+            raise DataError(str(err)) from None
         except Exception as err:  # noqa: BLE001
             _skip(None, item.name, err)
             continue
-        yield position, item.key, to_tensor(resize_square(image, size) if size else image)
+        yield position, item.key, as_tensor(image, size)
 
 
 def _readable_samples(urls: list[str], skipped: list[str] | None) -> Iterator[dict]:
@@ -127,17 +193,18 @@ def _skip(skipped: list[str] | None, name: str, err: Exception) -> None:
 
 
 
-def iter_tensors(source: str, size: int = 0, limit: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(source: str, size: int = 0, limit: int = 0,
+                 fmt: PixelFormat | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, [-1, 1] tensor) of the first `limit` images of `source` (0: all), resized to `size` x `size` (the
     test transform; 0 keeps each image's own size)."""
-    for item in itertools.islice(iter_inputs(source), limit or None):
-        yield item.key, to_tensor(resize_square(item.image, size) if size else item.image)
+    for item in itertools.islice(iter_inputs(source, fmt=fmt), limit or None):
+        yield item.key, as_tensor(item.image, size)
 
 
-def held_out(source: str, count: int, size: int) -> tuple[list[str], torch.Tensor]:
+def held_out(source: str, count: int, size: int, fmt: PixelFormat | None = None) -> tuple[list[str], torch.Tensor]:
     """The first `count` images of `source` (shard order, or sorted files), resized to `size`: their keys and a
-    (count, 3, size, size) tensor; fewer when the set is smaller."""
-    items = list(iter_tensors(source, size, count))
+    (count, C, size, size) tensor; fewer when the set is smaller."""
+    items = list(iter_tensors(source, size, count, fmt))
     if not items:
         raise DataError(f"held-out set '{source}' holds no readable images")
     return [key for key, _ in items], torch.stack([image for _, image in items])

@@ -14,7 +14,10 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float32 in [-1, 1], on whatever device the batch is on (the accelerator, in training)."""
+    """uint8 images -> float32 in [-1, 1], on whatever device the batch is on (the accelerator, in training).
+    Float batches (other channel counts and depths: `pipeline.data.pixels`) are already mapped and pass."""
+    if batch.dtype != torch.uint8:
+        return batch.float()
     return batch.float().div_(127.5).sub_(1.0)
 
 
@@ -42,3 +45,38 @@ def quantize(x: Tensor) -> Tensor:
 def resize_square(image: Image.Image, size: int) -> Image.Image:
     """The reference's test transform: resize to size x size (bicubic)."""
     return image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
+
+
+def resize_values(x: Tensor, height: int, width: int | None = None) -> Tensor:
+    """A (C, H, W) float image in [-1, 1] resized to height x width (width: height) by antialiased bicubic
+    interpolation of its values (no 8-bit step: 16-bit and float data keep their precision), clamped to [-1, 1]."""
+    width = height if width is None else width
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    out = torch.nn.functional.interpolate(x[None], size=(height, width), mode="bicubic", align_corners=False,
+                                          antialias=True)
+    return out[0].clamp_(-1.0, 1.0)
+
+
+def project_channels(x: Tensor, channels: int) -> Tensor:
+    """(N, C, H, W) images as `channels` channels: unchanged when C equals it; a 1-channel image repeated; else the
+    luminance (BT.601 weights for RGB, the mean of other band counts), repeated if more than one is asked.
+    How CUT's encoder sees B images when the domains' channel counts differ."""
+    have = x.shape[1]
+    if have == channels:
+        return x
+    if have == 1:
+        return x.expand(-1, channels, -1, -1)
+    if have == 3:
+        luma = (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    else:
+        luma = x.mean(1, keepdim=True)
+    return luma if channels == 1 else luma.expand(-1, channels, -1, -1)
+
+
+def display_rgb(x: Tensor, bands: tuple[int, ...] = ()) -> Tensor:
+    """(N, C, H, W) in [-1, 1] -> (N, 3, H, W) to look at: RGB as it is, one channel as grayscale, other band
+    counts through `bands` (three shown as RGB, or one as grayscale; default: the first three, or the first)."""
+    chosen = bands or ((0, 1, 2) if x.shape[1] >= 3 else (0,))
+    x = x[:, list(chosen)]
+    return x if x.shape[1] == 3 else x[:, :1].expand(-1, 3, -1, -1)

@@ -24,12 +24,16 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.pixels import png_bit_depth, read_native
+from pipeline.data.skips import WIDE_MODES
 from pipeline.engine.progress import Progress
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("trainA", "trainB", "testA", "testB")
-EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".tif": "tif", ".tiff": "tif",
+              ".npy": "npy"}
+NATIVE_ONLY = {"tif", "npy"}  # Members only the native decoder reads (pipeline.data.pixels): stored as they are.
 FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> member extension.
 FORMAT_NAMES = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}  # --format -> PIL format.
 MANIFEST = "manifest.json"
@@ -131,8 +135,15 @@ def _sample_options(options: dict[str, Any]) -> dict[str, Any]:
 def _encode(path: str, encoding: Encoding) -> tuple[str, bytes]:
     """Read, verify and (if asked) resize and re-encode one image; returns its member extension and bytes."""
     data = Path(path).read_bytes()
+    ext = EXTENSIONS[Path(path).suffix.lower()]
+    if ext in NATIVE_ONLY or _is_wide(data):
+        read_native(data, ext)  # Verifies it as training reads it.
+        if encoding.reencodes:
+            raise ValueError("--resize/--format re-encode as 8-bit RGB, which would clip or drop this image's "
+                             "values (16-bit, float or multi-band): shard the set without them")
+        return ext, data
     if not encoding.reencodes:
-        return verify_image(data)[0] or EXTENSIONS[Path(path).suffix.lower()], data
+        return verify_image(data)[0] or ext, data
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         source = img.format or ""
@@ -149,6 +160,17 @@ def _encode(path: str, encoding: Encoding) -> tuple[str, bytes]:
     else:
         rgb.save(out, target, quality=encoding.quality)
     return FORMATS[target], out.getvalue()
+
+
+def _is_wide(data: bytes) -> bool:
+    """A PNG of 16 bits per sample (Pillow reads colour ones as 8 bits), or an image PIL opens as 16/32-bit."""
+    if png_bit_depth(data) == 16:
+        return True
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.mode in WIDE_MODES
+    except Exception:  # noqa: BLE001 - not an image: verify_image says so
+        return False
 
 
 def _encode_chunk(tasks: list[tuple[str, Encoding]]) -> list[tuple[bool, str, bytes | None]]:

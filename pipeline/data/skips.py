@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image
 
+from pipeline.data.pixels import NATIVE_KEYS, PixelError, PixelFormat, png_bit_depth
+
 log = logging.getLogger("pipeline.data")
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -31,16 +33,26 @@ def image_member(sample: dict[str, Any]) -> str | None:
     return next((key for key in IMAGE_KEYS if key in sample), None)
 
 
-def unusable(sample: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+def unusable(sample: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS,
+             fmt: PixelFormat | None = None) -> str | None:
     """Why a sample cannot be trained on, from its image's header (no pixels decoded), or None if it can.
 
     `max_pixels` (data.max_image_pixels; 0: no limit) refuses decompression bombs: a few kilobytes that decode
-    to gigabytes.
+    to gigabytes. `fmt`: the domain's pixel format (8-bit RGB when None); other formats also take tif/tiff/npy
+    members, whose headers are read when they are decoded.
+
+    Raises:
+        PixelError: a 16- or 32-bit image in an 8-bit domain (reading it would clip it): the message names the
+            image, its mode and the setting to change.
     """
-    key = image_member(sample)
+    fmt = fmt or PixelFormat()
+    keys = IMAGE_KEYS if fmt.is_8bit_rgb else NATIVE_KEYS
+    key = next((k for k in keys if k in sample), None)
     if key is None:
         members = ", ".join(k for k in sample if not k.startswith("__")) or "none"
-        return f"no image member ({'/'.join(IMAGE_KEYS)}; it has: {members})"
+        return f"no image member ({'/'.join(keys)}; it has: {members})"
+    if key in ("tif", "tiff", "npy"):
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -56,9 +68,12 @@ def unusable(sample: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> st
     if max_pixels and width * height > max_pixels:
         return (f"too large to decode safely ({width}x{height} = {width * height:,} pixels, over "
                 f"data.max_image_pixels={max_pixels:,}: raise it if the image is genuine)")
-    if img.mode in WIDE_MODES:
-        return (f"{WIDE_MODES[img.mode]}-bit image (mode {img.mode}); training reads 8-bit images and would clip "
-                "it: convert the set to 8 bits")
+    bits = WIDE_MODES.get(img.mode) or (16 if key == "png" and png_bit_depth(sample[key]) == 16 else 0)
+    if bits and fmt.depth == "uint8":
+        raise PixelError(
+            f"{name_of(sample)}: a {bits}-bit image ({key.upper()} mode {img.mode}) in an 8-bit domain, which "
+            f"would clip it: set {fmt.key}.depth={'uint16' if bits == 16 else 'float32'} and {fmt.key}.intensity "
+            f"(and {fmt.channels_key}=1 for grayscale), or convert the set to 8 bits")
     return None
 
 
@@ -76,6 +91,7 @@ class Skips:
         self.shards: dict[str, str] = {}
         self.samples: dict[str, list[str]] = defaultdict(list)
         self.counts: Counter[str] = Counter()
+        self.conversions: Counter[str] = Counter()
         self.first_pass = 0
         """Usable samples of the first pass, once it has ended."""
 
@@ -97,6 +113,13 @@ class Skips:
             log.warning("%s: skipping sample %s: %s (further ones are counted at the end of the pass)",
                         self.label, name, reason)
 
+    def converted(self, name: str, kind: str) -> None:
+        """A sample used after converting it to the domain's channels or depth (data.domain_*.mismatch)."""
+        self.conversions[kind] += 1
+        if self.report and self.conversions[kind] == 1:
+            log.warning("%s: converting %s: %s (further ones are counted at the end of the pass; "
+                        "data.domain_*.mismatch=error refuses them)", self.label, name, kind)
+
     def describe(self) -> str:
         parts = []
         if self.shards:
@@ -111,3 +134,6 @@ class Skips:
         self.first_pass = produced
         if self.report and (self.shards or self.counts):
             log.warning("%s: its first pass read %d usable sample(s); %s", self.label, produced, self.describe())
+        if self.report and self.conversions:
+            log.warning("%s: by the end of its first pass %s were converted", self.label,
+                        "; ".join(f"{count} sample(s) of {kind}" for kind, count in self.conversions.items()))

@@ -32,7 +32,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.data.images import to_uint8_tensor
+from pipeline.data.images import resize_values, to_uint8_tensor
+from pipeline.data.pixels import PixelError, PixelFormat, conform, native_member, read_native
 from pipeline.data.remote import ShardUnreachable, retrying_samples, shard_problem
 from pipeline.data.shard_reader import START, Located, Position, fetch
 from pipeline.data.skips import DEFAULT_MAX_PIXELS, IMAGE_KEYS, Skips, image_member, name_of, unusable
@@ -205,14 +206,65 @@ class Augment:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return to_uint8_tensor(img)
 
+    def tensor(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """The same transform, drawing the same random numbers, of a (C, H, W) float image in [-1, 1] (any
+        channels and depth): antialiased bicubic resizing of the float values, clamped to [-1, 1] after it."""
+        height, width = x.shape[-2:]
+        if self.preprocess == "resize_and_crop" and (width, height) != (self.load_size, self.load_size):
+            x = resize_values(x, self.load_size, self.load_size)
+        elif self.preprocess == "scale_width_and_crop" and width != self.load_size:
+            x = resize_values(x, max(self.crop_size, round(height * self.load_size / width)), self.load_size)
+        if self.preprocess != "none":
+            height, width = x.shape[-2:]
+            if width < self.crop_size or height < self.crop_size:
+                x = resize_values(x, max(height, self.crop_size), max(width, self.crop_size))
+                height, width = x.shape[-2:]
+            left = rng.randint(0, width - self.crop_size)
+            top = rng.randint(0, height - self.crop_size)
+            x = x[:, top : top + self.crop_size, left : left + self.crop_size]
+        else:
+            x = x[:, : height - height % 4, : width - width % 4]
+        if self.flip and rng.random() < 0.5:
+            x = x.flip(-1)
+        return x.contiguous()
+
+
+def decode_native(sample: dict[str, Any], fmt: PixelFormat) -> tuple[torch.Tensor, str | None]:
+    """A sample's image as its domain's (C, H, W) float32 in [-1, 1], and the conversion made to fit the domain
+    (None: none). Raises PixelError for an image the domain cannot take (see `pixels.conform`)."""
+    key = native_member(sample)
+    if key is None:
+        raise DataError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has no image member")
+    array, what = read_native(sample[key], key)
+    array, converted = conform(array, fmt, name_of(sample), what)
+    unit, _ = fmt.to_unit(array)
+    return torch.from_numpy(unit).permute(2, 0, 1).contiguous(), converted
+
 
 def decode_image(sample: dict[str, Any]) -> Image.Image:
     """The RGB image of a WebDataset sample (first of jpg/jpeg/png/webp members)."""
+    return open_image(sample).convert("RGB")
+
+
+def open_image(sample: dict[str, Any]) -> Image.Image:
+    """The image of a WebDataset sample (first of jpg/jpeg/png/webp members), in its own mode."""
     key = image_member(sample)
     if key is None:
         raise DataError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has no image member "
                         f"{IMAGE_KEYS}")
-    return Image.open(io.BytesIO(sample[key])).convert("RGB")
+    return Image.open(io.BytesIO(sample[key]))
+
+
+def _rgb_conversion(mode: str, fmt: PixelFormat) -> str | None:
+    """The conversion an 8-bit RGB domain makes of an image in `mode` (None: none): grayscale is a channel
+    mismatch, counted (and refused with data.domain_*.mismatch=error); palette, alpha and CMYK are encodings."""
+    if mode not in ("L", "LA", "1"):
+        return None
+    if fmt.mismatch == "error":
+        raise PixelError(f"a grayscale image (mode {mode}) in an RGB domain, refused by {fmt.key}.mismatch=error; "
+                         f"convert the file, or set {fmt.key}.mismatch=convert ({fmt.channels_key}=1 for a "
+                         "grayscale domain)")
+    return "grayscale images in a colour set (replicated)"
 
 
 class ShuffledSamples:
@@ -232,8 +284,9 @@ class ShuffledSamples:
 
     def __init__(self, urls: list[str], rng: random.Random, shuffle_buffer: int, min_samples: int = 1,
                  label: str = "", retry_s: float = 120.0, skips: Skips | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, fmt: PixelFormat | None = None) -> None:
         self.urls, self.rng, self.shuffle_buffer, self.min_samples = urls, rng, shuffle_buffer, min_samples
+        self.fmt = fmt or PixelFormat()
         self.label, self.retry_s, self.max_pixels = label, retry_s, max_pixels
         self.skips = skips if skips is not None else Skips(label)
         self.passes = 0  # Passes completed.
@@ -305,7 +358,10 @@ class ShuffledSamples:
                 for item in self._samples_of(url, self.at):
                     self.at = item.end
                     sample = item.sample
-                    reason = unusable(sample, self.max_pixels)
+                    try:
+                        reason = unusable(sample, self.max_pixels, self.fmt)
+                    except PixelError as err:
+                        raise DataError(f"{self.label or 'a domain'}: {err}") from None
                     if reason is not None:
                         self.skips.sample(name_of(sample), reason)
                         continue
@@ -343,14 +399,15 @@ class DomainStream:
 
     def __init__(self, urls: list[str], seed: str, augment: Augment, shuffle_buffer: int, min_samples: int = 1,
                  label: str = "", retry_s: float = 120.0, report: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, fmt: PixelFormat | None = None) -> None:
         self.seed = seed
         self.augment = augment
+        self.fmt = fmt or PixelFormat()
         self.shuffle_buffer = shuffle_buffer
         self.label = label
         self.skips = Skips(label, report)
         self.samples = ShuffledSamples(urls, random.Random(f"{seed}:shards"), shuffle_buffer, min_samples, label,
-                                       retry_s, self.skips, max_pixels)
+                                       retry_s, self.skips, max_pixels, self.fmt)
         self.index = 0  # Samples taken from `samples` so far (sample k is augmented with a seed of k).
         self.failing = 0  # Samples in a row that did not decode.
 
@@ -376,7 +433,9 @@ class DomainStream:
             if index < skip:
                 continue
             try:
-                img = decode_image(sample)
+                img, converted = self._decode(sample)
+            except PixelError as err:
+                raise DataError(f"{self.label or 'a domain'}: {err}") from None
             except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
                 self.skips.sample(name_of(sample), f"undecodable ({type(err).__name__}: {err})")
                 self.failing += 1
@@ -385,7 +444,17 @@ class DomainStream:
                                     f"({self.skips.describe()})") from None
                 continue
             self.failing = 0
-            yield self.augment(img, random.Random(f"{self.seed}:{index}"))
+            if converted:
+                self.skips.converted(name_of(sample), converted)
+            rng = random.Random(f"{self.seed}:{index}")
+            yield self.augment(img, rng) if isinstance(img, Image.Image) else self.augment.tensor(img, rng)
+
+    def _decode(self, sample: dict[str, Any]) -> tuple[Image.Image | torch.Tensor, str | None]:
+        """8-bit RGB through PIL (unchanged: the golden losses), anything else as a float tensor."""
+        if not self.fmt.is_8bit_rgb:
+            return decode_native(sample, self.fmt)
+        img = open_image(sample)
+        return img.convert("RGB"), _rgb_conversion(img.mode, self.fmt)
 
 
 class UnpairedBatches(IterableDataset):
@@ -413,8 +482,10 @@ class UnpairedBatches(IterableDataset):
         retry_s: float = 120.0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         fresh_from: int = 0,
+        formats: tuple[PixelFormat, PixelFormat] | None = None,
     ) -> None:
         super().__init__()
+        self.formats = formats or (PixelFormat(), PixelFormat(key="data.domain_b", channels_key="model.channels_b"))
         self.max_pixels = max_pixels
         self.patterns = patterns
         self.retry_s = retry_s
@@ -435,8 +506,9 @@ class UnpairedBatches(IterableDataset):
         return [
             DomainStream(urls, f"{self.seed}:{self.rank}:{worker}:{domain}{salt}", self.augment, self.shuffle_buffer,
                          self.batch_size, _domain_label(domain, pattern) if pattern else "", self.retry_s,
-                         report=self.rank == 0 and worker == 0, max_pixels=self.max_pixels)
-            for urls, domain, pattern in ((self.urls_a, "A", self.patterns[0]), (self.urls_b, "B", self.patterns[1]))
+                         report=self.rank == 0 and worker == 0, max_pixels=self.max_pixels, fmt=fmt)
+            for urls, domain, pattern, fmt in ((self.urls_a, "A", self.patterns[0], self.formats[0]),
+                                               (self.urls_b, "B", self.patterns[1], self.formats[1]))
         ]
 
 
@@ -491,6 +563,7 @@ def _set_pixel_limit(max_pixels: int) -> None:
 def train_loader(
     data_cfg: Any, seed: int, rank: int, start_batch: int = 0, pin_memory: bool = False,
     urls: dict[str, list[str]] | None = None, state: dict[str, Any] | None = None, fresh_from: int = 0,
+    formats: dict[str, PixelFormat] | None = None,
 ) -> StatefulDataLoader:
     """DataLoader of unpaired (A, B) batches for one rank: from the start, from a saved `state` (its
     `state_dict()`, as a checkpoint holds it), or (a checkpoint without one) by re-reading `start_batch` batches.
@@ -500,7 +573,8 @@ def train_loader(
     those prefetched), and on load restores each worker and which worker's batch comes next.
 
     `urls` are the domains' shard URLs ("A", "B") as rank 0 expanded and checked them; without them the patterns
-    are expanded and checked here. `fresh_from`: see UnpairedBatches.
+    are expanded and checked here. `fresh_from`: see UnpairedBatches. `formats`: the domains' PixelFormat ("A",
+    "B"; `pixels.formats_from(cfg)`), 8-bit RGB when None.
 
     Raises:
         DataError: a pattern matches nothing, or its local shards hold fewer samples than one batch (checked
@@ -525,6 +599,7 @@ def train_loader(
         retry_s=data_cfg.remote_retry_s,
         max_pixels=data_cfg.max_image_pixels,
         fresh_from=fresh_from,
+        formats=(formats["A"], formats["B"]) if formats else None,
     )
     workers = data_cfg.workers
     with warnings.catch_warnings():

@@ -18,7 +18,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from pipeline.data.held_out import iter_selected, lazy_inputs
-from pipeline.data.images import normalize, quantize, to_image, to_tensor, to_uint8
+from pipeline.data.images import normalize, quantize, resize_values, to_image, to_tensor, to_uint8
+from pipeline.data.pixels import PixelFormat, formats_from, quantize_to
 from pipeline.data.stream import DataError, expand_pattern, local_path
 from pipeline.engine import dist
 from pipeline.eval.metrics import distribution, paired
@@ -117,6 +118,7 @@ def evaluate_direction(
     features: nn.Module | None = None, size: int = 0, paired_keys: bool = False, batch_size: int = 8,
     precision: str = "fp32", max_images: int = 0, kid_subsets: int = 100, kid_subset_size: int = 1000,
     share: Share = Share(), real_set: RealSet | None = None,
+    formats: tuple[PixelFormat, PixelFormat] | None = None,
 ) -> dict[str, float]:
     """Metrics of `net` translating the images of `source`, against the real images of `target`.
 
@@ -136,12 +138,27 @@ def evaluate_direction(
             every process of the group must call this with its own share, and all get the whole set's result.
         real_set: the target set's features from an earlier call with the same target, size and extractor, used
             instead of embedding it again; an empty one is filled by this call.
+        formats: the source's and the target's PixelFormat (8-bit RGB when None). Other formats are read at their
+            depth, translations rounded to the target's levels (not 8 bits), and per-band statistics of real and
+            translated images reported in stored units. FID/KID need 3 channels: a 1-channel target is
+            replicated to 3 (reported as `fid_replicated`, `kid_replicated`); other band counts skip them.
 
     Returns:
         `images` and `real_images` (counts); `fid`, `kid`, `kid_subset_size` (0: whole sets) and `kid_std`
         (only over subsets smaller than the sets: see `distribution.kid`) with `features`; `pairs`, `l1`, `psnr`,
-        `ssim` and the same of the untranslated input (`*_identity`) when paired; `cycle_l1` with `reverse`.
+        `ssim` and the same of the untranslated input (`*_identity`) when paired (and `l1_units`, the L1 in the
+        target's stored units, for formats other than 8-bit RGB with a fixed window); `cycle_l1` with `reverse`;
+        `band<i>_mean`, `band<i>_std`, `band<i>_mean_real`, `band<i>_std_real` for formats other than 8-bit RGB.
     """
+    source_fmt, target_fmt = formats or (PixelFormat(), PixelFormat())
+    native = not target_fmt.is_8bit_rgb
+    if features is not None and target_fmt.channels not in (1, 3):
+        log.info("FID/KID skipped: they are defined for 3-channel images and the target has %d bands (per-band "
+                 "statistics reported instead)", target_fmt.channels)
+        features = None
+    if features is not None and target_fmt.channels == 1:
+        features = _Replicated(features)
+    bands_real, bands_fake = _BandStats(), _BandStats()
     modes = [(m, m.training) for m in (net, reverse, features) if m is not None]
     for module, _ in modes:
         module.eval()
@@ -149,7 +166,8 @@ def evaluate_direction(
         # This share's sources; with pairs, their keys first (one pass over the source set), so that each rank
         # keeps only its own ground truth.
         # Keys cost no decoding: every image is decoded by the one rank that uses it, whatever the world size.
-        source_keys = ([item.key for item in itertools.islice(lazy_inputs(source), max_images or None)]
+        source_keys = ([item.key for item in itertools.islice(lazy_inputs(source, fmt=source_fmt),
+                                                              max_images or None)]
                        if paired_keys else [])
         mine = {key for i, key in enumerate(source_keys) if share.takes(i)}
 
@@ -158,22 +176,25 @@ def evaluate_direction(
         truth: dict[str, Tensor] = {}
         real_count = 0
         known = features is not None and real_set is not None and real_set.ready
-        embeds = (lambda i: share.takes(i)) if not known else (lambda i: False)  # noqa: E731
+        embeds = (lambda i: share.takes(i)) if not known or native else (lambda i: False)  # noqa: E731
         if paired_keys and max_images:
             # The ground truth of the first max_images sources, not the first max_images of the target set:
             # shards hold their files in a shuffled order, so those would not pair.
             keys = set(source_keys)
-            targets = iter_selected(target, size, 0, lambda i, key: key in keys and (embeds(i) or key in mine))
+            targets = iter_selected(target, size, 0, lambda i, key: key in keys and (embeds(i) or key in mine),
+                                    target_fmt)
         else:
-            targets = iter_selected(target, size, max_images, lambda i, key: embeds(i) or key in mine)
-        if known and not paired_keys:
+            targets = iter_selected(target, size, max_images, lambda i, key: embeds(i) or key in mine, target_fmt)
+        if known and not paired_keys and not native:
             targets = iter(())  # Nothing to read: the features are known and no ground truth is needed.
         for index, key, image in targets:
             if embeds(index):
                 real_count += 1
-                real.add(index, image)
+                if not known:
+                    real.add(index, image)
+                bands_real.add(image)
             if key in mine:
-                truth[key] = to_uint8(image)
+                truth[key] = image if native else to_uint8(image)
         real_features = real.result()
 
         # Translate, and run the reverse generator on the translations as they come (bounded memory).
@@ -183,16 +204,18 @@ def evaluate_direction(
         count = 0
 
         def sources() -> Iterator[tuple[tuple[int, str], Tensor]]:
-            for index, key, image in iter_selected(source, size, max_images, lambda i, key: share.takes(i)):
+            for index, key, image in iter_selected(source, size, max_images, lambda i, key: share.takes(i),
+                                                   source_fmt):
                 inputs[index] = image
                 yield (index, key), image
 
         def translations() -> Iterator[tuple[int, Tensor]]:
             nonlocal count
             for (index, key), out in translate_images(net, multiple, sources(), device, batch_size, precision):
-                out = quantize(out)
+                out = quantize_to(out, target_fmt) if native else quantize(out)
                 count += 1
                 fake.add(index, out)
+                bands_fake.add(out)
                 if key in truth:
                     _paired(per_image, index, out, inputs[index], normalize(truth.pop(key)))
                 yield index, out
@@ -208,12 +231,14 @@ def evaluate_direction(
             module.train(was_training)
 
     # Counts and per-image scores (a few numbers per image) go to every rank; features do not (below).
-    local = (count, real_count, per_image)
+    local = (count, real_count, per_image, bands_real, bands_fake)
     parts = dist.gather_objects(local) if share.world > 1 else [local]
     count, real_count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    bands_real, bands_fake = _BandStats.total(p[3] for p in parts), _BandStats.total(p[4] for p in parts)
     scores = {name: [v for _, v in sorted(item for p in parts for item in p[2][name])] for name in _PER_IMAGE}
 
     results: dict[str, float] = {"images": float(count), "real_images": float(real_count)}
+    replicated = "_replicated" if isinstance(features, _Replicated) else ""
     if features is not None:
         if not known:
             real_set = real_set if real_set is not None else RealSet()
@@ -221,8 +246,9 @@ def evaluate_direction(
         fake_moments, fake_rows = _pooled(fake.result(), share, device, len(real_set.moments.total))
         kid = _kid(fake_rows, real_set.rows, kid_subsets, kid_subset_size) if fake_rows is not None else None
         results["real_images"] = float(real_set.moments.count)
-        results["fid"] = distribution.fid_of_moments(fake_moments, real_set.moments)
-        results.update(dist.broadcast_from_main(kid) if share.world > 1 else kid)
+        results["fid" + replicated] = distribution.fid_of_moments(fake_moments, real_set.moments)
+        kid = dist.broadcast_from_main(kid) if share.world > 1 else kid
+        results.update({(k.replace("kid", "kid" + replicated, 1)): v for k, v in kid.items()})
     if paired_keys:
         pairs = len(scores["l1"])
         if not pairs:
@@ -230,9 +256,66 @@ def evaluate_direction(
         results["pairs"] = float(pairs)
         for name in ("l1", "psnr", "ssim", "l1_identity", "psnr_identity", "ssim_identity"):
             results[name] = paired.mean_finite_aware(scores[name])
+        if native and not target_fmt.per_image:
+            low, high = target_fmt.window()
+            results["l1_units"] = results["l1"] * (high - low) / 2
+            results["l1_units_identity"] = results["l1_identity"] * (high - low) / 2
     if reverse is not None:
         results["cycle_l1"] = sum(scores["cycle_l1"]) / max(len(scores["cycle_l1"]), 1)
+    if native:
+        results.update(bands_fake.summary(target_fmt, ""))
+        results.update(bands_real.summary(target_fmt, "_real"))
     return results
+
+
+class _Replicated(nn.Module):
+    """A 3-channel feature extractor fed 1-channel images replicated to 3 (FID of grayscale data, so labelled)."""
+
+    def __init__(self, extractor: nn.Module) -> None:
+        super().__init__()
+        self.extractor = extractor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.extractor(x.expand(-1, 3, -1, -1))
+
+
+class _BandStats:
+    """Per-band count, sum and sum of squares of images in [-1, 1] (what per-band means and spreads need)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sums: np.ndarray | None = None
+        self.squares: np.ndarray | None = None
+
+    def add(self, image: Tensor) -> None:
+        x = image.double().flatten(1).cpu().numpy()
+        self.count += x.shape[1]
+        self.sums = x.sum(1) if self.sums is None else self.sums + x.sum(1)
+        self.squares = (x * x).sum(1) if self.squares is None else self.squares + (x * x).sum(1)
+
+    @classmethod
+    def total(cls, parts: Iterator[_BandStats]) -> _BandStats:
+        out = cls()
+        for part in parts:
+            if part.sums is None:
+                continue
+            out.count += part.count
+            out.sums = part.sums if out.sums is None else out.sums + part.sums
+            out.squares = part.squares if out.squares is None else out.squares + part.squares
+        return out
+
+    def summary(self, fmt: PixelFormat, suffix: str) -> dict[str, float]:
+        """band<i>_mean<suffix> and band<i>_std<suffix>, in stored units (in [-1, 1] for per-image windows)."""
+        if self.sums is None or not self.count:
+            return {}
+        mean = self.sums / self.count
+        std = np.sqrt(np.maximum(self.squares / self.count - mean**2, 0))
+        scale, low = (1.0, -1.0) if fmt.per_image else ((fmt.window()[1] - fmt.window()[0]) / 2, fmt.window()[0])
+        out = {}
+        for band, (m, sd) in enumerate(zip(mean, std)):
+            out[f"band{band}_mean{suffix}"] = float((m + 1) * scale + low) if not fmt.per_image else float(m)
+            out[f"band{band}_std{suffix}"] = float(sd * scale)
+        return out
 
 
 def _pooled(part: tuple[list[int], np.ndarray], share: Share, device: torch.device,
@@ -266,9 +349,12 @@ _PER_IMAGE = ("l1", "psnr", "ssim", "l1_identity", "psnr_identity", "ssim_identi
 
 def _paired(per_image: dict[str, list[tuple[int, float]]], index: int, out: Tensor, source: Tensor,
             truth: Tensor) -> None:
-    if truth.shape != out.shape:
+    if truth.shape[-2:] != out.shape[-2:]:
         # Ground truth at another size (only with size=0): compare at the translation's size.
-        truth = to_tensor(to_image(truth).resize((out.shape[-1], out.shape[-2]), Image.BICUBIC))
+        if truth.shape[0] == 3:
+            truth = to_tensor(to_image(truth).resize((out.shape[-1], out.shape[-2]), Image.BICUBIC))
+        else:
+            truth = resize_values(truth, out.shape[-2], out.shape[-1])
     for suffix, image in (("", out), ("_identity", source)):
         if image.shape != truth.shape:
             continue
@@ -307,14 +393,16 @@ def held_out_eval(translators: dict[str, nn.Module], cfg: Any, device: torch.dev
     multiple = required_multiple(cfg.model.generator)
     share = Share.of_process_group()  # Every rank its share; the gathered result is the same on all of them.
     sets = {"AtoB": (data.test_a, data.test_b), "BtoA": (data.test_b, data.test_a)}
+    formats = formats_from(cfg)
     for direction, net in translators.items():
         source, target = sets[direction]
         reverse = translators.get("BtoA" if direction == "AtoB" else "AtoB")
         real_set, kept = _real_set(cfg, target, share) if features is not None else (None, None)
         fresh = real_set is not None and not real_set.ready
+        pair = (formats["A"], formats["B"]) if direction == "AtoB" else (formats["B"], formats["A"])
         result = evaluate_direction(net, reverse, multiple, source, target, device, features, size,
                                     paired_keys=cfg.eval.paired, batch_size=cfg.eval.batch_size, share=share,
-                                    real_set=real_set)
+                                    real_set=real_set, formats=pair)
         if fresh:
             _save_real_set(real_set, kept, target, share)
         out.update({f"{direction}/{k}": v for k, v in result.items() if k not in ("images", "real_images")})

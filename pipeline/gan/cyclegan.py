@@ -121,8 +121,8 @@ def build_networks(model_cfg, fused: bool = False,
     if fused and model_cfg.norm == "batch":
         raise ValueError("perf.fused_calls batches different images through one norm layer; with "
                          "model.norm=batch that changes the maths: set perf.fused_calls=false")
-    G_ab, G_ba = generator_from(model_cfg), generator_from(model_cfg)
-    D_a, D_b = discriminator_from(model_cfg), discriminator_from(model_cfg)
+    G_ab, G_ba = generator_from(model_cfg, "a", "b"), generator_from(model_cfg, "b", "a")
+    D_a, D_b = discriminator_from(model_cfg, "a"), discriminator_from(model_cfg, "b")
     if group_kernel_norm:
         for net in (G_ab, G_ba, D_a, D_b):
             use_group_kernel_instance_norm(net)

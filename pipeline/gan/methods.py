@@ -16,8 +16,9 @@ DIRECTIONS: dict[str, dict[str, str]] = {
 }
 
 
-def translator_from(model_cfg) -> nn.Module:
-    """The generator `model_cfg` trains (`model.method`): CycleGAN's, or CUT's antialiased ResNet."""
+def translator_from(model_cfg, direction: str = "AtoB") -> nn.Module:
+    """The generator `model_cfg` trains (`model.method`) for `direction`: CycleGAN's, or CUT's antialiased
+    ResNet (A to B only)."""
     if model_cfg.method == "cyclegan":
-        return generator_from(model_cfg)
+        return generator_from(model_cfg, *(("a", "b") if direction == "AtoB" else ("b", "a")))
     return generator_of(model_cfg)

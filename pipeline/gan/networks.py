@@ -473,18 +473,27 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def generator_from(model: object) -> nn.Module:
+def channels(model: object, domain: str) -> int:
+    """Channels of a domain ("a" or "b") by a model config (model.channels_a/b; 3 for configs before them)."""
+    return int(getattr(model, f"channels_{domain.lower()}", 3))
+
+
+def generator_from(model: object, source: str = "a", target: str = "b") -> nn.Module:
     """`build_generator` with a model config's settings (`model.generator`, `ngf`, `norm`, `padding`, ...), as
-    `model.g_variant` asks."""
+    `model.g_variant` asks, translating domain `source`'s channels to domain `target`'s."""
     net = build_generator(model.generator, ngf=model.ngf, norm=model.norm, init_type=model.init_type,
-                          init_gain=model.init_gain, padding=model.padding, norm_groups=model.norm_groups)
-    return colour_generator(net, getattr(model, "g_variant", "reference"))
+                          init_gain=model.init_gain, padding=model.padding, norm_groups=model.norm_groups,
+                          in_channels=channels(model, source), out_channels=channels(model, target))
+    return colour_generator(net, getattr(model, "g_variant", "reference"), channels(model, source),
+                            channels(model, target))
 
 
-def discriminator_from(model: object) -> nn.Module:
-    """`build_discriminator` with a model config's settings (`model.discriminator`, `ndf`, `d_variant`, ...)."""
+def discriminator_from(model: object, domain: str = "b") -> nn.Module:
+    """`build_discriminator` with a model config's settings (`model.discriminator`, `ndf`, `d_variant`, ...),
+    judging images of `domain`."""
     variant = getattr(model, "d_variant", "reference")
     net = build_discriminator(model.discriminator, ndf=model.ndf, n_layers=model.n_layers_d,
                               norm=discriminator_norm(variant, model.norm), init_type=model.init_type,
-                              init_gain=model.init_gain, norm_groups=model.norm_groups)
+                              init_gain=model.init_gain, norm_groups=model.norm_groups,
+                              in_channels=channels(model, domain))
     return colour_discriminator(net, variant)

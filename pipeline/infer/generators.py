@@ -161,9 +161,11 @@ def _reference_files(path: Path, direction: str) -> tuple[Path, Path | None]:
     return forward, other if other.is_file() else None
 
 
-def infer_generator_settings(state: dict[str, Tensor]) -> dict[str, Any]:
-    """The model.generator / ngf / norm (/ padding) a reference generator state dict implies (empty if
-    unrecognised). Replicate and reflect padding have the same keys: reflect, the default, is assumed.
+def infer_generator_settings(state: dict[str, Tensor], direction: str = "AtoB") -> dict[str, Any]:
+    """The model.generator / ngf / norm (/ padding, channels) a reference generator state dict implies (empty if
+    unrecognised). Replicate and reflect padding have the same keys: reflect, the default, is assumed. Channels
+    other than 3 (the reference's --input_nc/--output_nc) come as model.channels_a/b, for a file that
+    translates `direction`.
 
     The reference's files do not record their options, but their keys do: resnet files have `model.1.weight`
     (ngf filters) and one `conv_block` per residual block; unet files nest `model.` once per downsampling.
@@ -176,7 +178,7 @@ def infer_generator_settings(state: dict[str, Tensor]) -> dict[str, Any]:
         sizes = {state[key].shape[-1] for key in state if key.endswith(".filt")}
         settings = {"method": "cut", "ngf": int(state["model.1.weight"].shape[0]),
                     "norm": "instance" if "model.1.bias" in state else "none", "antialias": 3 in sizes,
-                    "antialias_up": 4 in sizes}
+                    "antialias_up": 4 in sizes, **_channel_settings(state, direction)}
         return {**settings, "generator": arch} if arch else settings
     if "model.1.weight" in state:
         blocks = {key.split(".")[1] for key in state if ".conv_block." in key}
@@ -191,7 +193,22 @@ def infer_generator_settings(state: dict[str, Tensor]) -> dict[str, Any]:
     settings: dict[str, Any] = {"ngf": int(state[f"{first}.weight"].shape[0]), "norm": norm}
     if any(".conv_block.0.weight" in key for key in state):
         settings["padding"] = "zero"  # The block's first layer is its convolution: no padding layer in front.
+    settings.update(_channel_settings(state, direction))
     return {**settings, "generator": arch} if arch else settings
+
+
+def _channel_settings(state: dict[str, Tensor], direction: str) -> dict[str, int]:
+    """model.channels_a/b from the first convolution's input and the last one's output (none if both are 3)."""
+    if "model.1.weight" in state:  # ResNet: the last top-level convolution makes the output.
+        last = max(int(key.split(".")[1]) for key in state
+                   if re.fullmatch(r"model\.\d+\.weight", key) and state[key].ndim == 4)
+        source, target = state["model.1.weight"].shape[1], state[f"model.{last}.weight"].shape[0]
+    else:  # U-Net: the outermost block's down- and up-convolution (a transposed one: weights are in x out).
+        source, target = state["model.model.0.weight"].shape[1], state["model.model.3.weight"].shape[1]
+    if source == target == 3:
+        return {}
+    names = ("channels_a", "channels_b") if direction == "AtoB" else ("channels_b", "channels_a")
+    return {names[0]: int(source), names[1]: int(target)}
 
 
 WEIGHTS = ("auto", "ema", "raw")
@@ -261,8 +278,8 @@ def load_generators(path: str | Path, direction: str = "AtoB", model_overrides: 
                                   "before train.ema_start_step): use --weights raw")
         use_ema = ema is not None and weights != "raw"
         nets: list[nn.Module | None] = []
-        for name in names:
-            net = translator_from(cfg.model)
+        for name, way in zip(names, (direction, "BtoA" if direction == "AtoB" else "AtoB")):
+            net = translator_from(cfg.model, way)
             load_into(net, (ema["nets"] if use_ema else ckpt["nets"])[name], str(path), name)
             nets.append(net.eval())
         nets += [None] * (2 - len(nets))
@@ -276,17 +293,20 @@ def load_generators(path: str | Path, direction: str = "AtoB", model_overrides: 
     states = [read_state_dict(file) if file is not None else None for file in (forward_file, reverse_file)]
     # Settings given explicitly win over those read off the file's keys.
     given = {item.split("=", 1)[0] for item in model_overrides}
-    inferred = [f"model.{k}={v}" for k, v in infer_generator_settings(states[0]).items() if f"model.{k}" not in given]
+    settings = infer_generator_settings(states[0], direction)
+    inferred = [f"model.{k}={v}" for k, v in settings.items() if f"model.{k}" not in given]
     if inferred:
         log.info("%s: %s (from its keys)", forward_file.name, ", ".join(inferred))
-    cfg = load_config(overrides=[*inferred, *model_overrides])
+    # The identity loss is a training setting that channels differing between A and B rule out.
+    cfg = load_config(overrides=[*inferred, *model_overrides, "loss.lambda_idt=0"])
     what = f"{cfg.model.generator} generator (ngf {cfg.model.ngf}, {cfg.model.norm})"
     nets = []
-    for file, state in zip((forward_file, reverse_file), states):
+    for file, state, way in zip((forward_file, reverse_file), states, (direction, "BtoA" if direction == "AtoB"
+                                                                           else "AtoB")):
         if state is None:
             nets.append(None)
             continue
-        net = translator_from(cfg.model)
+        net = translator_from(cfg.model, way)
         load_into(net, state, str(file), what)
         nets.append(net.eval())
     return Generators(nets[0], nets[1], cfg.model, cfg, direction, "reference")

@@ -63,7 +63,7 @@ def load_generator(path: Path, model_cfg, direction: str = "AtoB") -> nn.Module:
         ckpt = load_checkpoint(path, ranks=None)
     except CheckpointError:
         ckpt = None
-    net = generator_from(model_cfg)
+    net = generator_from(model_cfg, *(("a", "b") if direction == "AtoB" else ("b", "a")))
     if ckpt is not None:
         state = ckpt["nets"]["G_ab" if direction == "AtoB" else "G_ba"]
     else:
@@ -108,8 +108,8 @@ def nets_from_checkpoint(path: Path, model_cfg) -> dict[str, nn.Module]:
         raise CheckpointError(f"'{path}' is {what}: it has no {', '.join(missing)}; export the four networks from "
                               "a ckpt-* checkpoint of a CycleGAN run")
     reference_networks_only(model_cfg, f"'{path}'")
-    nets = {"G_ab": generator_from(model_cfg), "G_ba": generator_from(model_cfg),
-            "D_a": discriminator_from(model_cfg), "D_b": discriminator_from(model_cfg)}
+    nets = {"G_ab": generator_from(model_cfg, "a", "b"), "G_ba": generator_from(model_cfg, "b", "a"),
+            "D_a": discriminator_from(model_cfg, "a"), "D_b": discriminator_from(model_cfg, "b")}
     for name, net in nets.items():
         load_into(net, state["nets"][name], str(path), name)
     return nets

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from pipeline.config import ConfigError
 from pipeline.data.held_out import held_out
 from pipeline.data.images import normalize
+from pipeline.data.pixels import formats_from
 from pipeline.data.stream import DataError, check_enough_samples, expand_pattern, train_loader
 from pipeline.data.stream_state import saved_streams, stream_identity, stream_start
 from pipeline.engine import dist
@@ -216,7 +217,7 @@ def _run(cfg: DictConfig, info: dist.DistInfo, device: torch.device, stop_flag: 
     start = stream_start(saved, info.rank, identity)
     loader = train_loader(cfg.data, cfg.train.seed, info.rank, start_batch=start.start_batch,
                           pin_memory=device.type == "cuda", urls=urls, state=start.state,
-                          fresh_from=start.fresh_from)
+                          fresh_from=start.fresh_from, formats=formats_from(cfg))
     parts = build_components(cfg, info, device)
     state = TrainingState(parts.nets, parts.step.optimisers, parts.step.pools, device, parts.ema,
                           getattr(parts.step, "sampling", None), streams=lambda: saved_streams(loader, identity),
@@ -403,12 +404,15 @@ class Trainer:
     def sample_grid(self) -> Any:
         if not self._held:
             size, count = self.cfg.data.crop_size, self.cfg.report.sample_images
-            self._held["a"] = held_out(self.cfg.data.test_a, count, size)[1].to(self.device)
-            self._held["b"] = held_out(self.cfg.data.test_b, count, size)[1].to(self.device)
+            formats = formats_from(self.cfg)
+            self._held["a"] = held_out(self.cfg.data.test_a, count, size, formats["A"])[1].to(self.device)
+            self._held["b"] = held_out(self.cfg.data.test_b, count, size, formats["B"])[1].to(self.device)
         def seen(real_a: torch.Tensor, fake_b: torch.Tensor) -> None:
             self.health.dependence = input_dependence(real_a, fake_b)
 
-        return sample_grid(self.parts.translators(), self._held["a"], self._held["b"], seen)
+        formats = formats_from(self.cfg)
+        return sample_grid(self.parts.translators(), self._held["a"], self._held["b"], seen,
+                           (formats["A"].bands, formats["B"].bands))
 
     def evaluate(self, step: int) -> None:
         self.evaluation = held_out_eval(self.parts.translators(), self.cfg, self.device)

@@ -150,7 +150,8 @@ def _weights(net: torch.nn.Module, buffers: bool) -> dict[str, Any]:
 
 
 # Model settings added after checkpoints were first written: an older checkpoint was built with their defaults.
-_MODEL_DEFAULTS = {key: getattr(ModelConfig, key) for key in ("g_variant", "d_variant")}
+_MODEL_DEFAULTS = {key: getattr(ModelConfig, key)
+                   for key in ("g_variant", "d_variant", "channels_a", "channels_b")}
 
 
 def check_compatible(state: dict[str, Any], cfg: DictConfig, source: str) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import GENERATORS
+from pipeline.data.images import project_channels
 from pipeline.gan.cut.networks import (
     CUTGenerator,
     build_cut_discriminator,
@@ -23,7 +24,7 @@ from pipeline.gan.cut.networks import (
 )
 from pipeline.gan.cut.patchnce import patch_nce
 from pipeline.gan.losses import GANLoss
-from pipeline.gan.networks import use_group_kernel_instance_norm
+from pipeline.gan.networks import channels, use_group_kernel_instance_norm
 
 _BLOCKS = {"resnet_9blocks": 9, "resnet_6blocks": 6}
 
@@ -67,16 +68,24 @@ class PatchSampling:
 class CUTGenerators(nn.Module):
     """G and F. `forward` translates and computes the NCE terms; `G` alone is what translation uses."""
 
-    def __init__(self, G: CUTGenerator, F: nn.Module, objective: CUTObjective) -> None:
+    def __init__(self, G: CUTGenerator, F: nn.Module, objective: CUTObjective, channels_a: int = 3,
+                 channels_b: int = 3) -> None:
         super().__init__()
         self.G, self.F = G, F
         self.objective = objective
+        self.channels_a, self.channels_b = channels_a, channels_b
+
+    def as_source(self, x: Tensor) -> Tensor:
+        """B images as G's encoder takes A's (`project_channels`): unchanged for equal channel counts; else B's
+        luminance for a 1-channel A, or a 1-channel B repeated. PatchNCE then compares the structure of input and
+        output (colourisation: the output's luminance with the input)."""
+        return project_channels(x, self.channels_a)
 
     def nce(self, source: Tensor, output: Tensor, flipped: bool, sampling: PatchSampling) -> Tensor:
         """NCE(src, out) of the reference's `calculate_NCE_loss`: queries from the output, keys from the input
         at the same positions; the mean over rows, times lambda_NCE, averaged over the layers."""
         obj = self.objective
-        feat_q = self.G.encode(output, obj.layers)
+        feat_q = self.G.encode(self.as_source(output), obj.layers)
         if flipped:
             feat_q = [torch.flip(f, [3]) for f in feat_q]
         feat_k = self.G.encode(source, obj.layers)
@@ -88,6 +97,8 @@ class CUTGenerators(nn.Module):
 
     def forward(self, real_a: Tensor, real_b: Tensor, sampling: PatchSampling) -> dict[str, Tensor]:
         obj = self.objective
+        if obj.nce_idt:
+            real_b = self.as_source(real_b)
         real = torch.cat([real_a, real_b]) if obj.nce_idt else real_a
         flipped = obj.flip_equivariance and sampling.flip()
         if flipped:
@@ -121,7 +132,7 @@ def build_cut_networks(model_cfg, cut_cfg, objective: CUTObjective,
     if group_kernel_norm:
         for net in (G, D):
             use_group_kernel_instance_norm(net)
-    return CUTGenerators(G, F, objective), D
+    return CUTGenerators(G, F, objective, channels(model_cfg, "a"), channels(model_cfg, "b")), D
 
 
 def build_cut_objective(loss_cfg, cut_cfg) -> CUTObjective:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from pipeline.gan.colour import colour_discriminator, colour_generator, discriminator_norm
 from pipeline.gan.networks import ResnetBlock, _norm_layer, init_weights
+from pipeline.gan.networks import channels as domain_channels
 
 
 def _binomial(size: int) -> Tensor:
@@ -106,7 +107,7 @@ class CUTGenerator(nn.Module):
 
     def feature_widths(self, layers: Sequence[int]) -> list[int]:
         """Channels of each encoder tap, read off the layers (what F's MLPs take)."""
-        widths, channels = [], 3
+        widths, channels = [], self.model[1].in_channels
         for index, layer in enumerate(self.model):
             if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
                 channels = layer.out_channels
@@ -189,17 +190,18 @@ class PatchSampleF(nn.Module):
 
 
 def build_cut_generator(model_cfg, n_blocks: int) -> nn.Module:
-    net = CUTGenerator(3, 3, model_cfg.ngf, model_cfg.norm, n_blocks, model_cfg.padding, model_cfg.antialias,
-                       model_cfg.antialias_up, model_cfg.norm_groups)
+    source, target = domain_channels(model_cfg, "a"), domain_channels(model_cfg, "b")
+    net = CUTGenerator(source, target, model_cfg.ngf, model_cfg.norm, n_blocks, model_cfg.padding,
+                       model_cfg.antialias, model_cfg.antialias_up, model_cfg.norm_groups)
     return colour_generator(init_weights(net, model_cfg.init_type, model_cfg.init_gain),
-                            getattr(model_cfg, "g_variant", "reference"))
+                            getattr(model_cfg, "g_variant", "reference"), source, target)
 
 
 def build_cut_discriminator(model_cfg) -> nn.Module:
     n_layers = 3 if model_cfg.discriminator == "basic" else model_cfg.n_layers_d
     variant = getattr(model_cfg, "d_variant", "reference")
-    net = CUTDiscriminator(3, model_cfg.ndf, n_layers, discriminator_norm(variant, model_cfg.norm),
-                           model_cfg.antialias, model_cfg.norm_groups)
+    net = CUTDiscriminator(domain_channels(model_cfg, "b"), model_cfg.ndf, n_layers,
+                           discriminator_norm(variant, model_cfg.norm), model_cfg.antialias, model_cfg.norm_groups)
     return colour_discriminator(init_weights(net, model_cfg.init_type, model_cfg.init_gain), variant)
 
 
