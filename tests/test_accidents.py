@@ -23,7 +23,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 from support.http_server import Server
