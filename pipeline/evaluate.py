@@ -46,12 +46,15 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
     lines = []
     for direction, r in results.items():
         head = f"{direction}: {int(r['images'])} translated"
-        if "fid" in r:
-            head += f" vs {int(r['real_images'])} real | FID {r['fid']:.2f} | KID {r['kid']:.4f}"
-            if "kid_std" in r:
-                head += f" ± {r['kid_std']:.4f} (subsets of {int(r['kid_subset_size'])})"
+        tag = next((t for t in ("", "_replicated") if f"fid{t}" in r), None)
+        if tag is not None:
+            head += (f" vs {int(r['real_images'])} real | FID {r['fid' + tag]:.2f} | KID {r['kid' + tag]:.4f}")
+            if f"kid{tag}_std" in r:
+                head += f" ± {r['kid' + tag + '_std']:.4f} (subsets of {int(r['kid' + tag + '_subset_size'])})"
             else:
                 head += " (whole sets, no spread: no more images than --kid-subset-size)"
+            if tag:
+                head += " [1-channel images replicated to 3 for the extractor]"
         lines.append(head)
         if "pairs" in r:
             lines.append(
@@ -59,8 +62,14 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
                 f"{_fmt(r['psnr'])} dB (input {_fmt(r['psnr_identity'])}) | SSIM {_fmt(r['ssim'])} "
                 f"(input {_fmt(r['ssim_identity'])})"
             )
+        if "l1_units" in r:
+            lines.append(f"  L1 in stored units {r['l1_units']:.6g} (input {r['l1_units_identity']:.6g})")
         if "cycle_l1" in r:
             lines.append(f"  cycle reconstruction L1 {_fmt(r['cycle_l1'])}")
+        bands = sorted({int(k[4:].split("_")[0]) for k in r if k.startswith("band")})
+        for band in bands:
+            lines.append(f"  band {band}: mean {r[f'band{band}_mean']:.6g} (real {r[f'band{band}_mean_real']:.6g}), "
+                         f"spread {r[f'band{band}_std']:.6g} (real {r[f'band{band}_std_real']:.6g})")
     return "\n".join(lines)
 
 
@@ -140,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
         results[direction] = evaluate_direction(
             gens.net, gens.reverse, gens.multiple, source, target, device, features, size, is_paired,
             args.batch_size or cfg.eval.batch_size, args.precision, args.max_images,
-            args.kid_subsets, args.kid_subset_size,
+            args.kid_subsets, args.kid_subset_size, formats=gens.formats(),
         )
     print(format_results(results))
 

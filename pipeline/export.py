@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    sizes = ", ".join(f"{n}x3x{h}x{w}" for n, h, w in shapes)
+    channels = gens.formats()[0].channels
+    sizes = ", ".join(f"{n}x{channels}x{h}x{w}" for n, h, w in shapes)
     checked = "" if worst is None else f"; matches PyTorch within {worst:.1e} on {sizes}"
     print(f"wrote {args.format} {args.output} ({gens.direction}, {gens.model.generator}){checked}")
     return 0

@@ -74,8 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
     parser.add_argument("--size", type=int, default=0,
                         help="resize inputs to SIZE x SIZE first (the reference's test transform); 0 keeps sizes")
-    parser.add_argument("--ext", choices=("keep", "png", "jpg", "webp"), default="keep",
-                        help="output format: keep each input's file name and format (default), or convert")
+    parser.add_argument("--ext", choices=("keep", "png", "jpg", "webp", "tif", "npy"), default="keep",
+                        help="output format: keep each input's file name and format (default), or convert; a "
+                             "translation into a domain other than 8-bit RGB is written as tif where the format "
+                             "asked for cannot hold its values losslessly")
     parser.add_argument("--tile", type=int, default=0, metavar="SIZE",
                         help="translate each image layer by layer in SIZE x SIZE tiles: memory bounded by SIZE "
                              "for images of any size, the same output as untiled (whole-image norm statistics, "

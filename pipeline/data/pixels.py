@@ -271,3 +271,53 @@ def _depth_name(dtype: np.dtype) -> str:
     if dtype.itemsize == 1:
         return "uint8"
     return "int16" if dtype.kind == "i" and dtype.itemsize == 2 else "uint16"
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+def output_extension(requested: str, input_name: str, fmt: PixelFormat) -> str:
+    """The member/file extension a translation into `fmt` is written with: `requested` (png, tif, npy; keep: the
+    input's) when it holds the values losslessly, else tif. PNG holds 8- and 16-bit images of 1 or 3 channels;
+    TIFF and npy hold anything."""
+    ext = input_name.rsplit(".", 1)[-1].lower() if requested == "keep" else requested
+    ext = "tif" if ext == "tiff" else ext
+    if ext in ("tif", "npy"):
+        return ext
+    if ext == "png" and fmt.depth in ("uint8", "uint16") and fmt.channels in (1, 3):
+        return "png"
+    if ext in ("jpg", "jpeg", "webp") and fmt.depth == "uint8" and fmt.channels in (1, 3) and requested != "keep":
+        return ext  # Asked for: lossy, and the user's choice.
+    return "tif"
+
+
+def encode_native(array: np.ndarray, ext: str) -> bytes:
+    """(H, W, C) stored values as the bytes of a `ext` file (png, tif, npy; jpg/webp for 8-bit), losslessly
+    where the format allows: 16-bit RGB PNG through pypng (Pillow writes no such file)."""
+    out = io.BytesIO()
+    if ext == "npy":
+        np.save(out, array if array.shape[2] > 1 else array[:, :, 0], allow_pickle=False)
+    elif ext == "tif":
+        import tifffile
+
+        tifffile.imwrite(out, array if array.shape[2] > 1 else array[:, :, 0], compression="zlib",
+                         photometric="rgb" if array.shape[2] == 3 else "minisblack",
+                         planarconfig="contig")
+    elif ext == "png" and array.dtype == np.uint16 and array.shape[2] == 3:
+        import png
+
+        png.Writer(array.shape[1], array.shape[0], greyscale=False, bitdepth=16).write(
+            out, array.reshape(array.shape[0], -1).tolist())
+    else:
+        image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+        image.save(out, {"jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}.get(ext, "PNG"), quality=95)
+    return out.getvalue()
+
+
+def display_image(values: Any, bands: tuple[int, ...] = ()) -> Image.Image:
+    """A (C, H, W) tensor in [-1, 1] as an 8-bit picture to look at: grayscale for one channel, RGB as it is,
+    other band counts through `bands` (the window of the domain's intensity mapping spans black to white)."""
+    x = values.detach().float().clamp(-1, 1)
+    chosen = list(bands) or ([0, 1, 2] if x.shape[0] >= 3 else [0])
+    x = x[chosen]
+    array = ((x + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).convert("RGB")

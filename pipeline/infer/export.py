@@ -30,18 +30,31 @@ class ExportError(RuntimeError):
 
 
 def metadata(gens: Generators) -> dict[str, Any]:
+    """What an exported file records: the architecture, and how its inputs and outputs relate to stored pixel
+    values (channels, depth, the window of stored values that maps to [-1, 1]), so a deployment can map them."""
+    source, target = gens.formats()
     return {
         "direction": gens.direction,
         "generator": gens.model.generator,
         "ngf": gens.model.ngf,
         "norm": gens.model.norm,
         "pad_multiple": gens.multiple,
-        "input": "image: float32 (N, 3, H, W) RGB in [-1, 1]; any N, H, W",
-        "output": "translated: float32 (N, 3, H, W) in [-1, 1]",
+        "input": f"image: float32 (N, {source.channels}, H, W) in [-1, 1]; any N, H, W",
+        "output": f"translated: float32 (N, {target.channels}, H, W) in [-1, 1]",
+        "input_format": json.dumps(_described(source)),
+        "output_format": json.dumps(_described(target)),
         "source": gens.source,
         "step": gens.step,
         "weights": gens.weights,
     }
+
+
+def _described(fmt: Any) -> dict[str, Any]:
+    """A domain's pixel format with its mapping spelled out: stored = (x + 1) / 2 * (high - low) + low."""
+    described = {**fmt.to_dict(), "window": None if fmt.per_image else list(fmt.window())}
+    described["mapping"] = ("per image: the input's own percentile window" if fmt.per_image
+                            else "stored = (x + 1) / 2 * (window[1] - window[0]) + window[0], clipped")
+    return described
 
 
 def export_torchscript(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
@@ -53,11 +66,11 @@ def export_torchscript(model: nn.Module, path: Path, meta: dict[str, Any]) -> No
 
 
 def export_onnx(model: nn.Module, path: Path, meta: dict[str, Any], opset: int = DEFAULT_OPSET,
-                example_size: tuple[int, int] = (64, 64)) -> None:
+                example_size: tuple[int, int] = (64, 64), channels: int = 3) -> None:
     """torch.onnx's exporter (torch.export based) with symbolic batch, height and width."""
     import onnx
 
-    example = torch.zeros(2, 3, *example_size)
+    example = torch.zeros(2, channels, *example_size)
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -96,14 +109,15 @@ def _true_fp32() -> Iterator[None]:
 
 
 def check_export(model: nn.Module, path: Path, fmt: str, shapes: Sequence[tuple[int, int, int]],
-                 tolerance: float = 1e-4, seed: int = 0, device: torch.device | str = "cpu") -> float:
-    """Largest |exported - PyTorch| over random [-1, 1] batches of `shapes` (N, H, W), PyTorch (and TorchScript)
-    running on `device`; raises ExportError above `tolerance`."""
+                 tolerance: float = 1e-4, seed: int = 0, device: torch.device | str = "cpu",
+                 channels: int = 3) -> float:
+    """Largest |exported - PyTorch| over random [-1, 1] batches of `shapes` (N, H, W) of `channels` channels,
+    PyTorch (and TorchScript) running on `device`; raises ExportError above `tolerance`."""
     generator = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(model).to(device)
     worst = 0.0
     for n, h, w in shapes:
-        x = (torch.rand(n, 3, h, w, generator=generator) * 2 - 1).to(device)
+        x = (torch.rand(n, channels, h, w, generator=generator) * 2 - 1).to(device)
         with torch.no_grad(), _true_fp32():
             expected = model(x).cpu().numpy()
             got = run_exported(path, fmt, x)
@@ -129,8 +143,10 @@ def export(gens: Generators, fmt: str, path: Path, check_shapes: Sequence[tuple[
     model = PaddedGenerator(gens.net.cpu().float(), gens.multiple).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = metadata(gens)
+    channels = gens.formats()[0].channels
     if fmt == "torchscript":
         export_torchscript(model, path, meta)
     else:
-        export_onnx(model, path, meta, opset)
-    return check_export(model, path, fmt, check_shapes, tolerance, device=device) if check_shapes else None
+        export_onnx(model, path, meta, opset, channels=channels)
+    return (check_export(model, path, fmt, check_shapes, tolerance, device=device, channels=channels)
+            if check_shapes else None)

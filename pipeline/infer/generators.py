@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from pipeline.config import GENERATORS, ConfigError, from_yaml, load_config
+from pipeline.data.pixels import PixelFormat, formats_from
 from pipeline.engine.checkpoint import FORMAT, CheckpointError, is_checkpoint_directory, load_checkpoint
 from pipeline.gan.methods import DIRECTIONS as METHOD_DIRECTIONS
 from pipeline.gan.methods import translator_from
@@ -117,6 +118,12 @@ class Generators:
     @property
     def multiple(self) -> int:
         return required_multiple(self.model.generator)
+
+    def formats(self) -> tuple[PixelFormat, PixelFormat]:
+        """The PixelFormat of the direction's source and target domains (channels, depth, intensity mapping),
+        as the checkpoint's config records them (8-bit RGB for a config from before them)."""
+        formats = formats_from(self.cfg)
+        return (formats["A"], formats["B"]) if self.direction == "AtoB" else (formats["B"], formats["A"])
 
     def to(self, device: torch.device) -> Generators:
         """Both generators on `device`, their instance norms on the kernel training would use there.

@@ -17,8 +17,9 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from pipeline.config import ConfigError
-from pipeline.data.held_out import InputImage, iter_inputs
-from pipeline.data.images import resize_square, to_image, to_tensor
+from pipeline.data.held_out import InputImage, NativeImage, as_tensor, iter_inputs
+from pipeline.data.images import resize_square, to_image
+from pipeline.data.pixels import display_image, encode_native, output_extension
 from pipeline.data.stream import DataError
 from pipeline.engine.progress import Progress
 from pipeline.infer.generators import (
@@ -176,6 +177,11 @@ def write_page(out: Path, rows: Sequence[PageRow], title: str, total: int) -> No
 # The command.
 
 
+def _write_bytes(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
 def _save(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, quality=95)  # Used by JPEG and WebP; lossless PNG ignores it.
@@ -203,13 +209,15 @@ def translate_source(gens: Generators, source: str, out: Path, device: torch.dev
     inputs: dict[str, InputImage] = {}
     files: list[dict[str, Any]] = []
     page: list[PageRow] = []
+    source_fmt, target_fmt = gens.formats()
 
     def tensors() -> Iterator[tuple[str, Tensor]]:
-        for item in iter_inputs(source, skipped):
+        for item in iter_inputs(source, skipped, source_fmt):
             if size:
-                item.image = resize_square(item.image, size)
+                item.image = (NativeImage(as_tensor(item.image, size), item.image.window)
+                              if isinstance(item.image, NativeImage) else resize_square(item.image, size))
             inputs[item.name] = item
-            yield item.name, to_tensor(item.image)
+            yield item.name, as_tensor(item.image)
 
     # Encoding and writing files overlaps with the next batch's forward pass.
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -218,13 +226,25 @@ def translate_source(gens: Generators, source: str, out: Path, device: torch.dev
                         if tile else translate_images(net, gens.multiple, tensors(), device, batch_size, precision))
         for name, translation in translations:
             item = inputs.pop(name)
-            image = to_image(translation)
-            target = output_name(name, ext)
-            writes.append(pool.submit(_save, image, out / "images" / target))
+            if target_fmt.is_8bit_rgb and not isinstance(item.image, NativeImage):
+                image = to_image(translation)
+                target = output_name(name, ext)
+                writes.append(pool.submit(_save, image, out / "images" / target))
+                shown = item.image
+            else:
+                target = output_name(name, output_extension(ext, name, target_fmt))
+                window = (item.image.window if isinstance(item.image, NativeImage) and target_fmt.per_image
+                          and source_fmt.per_image else None)
+                values = target_fmt.from_unit(translation.permute(1, 2, 0).numpy(), window)
+                writes.append(pool.submit(_write_bytes, encode_native(values, target.rsplit(".", 1)[-1]),
+                                          out / "images" / target))
+                image = display_image(translation, target_fmt.bands)
+                shown = (display_image(item.image.values, source_fmt.bands) if isinstance(item.image, NativeImage)
+                         else item.image)
             files.append({"name": target, "input": name, "key": item.key, "width": image.width,
                           "height": image.height})
             if len(page) < max(page_rows, sheet_rows):
-                page.append(PageRow.of(target, item.image, image))
+                page.append(PageRow.of(target, shown, image))
             if progress is not None:
                 progress(len(files))
         for write in writes:
@@ -238,5 +258,8 @@ def translate_source(gens: Generators, source: str, out: Path, device: torch.dev
     write_page(out, page[:page_rows], title, len(files))
     manifest = {"source": source, "direction": gens.direction, "count": len(files), "skipped": skipped,
                 "size": size or None, "files": files}
+    if not target_fmt.is_8bit_rgb:
+        # How the files' values relate to what the networks saw: a reader can map them back.
+        manifest["target_format"] = {**target_fmt.to_dict(), "window": list(target_fmt.window())}
     (out / "translations.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
