@@ -65,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.shard_inspect import main as inspect_main
 
         return inspect_main(argv[1:])
+    if argv[:1] == ["slices"]:
+        return slices_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipeline.shards", description=__doc__.splitlines()[0],
                                      epilog="Check shards with: python -m pipeline.shards inspect PATTERN")
     parser.add_argument("src", type=Path, help="folder with trainA/ trainB/ testA/ testB/")
@@ -114,6 +116,42 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{size / 1e6:.1f} MB -> {where}")
     if manifest["skipped"]:
         print(f"skipped {len(manifest['skipped'])} unreadable file(s): listed in {output.describe(MANIFEST)}")
+    return 0
+
+
+def slices_main(argv: Sequence[str]) -> int:
+    """`python -m pipeline.shards slices SRC OUT`: NIfTI volumes and DICOM series -> .npy slices (values kept)."""
+    from pipeline.data.volumes import VolumeError, write_slices
+    from pipeline.data.volumes import __doc__ as volumes_doc
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.shards slices", description=volumes_doc.splitlines()[0],
+                                     epilog="Then shard OUT: python -m pipeline.shards OUT SHARDS")
+    parser.add_argument("src", type=Path, help="folder with trainA/ trainB/ testA/ testB/ of volumes")
+    parser.add_argument("out", type=Path, help="output folder (the same splits, .npy slices)")
+    parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated split folders")
+    parser.add_argument("--axis", type=int, default=2, help="volume axis to slice along (default 2)")
+    parser.add_argument("--slices", default=":", metavar="START:STOP",
+                        help="range of slice indices, Python slice bounds (e.g. 20:140, -40:); default all")
+    parser.add_argument("--every", type=_positive_int, default=1, help="keep every N-th slice of the range")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        start, stop = (int(x) if x.strip() else None for x in args.slices.split(":"))
+    except ValueError:
+        print(f"error: --slices {args.slices!r}: give START:STOP (either may be empty), e.g. 20:140",
+              file=sys.stderr)
+        return 2
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    try:
+        counts = write_slices(args.src, args.out, splits, args.axis, start, stop, args.every)
+    except VolumeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for split, count in counts.items():
+        print(f"{split}: {count} slices -> {args.out / split}")
+    if not counts:
+        print(f"error: no split folder ({', '.join(splits)}) in {args.src}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -96,12 +96,15 @@ def reference(steps: int, dtype: torch.dtype, world: int, batches, overrides=TIN
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("variants", [[], ["model.g_variant=colour", "model.d_variant=spectral"]],
-                         ids=["reference-networks", "colour-networks"])
+@pytest.mark.parametrize("variants", [[], ["model.g_variant=colour", "model.d_variant=spectral"],
+                                      ["model.channels_a=1", "model.channels_b=4", "loss.lambda_idt=0"]],
+                         ids=["reference-networks", "colour-networks", "channels-1-to-4"])
 def test_two_ranks_equal_one_process_averaging_in_rank_order_bitwise(tmp_path, variants):
     steps = 6  # Pool of 2 fills after 2 steps: later steps exercise the swaps.
     ddp = run_workers(tmp_path, 2, steps, "float32", [*TINY, *variants])
-    ref = reference(steps, torch.float32, 2, lambda r, s: fixed_batch(r, s, torch.float32), [*TINY, *variants])
+    channels = load_config([], [*TINY, *variants]).model
+    ref = reference(steps, torch.float32, 2, lambda r, s: fixed_batch(r, s, torch.float32, channels=(
+        channels.channels_a, channels.channels_b)), [*TINY, *variants])
     assert len(ddp["params"]) == steps
     for step, (got, want) in enumerate(zip(ddp["params"], ref["params"])):
         assert torch.equal(got, want), f"step {step + 1}: max diff {(got - want).abs().max().item()}"

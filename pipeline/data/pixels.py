@@ -165,6 +165,39 @@ def read_native(data: bytes, ext: str) -> tuple[np.ndarray, str]:
     return _hwc(array), f"{ext.upper()} mode {mode}"
 
 
+def describe_header(data: bytes, ext: str) -> tuple[str, tuple[int, int]]:
+    """What an image member holds, from its header: ('RGB 8-bit', (w, h)), ('gray 16-bit', ...), ('uint16 x4',
+    ...) for TIFF and npy. What `pipeline.shards inspect` reports per shard."""
+    ext = ext.lower()
+    if ext == "npy":
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(stream)
+        h, w = (shape[0], shape[1]) if len(shape) >= 2 else (0, 0)
+        bands = shape[2] if len(shape) == 3 else 1
+        return f"{dtype} x{bands}", (int(w), int(h))
+    if ext in ("tif", "tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            series = tif.series[0]
+            axes, shape, dtype = series.axes.upper(), series.shape, series.dtype
+        h, w = shape[axes.index("Y")], shape[axes.index("X")]
+        bands = int(np.prod([n for a, n in zip(axes, shape) if a not in "YX"])) if len(shape) > 2 else 1
+        return f"{dtype} x{bands}", (int(w), int(h))
+    with Image.open(io.BytesIO(data)) as img:
+        mode, size = img.mode, img.size
+    bits = 16 if (ext == "png" and png_bit_depth(data) == 16) or mode.startswith("I;16") else (
+        32 if mode in ("I", "F") else 8)
+    kind = {"L": "gray", "LA": "gray+alpha", "1": "bilevel", "P": "palette", "PA": "palette+alpha"}.get(
+        mode, "gray" if mode.startswith("I") or mode == "F" else mode)
+    if ext == "png" and bits == 16 and _png_colour_type(data) in (2, 6):
+        kind = "RGB" if _png_colour_type(data) == 2 else "RGBA"
+    return f"{kind} {bits}-bit", size
+
+
 def _hwc(array: np.ndarray) -> np.ndarray:
     if array.ndim == 2:
         return array[:, :, None]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -18,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.data.shards import MANIFEST, ShardError, error_reason, process_pool, verify_image
-from pipeline.data.stream import IMAGE_KEYS, expand_pattern, local_path
+from pipeline.data.pixels import NATIVE_KEYS, describe_header, png_bit_depth, read_native
+from pipeline.data.shards import MANIFEST, NATIVE_ONLY, ShardError, error_reason, process_pool, verify_image
+from pipeline.data.stream import expand_pattern, local_path
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,8 @@ class ShardReport:
     heights: list[int] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
     """Bytes of each image member."""
+    modes: dict[str, int] = field(default_factory=dict)
+    """Image kinds and bit depths read from the headers ('RGB 8-bit', 'gray 16-bit', 'uint16 x4'), counted."""
     manifest: str = "no manifest"
     """ok, mismatch, not listed, or no manifest."""
     problems: list[str] = field(default_factory=list)
@@ -87,6 +88,14 @@ class InspectReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def modes(self) -> dict[str, int]:
+        """Image kinds and bit depths over all shards, counted."""
+        total: dict[str, int] = {}
+        for shard in self.shards:
+            for mode, count in shard.modes.items():
+                total[mode] = total.get(mode, 0) + count
+        return total
 
     def size_stats(self) -> dict[str, tuple[int, float, int]]:
         """(min, median, max) of image width, height and bytes over all images read."""
@@ -127,9 +136,12 @@ def _open(url: str) -> IO[bytes]:
     return gopen(url, "rb")
 
 
-def _header_size(data: bytes) -> tuple[int, int]:
-    with Image.open(io.BytesIO(data)) as img:  # Parses the header only.
-        return img.size
+def _verify(data: bytes, ext: str) -> tuple[int, int]:
+    """Decode fully, as training does; returns (width, height)."""
+    if ext in NATIVE_ONLY or png_bit_depth(data) == 16:
+        array, _ = read_native(data, ext)
+        return array.shape[1], array.shape[0]
+    return verify_image(data)[1]
 
 
 def inspect_shard(url: str, sample: int | None = None, seed: int = 0) -> ShardReport:
@@ -142,14 +154,14 @@ def inspect_shard(url: str, sample: int | None = None, seed: int = 0) -> ShardRe
     """
     report = ShardReport(url)
     rng = random.Random(f"{seed}:{url}")
-    chosen: list[tuple[str, str, bytes]] = []  # Reservoir of (key, member, bytes) to decode with --sample.
+    chosen: list[tuple[str, str, bytes, str]] = []  # Reservoir of (key, member, bytes, ext) to decode (--sample).
     seen_with_image = 0
     current_key: str | None = None
     current_has_image = False
 
     def end_sample() -> None:
         if current_key is not None and not current_has_image:
-            missing = f"no image member ({', '.join(IMAGE_KEYS)})"
+            missing = f"no image member ({', '.join(NATIVE_KEYS)})"
             report.corrupt.append(CorruptMember(url, current_key, "-", missing))
 
     try:
@@ -171,16 +183,19 @@ def inspect_shard(url: str, sample: int | None = None, seed: int = 0) -> ShardRe
                     end_sample()
                     current_key, current_has_image = key, False
                     report.samples += 1
-                if suffix not in IMAGE_KEYS or current_has_image:
+                if suffix not in NATIVE_KEYS or current_has_image:
                     continue
                 current_has_image = True
                 data = tar.extractfile(info).read()
                 report.sizes.append(len(data))
                 try:
-                    width, height = verify_image(data)[1] if sample is None else _header_size(data)
+                    mode, (width, height) = describe_header(data, suffix)
+                    if sample is None:
+                        width, height = _verify(data, suffix)
                 except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
                     report.corrupt.append(CorruptMember(url, key, info.name, error_reason(err)))
                     continue
+                report.modes[mode] = report.modes.get(mode, 0) + 1
                 report.widths.append(width)
                 report.heights.append(height)
                 if sample is None:
@@ -188,11 +203,11 @@ def inspect_shard(url: str, sample: int | None = None, seed: int = 0) -> ShardRe
                     continue
                 seen_with_image += 1
                 if len(chosen) < sample:
-                    chosen.append((key, info.name, data))
+                    chosen.append((key, info.name, data, suffix))
                 else:
                     index = rng.randrange(seen_with_image)
                     if index < sample:
-                        chosen[index] = (key, info.name, data)
+                        chosen[index] = (key, info.name, data, suffix)
             end_sample()
         reader.drain()  # The end-of-archive blocks and padding count in the sha256 too.
     except Exception as err:  # noqa: BLE001 - truncated or garbled tars, failing pipe commands
@@ -202,9 +217,9 @@ def inspect_shard(url: str, sample: int | None = None, seed: int = 0) -> ShardRe
             stream.close()
         except Exception as err:  # noqa: BLE001 - webdataset's pipe raises here on a non-zero exit
             report.problems.append(f"closing the stream failed: {error_reason(err)}")
-    for key, member, data in chosen:
+    for key, member, data, ext in chosen:
         try:
-            verify_image(data)
+            _verify(data, ext)
             report.decoded += 1
         except Exception as err:  # noqa: BLE001
             report.corrupt.append(CorruptMember(url, key, member, error_reason(err)))
@@ -327,6 +342,12 @@ def print_report(report: InspectReport, stream: IO[str] | None = None) -> None:
         print(f"corrupt members ({len(report.corrupt)}):", file=out)
         for c in report.corrupt:
             print(f"  {c.shard}: {c.member} (key {c.key}): {c.error}", file=out)
+    modes = report.modes()
+    if modes:
+        print("images: " + ", ".join(f"{count} {mode}" for mode, count in sorted(modes.items())), file=out)
+        for s in report.shards:
+            if len(modes) > 1 and s.modes:
+                print(f"  {s.url}: " + ", ".join(f"{n} {m}" for m, n in sorted(s.modes.items())), file=out)
     stats = report.size_stats()
     if stats:
         shown = [f"{k} {v[0]} / {v[1]:g} / {v[2]}" if k != "bytes" else

@@ -18,7 +18,15 @@ from PIL import Image
 from torch import Tensor, nn
 
 from pipeline.data.held_out import iter_selected, lazy_inputs
-from pipeline.data.images import normalize, quantize, resize_values, to_image, to_tensor, to_uint8
+from pipeline.data.images import (
+    normalize,
+    project_channels,
+    quantize,
+    resize_values,
+    to_image,
+    to_tensor,
+    to_uint8,
+)
 from pipeline.data.pixels import PixelFormat, formats_from, quantize_to
 from pipeline.data.stream import DataError, expand_pattern, local_path
 from pipeline.engine import dist
@@ -355,6 +363,10 @@ def _paired(per_image: dict[str, list[tuple[int, float]]], index: int, out: Tens
             truth = to_tensor(to_image(truth).resize((out.shape[-1], out.shape[-2]), Image.BICUBIC))
         else:
             truth = resize_values(truth, out.shape[-2], out.shape[-1])
+    if source.shape[0] != truth.shape[0]:
+        # Another channel count (colourisation's gray input): the input as the target's channels, the baseline
+        # to beat (a grayscale image replicated; a colour one's luminance).
+        source = project_channels(source[None], truth.shape[0])[0]
     for suffix, image in (("", out), ("_identity", source)):
         if image.shape != truth.shape:
             continue

@@ -20,10 +20,11 @@ from pipeline.train.build import build_components
 SIZE = 32
 
 
-def fixed_batch(rank: int, step: int, dtype: torch.dtype, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_batch(rank: int, step: int, dtype: torch.dtype, batch: int = 1,
+                channels: tuple[int, int] = (3, 3)) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * step + rank)
-    real_a = torch.rand(batch, 3, SIZE, SIZE, generator=g, dtype=torch.float64) * 2 - 1
-    real_b = torch.rand(batch, 3, SIZE, SIZE, generator=g, dtype=torch.float64) * 2 - 1
+    real_a = torch.rand(batch, channels[0], SIZE, SIZE, generator=g, dtype=torch.float64) * 2 - 1
+    real_b = torch.rand(batch, channels[1], SIZE, SIZE, generator=g, dtype=torch.float64) * 2 - 1
     return real_a.to(dtype), real_b.to(dtype)
 
 
@@ -46,7 +47,7 @@ def main(out: str, steps: int, dtype_name: str, overrides: list[str]) -> None:
     for step in range(steps):
         if (info.rank, step) == (fail_rank, fail_step):
             raise RuntimeError(f"injected failure on rank {info.rank} at step {step}")
-        real_a, real_b = fixed_batch(info.rank, step, dtype)
+        real_a, real_b = fixed_batch(info.rank, step, dtype, channels=(cfg.model.channels_a, cfg.model.channels_b))
         result = parts.step(real_a, real_b)
         assert result.applied and not result.stop
         if parts.ema is not None:
