@@ -255,7 +255,7 @@ def conform(array: np.ndarray, fmt: PixelFormat, name: str, what: str) -> tuple[
         if _wider(array.dtype, depth):
             raise PixelError(
                 f"{name}: a {array.dtype} image ({what}) in {fmt.key}, whose depth is {fmt.depth}: reading it as "
-                f"{fmt.depth} would clip it. Set {fmt.key}.depth={_depth_name(array.dtype)} (and "
+                f"{fmt.depth} would clip it; set {fmt.key}.depth={_depth_name(array.dtype)} (and "
                 f"{fmt.key}.intensity) if the set is {_depth_name(array.dtype)}, or convert the file")
         notes.append(f"{array.dtype} images in a {fmt.depth} set")
         array = _widen(array, depth)
