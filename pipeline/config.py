@@ -64,8 +64,9 @@ class ModelConfig:
     or colour (sees absolute colour and intensity: a skip in tanh's logit space, a per-pixel colour branch, and
     the paper's network as a residual; starts as the identity). See pipeline/gan/colour.py."""
     d_variant: str = "reference"
-    """Discriminator variant: reference (the paper's PatchGAN with model.norm) or spectral (spectral norm on every
-    convolution instead of norm layers: its scores see exposure)."""
+    """Discriminator variant: reference (the paper's PatchGAN with model.norm), spectral (spectral norm on every
+    convolution instead of norm layers: its scores see exposure) or colour (spectral, plus a score from each
+    image's channel means and covariance added to every patch's: sees global colour mappings directly)."""
     channels_a: int = 3
     """Channels of domain A's images: 1 (grayscale), 3 (RGB) or a band count (multi-band TIFF or .npy). The
     reference's input_nc, per domain: G_ab maps channels_a -> channels_b, G_ba back, D_a judges channels_a."""
@@ -396,7 +397,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.padding": ("reflect", "replicate", "zero"),
     "model.init_type": ("normal", "xavier", "kaiming", "orthogonal"),
     "model.g_variant": ("reference", "colour"),
-    "model.d_variant": ("reference", "spectral"),
+    "model.d_variant": ("reference", "spectral", "colour"),
     "loss.gan_mode": ("lsgan", "vanilla", "hinge"),
     "data.preprocess": ("resize_and_crop", "crop", "scale_width_and_crop", "none"),
     "train.precision": ("fp32", "bf16", "fp16"),

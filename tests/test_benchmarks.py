@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
     ("bench_eval.py", {"world_size", "rank", "images", "decoded", "translated", "seconds", "peak_rss_mb"}),
     ("colour_tasks.py", {"transform", "variant", "seed", "l1", "l1_identity", "ssim", "ssim_identity",
                          "cycle_curve"}),
+    ("beyond_rgb.py", {"task", "method", "seed", "l1", "l1_identity", "ssim", "ssim_identity"}),
     ("bench_checkpoint.py", {"design", "world_size", "bytes_written_max_rank", "rank0_peak_rss", "blocked_s",
                              "durable_s", "resume_bytes_read_max_rank"}),
 ])

@@ -14,6 +14,9 @@ exposure change (the instance norms after it take the scale out).
 - `spectral` discriminator: the same PatchGAN with spectral normalisation (Miyato et al. 2018) on every
   convolution instead of instance norm, so that scores depend on absolute intensities; spectral norm bounds D's
   Lipschitz constant, which keeps it from winning outright the way an unnormalised D would.
+- `colour` discriminator: the `spectral` PatchGAN plus a score from the image's colour statistics (its channel
+  means and their covariance), added to every patch's. A global colour mapping changes exactly these; a
+  patch discriminator has to infer them from content it sees a few times, the statistics head reads them off.
 
 The `reference` settings keep the paper's networks, unchanged.
 """
@@ -25,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 G_VARIANTS = ("reference", "colour")
-D_VARIANTS = ("reference", "spectral")
+D_VARIANTS = ("reference", "spectral", "colour")
 
 
 class ColourGenerator(nn.Module):
@@ -101,19 +104,53 @@ def colour_generator(body: nn.Module, variant: str, in_channels: int = 3, out_ch
     return body if variant == "reference" else ColourGenerator(body, in_channels, out_channels)
 
 
-def colour_discriminator(net: nn.Module, variant: str) -> nn.Module:
-    """`net` (built without norm layers for `spectral`) as the `variant` discriminator asks."""
+class StatisticsHead(nn.Module):
+    """A score from an image's colour statistics: its channel means and the covariance of its channels (means,
+    spreads and how channels move together: what an exposure, a cast or a channel mix changes), through a small
+    spectrally normalised MLP."""
+
+    def __init__(self, channels: int, width: int = 32) -> None:
+        super().__init__()
+        self.channels = channels
+        features = channels + channels * (channels + 1) // 2
+        self.mlp = nn.Sequential(spectral_norm(nn.Linear(features, width)), nn.LeakyReLU(0.2, True),
+                                 spectral_norm(nn.Linear(width, 1)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean((2, 3))
+        centred = (x - mean[:, :, None, None]).flatten(2)
+        covariance = centred @ centred.transpose(1, 2) / centred.shape[-1]
+        rows, cols = torch.triu_indices(self.channels, self.channels, device=x.device)
+        return self.mlp(torch.cat([mean, covariance[:, rows, cols]], 1))
+
+
+class StatisticsDiscriminator(nn.Module):
+    """A patch discriminator whose every score also holds the image's colour-statistics score."""
+
+    def __init__(self, patches: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.patches = patches
+        self.statistics = StatisticsHead(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.patches(x) + self.statistics(x)[:, :, None, None]
+
+
+def colour_discriminator(net: nn.Module, variant: str, channels: int = 3) -> nn.Module:
+    """`net` (built without norm layers for `spectral` and `colour`) as the `variant` discriminator asks."""
     _check(variant, D_VARIANTS, "model.d_variant")
-    if variant == "spectral":
+    if variant in ("spectral", "colour"):
         for parent, name, child in _children(net):
             if isinstance(child, nn.Conv2d):
                 setattr(parent, name, spectral_norm(child))
+    if variant == "colour":
+        return StatisticsDiscriminator(net, channels)
     return net
 
 
 def discriminator_norm(variant: str, norm: str) -> str:
     """The norm a `variant` discriminator is built with: spectral normalisation replaces the norm layers."""
-    return "none" if variant == "spectral" else norm
+    return "none" if variant in ("spectral", "colour") else norm
 
 
 def _check(value: str, choices: tuple[str, ...], key: str) -> None:

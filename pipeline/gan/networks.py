@@ -496,4 +496,4 @@ def discriminator_from(model: object, domain: str = "b") -> nn.Module:
                               norm=discriminator_norm(variant, model.norm), init_type=model.init_type,
                               init_gain=model.init_gain, norm_groups=model.norm_groups,
                               in_channels=channels(model, domain))
-    return colour_discriminator(net, variant)
+    return colour_discriminator(net, variant, channels(model, domain))

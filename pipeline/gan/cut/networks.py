@@ -202,7 +202,8 @@ def build_cut_discriminator(model_cfg) -> nn.Module:
     variant = getattr(model_cfg, "d_variant", "reference")
     net = CUTDiscriminator(domain_channels(model_cfg, "b"), model_cfg.ndf, n_layers,
                            discriminator_norm(variant, model_cfg.norm), model_cfg.antialias, model_cfg.norm_groups)
-    return colour_discriminator(init_weights(net, model_cfg.init_type, model_cfg.init_gain), variant)
+    return colour_discriminator(init_weights(net, model_cfg.init_type, model_cfg.init_gain), variant,
+                                domain_channels(model_cfg, "b"))
 
 
 def build_patch_sampler(widths: Sequence[int], width: int, init_type: str, init_gain: float) -> PatchSampleF:
