@@ -24,7 +24,7 @@ def test_default_yaml_restates_the_schema_defaults():
 
 
 @pytest.mark.parametrize("name", ["default", "quickstart", "horse2zebra", "monet2photo", "summer2winter_yosemite",
-                                  "cityscapes", "colour"])
+                                  "cityscapes", "colour", "colourise", "scanner"])
 def test_shipped_configs_load(name):
     load_config([ROOT / "configs" / f"{name}.yaml"])
 

@@ -72,6 +72,19 @@ class PixelFormat:
             return self.bands
         return (0,) if self.channels < 3 else (0, 1, 2)
 
+    def describe_display(self) -> str:
+        """How pictures of this domain show it: which bands, and which stored values are black and white."""
+        if self.per_image:
+            window = f"each image's {self.intensity} percentiles"
+        else:
+            low, high = self.window()
+            window = f"stored {low:g}..{high:g}"
+        bands = self.display_bands()
+        shown = ("grayscale" if len(bands) == 1 and self.channels == 1 else
+                 f"band {bands[0]} as grayscale" if len(bands) == 1 else
+                 "RGB" if self.channels == 3 and bands == (0, 1, 2) else f"bands {','.join(map(str, bands))} as RGB")
+        return f"{self.channels} channel(s) {self.depth}, {shown}, black..white = {window}"
+
     def to_unit(self, raw: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
         """(H, W, C) stored values -> float32 in [-1, 1] (the window clipped), and the window used."""
         low, high = self.window(raw)

@@ -59,6 +59,7 @@ class NullRecorder:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def batch_regime(self, world_size: int, global_batch: int, lr: float) -> None: ...
     def health_warning(self, message: str) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
     def save_samples(self, make_grid: Callable[[], np.ndarray], step: int) -> None: ...
     def checkpoint_written(self, outcome: Outcome) -> str | None:
         return None
@@ -135,6 +136,10 @@ class Recorder(NullRecorder):
         """A sign that the run is not learning (pipeline.train.health), said once, and tagged on the run."""
         log.warning("%s", message)
         self.tracker.set_tags({"health_warning": message[:500]})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tags on the run (what the sample grids show of a domain that is not 8-bit RGB, ...)."""
+        self.tracker.set_tags(tags)
 
     def _last_step_in_file(self) -> int:
         lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()

@@ -230,6 +230,9 @@ def _run(cfg: DictConfig, info: dist.DistInfo, device: torch.device, stop_flag: 
         _initialise(cfg, parts.nets)
     guard = NonFiniteGuard(cfg.control.max_nonfinite_steps)
     recorder = _start_recorder(cfg, info, (saved.get("mlflow_run_id") or None) if saved else None)
+    formats = formats_from(cfg)
+    if not all(fmt.is_8bit_rgb for fmt in formats.values()):
+        recorder.set_tags({"samples_display": "; ".join(f"{d}: {f.describe_display()}" for d, f in formats.items())})
     del saved  # Frees this rank's copy of the checkpoint.
     checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_steps,
                                 cfg.checkpoint.min_free_mb, is_main=info.is_main, timeout_s=cfg.dist.timeout_s)
