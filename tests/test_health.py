@@ -58,6 +58,25 @@ def test_discriminators_that_win_outright_and_translations_that_ignore_their_inp
     assert any("no longer depend on the input" in s for s in said) and len(said) == 2
 
 
+def test_cut_runs_are_watched_through_their_patchnce_loss():
+    """No cycle in CUT: a PatchNCE loss that stays near chance (log 257 per term at lambda 10) is the sign."""
+    def nce(values):
+        return [{"loss/G/nce": v, "loss/G/gan": 0.3, "loss/D": 0.24} for v in values]
+
+    flat = TrainingHealth(after_steps=300, nce_weight=10.0, nce_chance=5.55)
+    said, signals = observe(flat, nce([54.0, 55.0, 54.5, 55.2, 54.8, 55.0]))
+    assert len(said) == 1 and "the PatchNCE loss has not fallen in 300 steps" in said[0]
+    assert "model.g_variant=colour" in said[0] and 0.95 < signals["health/nce_vs_chance"] < 1.0
+    falling, _ = observe(TrainingHealth(after_steps=300, nce_weight=10.0), nce([54.0, 40.0, 30.0, 22.0, 18.0, 15.0]))
+    assert falling == []
+    # A generator that starts as the identity keeps the content from the start: low and flat is healthy.
+    low, _ = observe(TrainingHealth(after_steps=300, nce_weight=10.0), nce([8.0, 8.5, 8.2, 8.4, 8.3, 8.6]))
+    assert low == []
+    restored = TrainingHealth(after_steps=300)
+    restored.load_state_dict(flat.state_dict())
+    assert restored.nce == flat.nce and restored.warned == {"nce"}
+
+
 def test_input_dependence_is_one_for_the_identity_and_zero_for_a_constant():
     x = torch.rand(4, 3, 8, 8)
     assert input_dependence(x, x) == pytest.approx(1.0)

@@ -1,7 +1,8 @@
 """Is the run learning? The signals of a failing GAN run, read from the losses it logs, and one warning each.
 
 A CycleGAN whose cycle loss does not fall is not learning, whatever its adversarial terms do: its generators do
-not even reconstruct their input (the paper's networks on a colour-cast task, a learning rate of 0, inputs that
+not even reconstruct their input (for CUT/FastCUT, a PatchNCE loss that does not fall: G's output does not keep
+its input's content) (the paper's networks on a colour-cast task, a learning rate of 0, inputs that
 do not match the domains). A discriminator at chance cannot tell translated images from real ones; one winning
 outright gives the generators nothing to follow; generators whose outputs no longer depend on their inputs have
 collapsed. Each signal is logged as a `health/*` metric at every loss log, and the first time one shows after
@@ -27,6 +28,9 @@ _CAUSES = {
     "cycle": ("usual causes: generators that cannot represent the mapping (the paper's networks are blind to a colour "
               "cast and to exposure: set model.g_variant=colour for colour, tone, stain or intensity tasks, or use "
               "configs/colour.yaml), a learning rate of 0 or far too small, or data that does not match its domain"),
+    "nce": ("usual causes: a generator that cannot keep its input's structure through the translation (the paper's "
+            "networks on a colour or intensity task: model.g_variant=colour), a learning rate of 0 or far too small, "
+            "or cut.nce_layers that name layers past the encoder"),
     "d_winning": ("usual causes: a discriminator much stronger than the generators (lower model.ndf, use "
                   "model.d_variant=spectral), a learning rate too high for the generators, or domains that differ in "
                   "something the generators cannot change (size, borders, compression)"),
@@ -48,17 +52,26 @@ class TrainingHealth:
     gan_mode: str = "lsgan"
     cycle_weight: float = 10.0
     """The cycle terms' weight (loss.lambda_a, lambda_b): logged cycle losses over it are L1 errors."""
+    nce_weight: float = 1.0
+    """CUT: each PatchNCE term's weight (cut.lambda_nce)."""
+    nce_chance: float = 5.55
+    """CUT: a PatchNCE term when output and input are unrelated: log(cut.num_patches + 1) (the positive is one of
+    num_patches + 1 equally likely keys)."""
     cycle: list[float] = field(default_factory=list)
+    nce: list[float] = field(default_factory=list)
+    """CUT/FastCUT: the logged PatchNCE terms' sum at each log."""
     warned: set[str] = field(default_factory=set)
     dependence: float | None = None
     """`input_dependence` of the last sample grid's translations, logged with the losses until the next grid."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps, so that a resumed run's health metrics and warnings are the straight run's."""
-        return {"cycle": list(self.cycle), "warned": sorted(self.warned), "dependence": self.dependence}
+        return {"cycle": list(self.cycle), "nce": list(self.nce), "warned": sorted(self.warned),
+                "dependence": self.dependence}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cycle, self.warned = list(state["cycle"]), set(state["warned"])
+        self.nce = list(state.get("nce", []))
         self.dependence = state.get("dependence")
 
     def observe(self, step: int, metrics: dict[str, float]) -> tuple[dict[str, float], list[str]]:
@@ -82,6 +95,20 @@ class TrainingHealth:
                                          f"{start:.3g} at the start, {now:.3g} now, {now / start:.0%}; a "
                                          f"reconstruction error of {error:.2f} in [-1, 1] units, where unrelated "
                                          "images are about 0.5 apart)")
+        nce_terms = sorted(k for k in metrics if k.startswith("loss/") and "/nce" in k)
+        if nce_terms:
+            self.nce.append(sum(metrics[k] for k in nce_terms))
+            third = max(1, len(self.nce) // 3)
+            start, now = _mean(self.nce[:third]), _mean(self.nce[-third:])
+            if start > 0:
+                signals["health/nce_progress"] = now / start
+                per_term = now / (len(nce_terms) * self.nce_weight) if self.nce_weight > 0 else 0.0
+                signals["health/nce_vs_chance"] = per_term / self.nce_chance
+                # Low from the start (a generator that starts as the identity) is keeping the content.
+                if now / start > NOT_FALLING and per_term > 0.5 * self.nce_chance and len(self.nce) >= 3:
+                    evidence["nce"] = (f"the PatchNCE loss has not fallen in {step} steps ({' + '.join(nce_terms)}: "
+                                       f"{start:.3g} at the start, {now:.3g} now, {now / start:.0%}): the "
+                                       "translations do not keep their inputs' content")
         d_terms = sorted(k for k in metrics if k.startswith("loss/D"))
         chance = CHANCE.get(self.gan_mode)
         if d_terms and chance:

@@ -7,6 +7,7 @@ periodic job decide by its own interval (metrics, samples, evaluation, checkpoin
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -222,7 +223,8 @@ def _run(cfg: DictConfig, info: dist.DistInfo, device: torch.device, stop_flag: 
     state = TrainingState(parts.nets, parts.step.optimisers, parts.step.pools, device, parts.ema,
                           getattr(parts.step, "sampling", None), streams=lambda: saved_streams(loader, identity),
                           health=TrainingHealth(cfg.report.health_after_steps, cfg.loss.gan_mode,
-                                                (cfg.loss.lambda_a + cfg.loss.lambda_b) / 2))
+                                                (cfg.loss.lambda_a + cfg.loss.lambda_b) / 2, cfg.cut.lambda_nce,
+                                                math.log(cfg.cut.num_patches + 1)))
     if saved is not None:
         state.load_state_dict(saved, info.rank, info.world_size)
         log.info("resumed from %s (step %d)", resume, start_step)
