@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from pipeline.config import DEPTH_RANGES, parse_bands, parse_intensity
+from pipeline.data.images import display_rgb, to_image
 
 DEPTHS = DEPTH_RANGES
 NATIVE_KEYS = ("png", "tif", "tiff", "npy", "jpg", "jpeg", "webp")
@@ -104,11 +105,6 @@ class PixelFormat:
     def to_dict(self) -> dict[str, Any]:
         return {"channels": self.channels, "depth": self.depth, "intensity": self.intensity,
                 "bands": list(self.bands)}
-
-    @classmethod
-    def from_dict(cls, state: dict[str, Any], key: str = "data.domain") -> PixelFormat:
-        return cls(int(state["channels"]), state["depth"], state["intensity"], bands=tuple(state.get("bands", ())),
-                   key=key)
 
 
 def quantize_to(x: Any, fmt: PixelFormat) -> Any:
@@ -262,6 +258,8 @@ def conform(array: np.ndarray, fmt: PixelFormat, name: str, what: str) -> tuple[
     if array.dtype.kind in "iuf" and array.dtype.kind != "f" and array.dtype.itemsize > 2 and array.max(
             initial=0) <= 65535 and array.min(initial=0) >= 0:
         array = array.astype(np.uint16)  # 32-bit integer modes holding 16-bit data.
+    if what.startswith("npy") and array.shape[2] != fmt.channels and array.shape[0] == fmt.channels:
+        array = np.moveaxis(array, 0, -1)  # (C, H, W), as arrays from other tools often are.
     notes = []
     depth = np.dtype(fmt.depth)
     if array.dtype != depth:
@@ -360,10 +358,7 @@ def encode_native(array: np.ndarray, ext: str) -> bytes:
 
 
 def display_image(values: Any, bands: tuple[int, ...] = ()) -> Image.Image:
-    """A (C, H, W) tensor in [-1, 1] as an 8-bit picture to look at: grayscale for one channel, RGB as it is,
-    other band counts through `bands` (the window of the domain's intensity mapping spans black to white)."""
-    x = values.detach().float().clamp(-1, 1)
-    chosen = list(bands) or ([0, 1, 2] if x.shape[0] >= 3 else [0])
-    x = x[chosen]
-    array = ((x + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).convert("RGB")
+    """A (C, H, W) tensor in [-1, 1] as an RGB picture to look at (`images.display_rgb`: one channel as
+    grayscale, other band counts through `bands`; the window of the domain's intensity mapping spans black to
+    white)."""
+    return to_image(display_rgb(values.detach().float()[None], bands)[0].cpu())
