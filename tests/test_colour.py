@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.config import load_config
 from pipeline.engine.checkpoint import CheckpointError
-from pipeline.gan.colour import ColourGenerator
+from pipeline.gan.colour import ColourGenerator, StatisticsDiscriminator
 from pipeline.gan.cut.networks import build_cut_discriminator, build_cut_generator
 from pipeline.gan.networks import discriminator_from, generator_from
 from pipeline.infer.export import check_export, export_onnx, export_torchscript
@@ -79,20 +79,36 @@ def test_the_colour_generator_sees_cast_exposure_and_mix(method, state):
     assert seen["mix"] > 0.1 * seen["unrelated"]
 
 
+@pytest.mark.parametrize("variant", ["spectral", "colour"])
 @pytest.mark.parametrize("method", ["cyclegan", "cut"])
-def test_the_spectral_discriminator_sees_exposure(method):
+def test_the_new_discriminators_see_exposure(method, variant):
     def build(variant):
         torch.manual_seed(0)
         cfg = model(f"model.method={method}", f"model.d_variant={variant}")
         return discriminator_from(cfg) if method == "cyclegan" else build_cut_discriminator(cfg)
 
-    reference, spectral = responses(build("reference")), responses(build("spectral"))
+    reference, new = responses(build("reference")), responses(build(variant))
     # Relative to what an unrelated image changes: the reference D hardly sees an exposure change.
-    assert spectral["exposure"] > 0.15 * spectral["unrelated"]
+    assert new["exposure"] > 0.15 * new["unrelated"]
     if method == "cyclegan":  # (CUT's blur-pooled PatchGAN sees some exposure already.)
         assert reference["exposure"] < 0.05 * reference["unrelated"]
-        assert spectral["exposure"] / spectral["unrelated"] > 5 * reference["exposure"] / reference["unrelated"]
-    assert not any(isinstance(m, (nn.InstanceNorm2d, nn.GroupNorm)) for m in build("spectral").modules())
+        assert new["exposure"] / new["unrelated"] > 5 * reference["exposure"] / reference["unrelated"]
+    assert not any(isinstance(m, (nn.InstanceNorm2d, nn.GroupNorm)) for m in build(variant).modules())
+
+
+def test_the_colour_discriminator_scores_each_images_colour_statistics():
+    torch.manual_seed(0)
+    net = discriminator_from(model("model.d_variant=colour")).eval()  # Eval: spectral norm's vectors stay put.
+    assert isinstance(net, StatisticsDiscriminator)
+    x = images(0)
+    head = net.statistics
+    # Its statistics: 3 channel means and the 6 entries of the channel covariance, what a cast or a mix changes.
+    for change in (lambda t: t + 0.2, lambda t: t[:, [1, 2, 0]], lambda t: 0.6 * t):
+        assert (head(change(x)) - head(x)).abs().min() > 0
+    # The score is added to every patch's: the patch map's spatial structure is the spectral PatchGAN's.
+    with torch.no_grad():
+        diff = net(x) - net.patches(x)
+    assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff))
 
 
 def test_the_colour_generator_tiles_exactly():

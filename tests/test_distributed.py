@@ -96,7 +96,7 @@ def reference(steps: int, dtype: torch.dtype, world: int, batches, overrides=TIN
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("variants", [[], ["model.g_variant=colour", "model.d_variant=spectral"],
+@pytest.mark.parametrize("variants", [[], ["model.g_variant=colour", "model.d_variant=colour"],
                                       ["model.channels_a=1", "model.channels_b=4", "loss.lambda_idt=0"]],
                          ids=["reference-networks", "colour-networks", "channels-1-to-4"])
 def test_two_ranks_equal_one_process_averaging_in_rank_order_bitwise(tmp_path, variants):

@@ -471,6 +471,31 @@ def test_training_reads_a_16_bit_grayscale_pair_and_its_checkpoint_records_the_m
     assert grid.mode == "RGB"
 
 
+def test_fastcut_trains_from_4_band_float_tiffs_to_16_bit_npy_slices(tmp_path):
+    """TIFF and npy shards pass the start-up count and the streams, with a windowed float domain."""
+    from pipeline.train.loop import run
+    from support.runs import tiny_overrides
+
+    rng = np.random.default_rng(0)
+    shards = {}
+    for split, n in (("trainA", 6), ("testA", 2)):
+        shards[split] = shard_folder(tmp_path / split, {f"{i}.tif": tif(rng.random((36, 36, 4)).astype(np.float32))
+                                                        for i in range(n)}, split)
+    for split, n in (("trainB", 6), ("testB", 2)):
+        files = {}
+        for i in range(n):
+            out = io.BytesIO()
+            np.save(out, rng.integers(0, 65536, (36, 36)).astype(np.uint16))
+            files[f"{i}.npy"] = out.getvalue()
+        shards[split] = shard_folder(tmp_path / split, files, split)
+    overrides = tiny_overrides(shards, tmp_path / "run", **{
+        "model.method": "fastcut", "model.channels_a": 4, "model.channels_b": 1, "data.domain_a.depth": "float32",
+        "data.domain_a.intensity": "0..1", "data.domain_a.bands": "3,2,1", "data.domain_b.depth": "uint16",
+        "tracking.enabled": "false", "train.steps": 4, "checkpoint.every_steps": 4, "report.sample_every_steps": 2})
+    result = run(load_config([], overrides))
+    assert result.step == 4 and (tmp_path / "run" / "ckpt-000000004").exists()
+
+
 def test_the_shard_writer_stores_wide_and_native_members_unchanged_and_refuses_to_re_encode_them(tmp_path):
     data = png(levels16(0))
     folder = tmp_path / "images" / "trainA"

@@ -33,7 +33,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.data.images import resize_values, to_uint8_tensor
-from pipeline.data.pixels import PixelError, PixelFormat, conform, native_member, read_native
+from pipeline.data.pixels import NATIVE_KEYS, PixelError, PixelFormat, conform, native_member, read_native
 from pipeline.data.remote import ShardUnreachable, retrying_samples, shard_problem
 from pipeline.data.shard_reader import START, Located, Position, fetch
 from pipeline.data.skips import DEFAULT_MAX_PIXELS, IMAGE_KEYS, Skips, image_member, name_of, unusable
@@ -55,7 +55,7 @@ def local_path(url: str) -> str | None:
     return url.removeprefix("file:")
 
 
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".npy"}
 
 
 def _folder_of_images(folder: Path, look_at: int = 2000) -> bool:
@@ -135,7 +135,7 @@ def count_local_samples(paths: list[str], at_least: int, skips: Skips | None = N
                 key = None
                 for info in tar:
                     prefix, suffix = base_plus_ext(info.name) if info.isreg() else (None, None)
-                    if prefix is None or prefix == key or suffix.lower() not in IMAGE_KEYS:
+                    if prefix is None or prefix == key or suffix.lower() not in NATIVE_KEYS:
                         continue
                     key = prefix
                     count += 1
