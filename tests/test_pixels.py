@@ -473,8 +473,9 @@ def test_training_reads_a_16_bit_grayscale_pair_and_its_checkpoint_records_the_m
 
 def test_fastcut_trains_from_4_band_float_tiffs_to_16_bit_npy_slices(tmp_path):
     """TIFF and npy shards pass the start-up count and the streams, with a windowed float domain."""
-    from pipeline.train.loop import run
     from support.runs import tiny_overrides
+
+    from pipeline.train.loop import run
 
     rng = np.random.default_rng(0)
     shards = {}
