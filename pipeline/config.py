@@ -683,9 +683,11 @@ def _validate_domains(cfg: DictConfig) -> None:
     a, b = cfg.model.channels_a, cfg.model.channels_b
     if a == b:
         return
-    if cfg.model.method == "cyclegan" and cfg.loss.lambda_idt > 0:
-        raise ConfigError(f"loss.lambda_idt={cfg.loss.lambda_idt} asks G_ab(b) to equal b, which needs as many "
-                          f"channels in A as in B (model.channels_a={a}, channels_b={b}): set loss.lambda_idt=0")
+    if cfg.model.method == "cyclegan" and cfg.loss.lambda_idt > 0 and 1 not in (a, b):
+        raise ConfigError(f"loss.lambda_idt={cfg.loss.lambda_idt} asks G_ab(b) to equal b, with b seen through A's "
+                          f"channels: its luminance for a 1-channel A, replicated from a 1-channel B; channel counts "
+                          f"{a} -> {b} have no such view (model.channels_a={a}, channels_b={b}): set "
+                          "loss.lambda_idt=0")
     if cfg.model.g_variant == "colour":
         raise ConfigError(f"model.g_variant=colour keeps the input under its output, which needs as many channels "
                           f"in A as in B (model.channels_a={a}, channels_b={b}): use model.g_variant=reference")

@@ -225,7 +225,7 @@ def test_grayscale_files_in_the_default_rgb_domain_are_counted_and_can_be_refuse
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (["model.channels_a=1"], "set loss.lambda_idt=0"),
+    (["model.channels_a=4"], "set loss.lambda_idt=0"),
     (["model.channels_a=1", "loss.lambda_idt=0", "model.g_variant=colour"], "use model.g_variant=reference"),
     (["model.method=fastcut", "model.channels_a=3", "model.channels_b=4"], "one of them must be 1"),
     (["data.domain_b.depth=float32"], "data.domain_b.intensity to a window"),
@@ -319,6 +319,20 @@ def tiny_nets(channels_a: int, channels_b: int):
                            f"model.channels_a={channels_a}", f"model.channels_b={channels_b}"])
     torch.manual_seed(0)
     return cfg, *build_networks(cfg.model)
+
+
+def test_the_identity_terms_of_a_colourisation_see_b_through_as_luminance():
+    """G_ab(gray(b)) = b: B's own luminance is a gray image of domain A, and its colours the answer."""
+    cfg = load_config([], ["model.generator=resnet_6blocks", "model.ngf=4", "model.ndf=4", "model.channels_a=1"])
+    torch.manual_seed(0)
+    gens, _ = build_networks(cfg.model, fused=True)
+    a, b = torch.rand(1, 1, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    out = gens(a, b, identity=True)
+    luma = (b * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    with torch.no_grad():
+        assert torch.allclose(out["idt_b"], gens.G_ab(luma), atol=1e-6)
+        assert torch.allclose(out["idt_a"], gens.G_ba(a.expand(-1, 3, -1, -1)), atol=1e-6)
+    assert out["idt_b"].shape == b.shape and out["idt_a"].shape == a.shape
 
 
 @pytest.mark.parametrize("channels", [(1, 3), (4, 1)])

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from pipeline.data.images import project_channels
 from pipeline.gan.losses import GANLoss, cycle_loss, identity_loss
 from pipeline.gan.networks import discriminator_from, generator_from, use_group_kernel_instance_norm
 
@@ -24,19 +25,27 @@ class Generators(nn.Module):
     With `fused`, each generator translates its input and its identity input in one batched call (4 calls
     instead of 6). InstanceNorm keeps samples independent, so only the floating-point summation order changes;
     batch norm would mix them, so fusing is refused with it.
+
+    The identity inputs are the other domain's images, seen through the generator's input channels where the
+    domains' channel counts differ (`project_channels`): G_ab gets B's luminance and should give B back (for a
+    colourisation, the identity term is G_ab(gray(b)) = b), G_ba gets A replicated. Equal counts: unchanged.
     """
 
-    def __init__(self, G_ab: nn.Module, G_ba: nn.Module, fused: bool = False) -> None:
+    def __init__(self, G_ab: nn.Module, G_ba: nn.Module, fused: bool = False, channels: tuple[int, int] = (3, 3)):
         super().__init__()
         self.G_ab = G_ab
         self.G_ba = G_ba
         self.fused = fused
+        self.channels = channels
 
     def forward(self, real_a: Tensor, real_b: Tensor, identity: bool) -> dict[str, Tensor]:
+        if identity:
+            real_b_as_a, real_a_as_b = project_channels(real_b, self.channels[0]), project_channels(real_a,
+                                                                                                    self.channels[1])
         if self.fused and identity:
             n = real_a.shape[0]
-            fake_b, idt_b = self.G_ab(torch.cat([real_a, real_b])).split([n, real_b.shape[0]])
-            fake_a, idt_a = self.G_ba(torch.cat([real_b, real_a])).split([real_b.shape[0], n])
+            fake_b, idt_b = self.G_ab(torch.cat([real_a, real_b_as_a])).split([n, real_b.shape[0]])
+            fake_a, idt_a = self.G_ba(torch.cat([real_b, real_a_as_b])).split([real_b.shape[0], n])
             return {"fake_b": fake_b, "rec_a": self.G_ba(fake_b), "fake_a": fake_a, "rec_b": self.G_ab(fake_a),
                     "idt_b": idt_b, "idt_a": idt_a}
         fake_b = self.G_ab(real_a)
@@ -45,8 +54,8 @@ class Generators(nn.Module):
         rec_b = self.G_ab(fake_a)
         out = {"fake_b": fake_b, "rec_a": rec_a, "fake_a": fake_a, "rec_b": rec_b}
         if identity:
-            out["idt_b"] = self.G_ab(real_b)
-            out["idt_a"] = self.G_ba(real_a)
+            out["idt_b"] = self.G_ab(real_b_as_a)
+            out["idt_a"] = self.G_ba(real_a_as_b)
         return out
 
 
@@ -126,7 +135,8 @@ def build_networks(model_cfg, fused: bool = False,
     if group_kernel_norm:
         for net in (G_ab, G_ba, D_a, D_b):
             use_group_kernel_instance_norm(net)
-    return Generators(G_ab, G_ba, fused), Discriminators(D_a, D_b, fused)
+    channels = (getattr(model_cfg, "channels_a", 3), getattr(model_cfg, "channels_b", 3))
+    return Generators(G_ab, G_ba, fused, channels), Discriminators(D_a, D_b, fused)
 
 
 def build_objective(loss_cfg) -> Objective:
