@@ -23,6 +23,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from support.http_server import Server
@@ -327,6 +328,21 @@ def test_samples_that_are_not_usable_images_are_skipped_and_counted(shards, tmp_
     assert "skipping sample" in result.stderr and "cut: undecodable" in result.stderr
     # Grayscale in an RGB domain is used, and counted as a conversion.
     assert "grayscale images in a colour set (replicated)" in result.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_16_bit_image_in_an_8_bit_domain_stops_the_run_in_one_line_naming_it(shards, tmp_path, workers):
+    """It used to be skipped; read as 8 bits it would be clipped, so the domain's depth is what to change."""
+    folder = tmp_path / "trainA"
+    folder.mkdir()
+    for path in glob.glob(shards["trainA"]):
+        shutil.copy(path, folder)
+    wide = np.linspace(0, 65535, 40 * 40).reshape(40, 40).astype(np.uint16)
+    tar_of(folder / "deep.tar", {"deep.png": png(Image.fromarray(wide))})
+    result = train(offline(shards, tmp_path / "run", **{"data.train_a": f"{folder}/*.tar", "data.workers": workers,
+                                                       "train.steps": 300, "checkpoint.every_steps": 0}))
+    # Met in the first pass over the 49 samples (each worker's stream reads every shard), before the run ends.
+    one_line_error(result, "deep.tar:deep", "mode I;16", "data.domain_a.depth=uint16", "would clip")
 
 
 def test_a_shard_that_vanishes_or_is_emptied_mid_run_is_skipped_and_training_goes_on(shards, tmp_path):
