@@ -191,6 +191,13 @@ def test_a_stray_colour_file_in_a_grayscale_set_is_converted_and_counted_or_refu
     assert "data.domain_a.mismatch=convert" in str(err.value)
 
 
+def test_wide_integers_holding_the_depths_values_are_taken_as_it():
+    """PIL's 32-bit mode I and npy int64 arrays of HU: their values fit, so nothing is converted or refused."""
+    hu = np.array([[-1024, 0, 3071]], dtype=np.int64)[:, :, None]
+    array, note = conform(hu, PixelFormat(1, "int16", "-1024..3071"), "ct.npy", "npy int64")
+    assert array.dtype == np.int16 and note is None and array[0, :, 0].tolist() == [-1024, 0, 3071]
+
+
 def test_8_bit_files_in_a_16_bit_set_keep_their_brightness_with_a_warning_or_are_refused():
     eight = np.array([[0, 1, 128, 255]], np.uint8)[:, :, None]
     array, note = conform(eight, GRAY16, "x.png", "PNG mode L")
@@ -207,7 +214,8 @@ def test_8_bit_files_in_a_16_bit_set_keep_their_brightness_with_a_warning_or_are
     (np.zeros((4, 4, 1), np.float32), GRAY16, "set data.domain_a.depth=float32"),
     (np.zeros((4, 4, 1), np.int16), PixelFormat(1, "uint8"), "set data.domain_a.depth=int16"),
     (np.full((4, 4, 1), np.nan, np.float32), PixelFormat(1, "float32", "0..1"), "NaN or infinite"),
-], ids=["4-bands-in-rgb", "2-bands-in-5", "float-in-16-bit", "int16-in-8-bit", "nan"])
+    (np.full((4, 4, 1), -70_000, np.int32), PixelFormat(1, "int16", "-1000..1000"), "set data.domain_a.depth=float32"),
+], ids=["4-bands-in-rgb", "2-bands-in-5", "float-in-16-bit", "int16-in-8-bit", "nan", "int32-beyond-int16"])
 def test_images_a_domain_cannot_take_are_errors_naming_the_setting(array, fmt, needle):
     with pytest.raises(ValueError) as err:
         conform(array, fmt, "shard.tar:sample", "TIFF")

@@ -255,9 +255,10 @@ def conform(array: np.ndarray, fmt: PixelFormat, name: str, what: str) -> tuple[
             float), or for any conversion when `fmt.mismatch` is `error`; the message names the image, what it is
             and the setting to change.
     """
-    if array.dtype.kind in "iuf" and array.dtype.kind != "f" and array.dtype.itemsize > 2 and array.max(
-            initial=0) <= 65535 and array.min(initial=0) >= 0:
-        array = array.astype(np.uint16)  # 32-bit integer modes holding 16-bit data.
+    limits = DEPTHS[fmt.depth]
+    if array.dtype.kind in "iu" and array.dtype.itemsize > 2 and limits is not None and array.size and (
+            limits[0] <= array.min() and array.max() <= limits[1]):
+        array = array.astype(fmt.depth)  # Wide integers (PIL's mode I, npy int64) holding the depth's values.
     if what.startswith("npy") and array.shape[2] != fmt.channels and array.shape[0] == fmt.channels:
         array = np.moveaxis(array, 0, -1)  # (C, H, W), as arrays from other tools often are.
     notes = []
@@ -310,11 +311,12 @@ def _widen(array: np.ndarray, depth: np.dtype) -> np.ndarray:
 
 
 def _depth_name(dtype: np.dtype) -> str:
-    if dtype.kind == "f":
-        return "float32"
-    if dtype.itemsize == 1:
-        return "uint8"
-    return "int16" if dtype.kind == "i" and dtype.itemsize == 2 else "uint16"
+    """The depth setting that holds values of `dtype` exactly (float32 for wider integers: exact to 2**24)."""
+    if dtype.kind == "u" and dtype.itemsize <= 2:
+        return "uint8" if dtype.itemsize == 1 else "uint16"
+    if dtype.kind == "i" and dtype.itemsize <= 2:
+        return "int16"
+    return "float32"
 
 
 # --- writing ---------------------------------------------------------------------------------------------------
