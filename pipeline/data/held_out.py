@@ -19,11 +19,11 @@ from torch import Tensor
 from webdataset.tariterators import tarfile_samples
 
 from pipeline.data.images import resize_square, resize_values, to_tensor
-from pipeline.data.pixels import NATIVE_KEYS, PixelError, PixelFormat, conform, native_member, read_native
+from pipeline.data.pixels import NATIVE_KEYS, PixelError, PixelFormat
 from pipeline.data.remote import shard_problem
 from pipeline.data.shards import EXTENSIONS, list_images, sample_key
 from pipeline.data.skips import name_of
-from pipeline.data.stream import DataError, decode_image, expand_pattern
+from pipeline.data.stream import DataError, decode_image, decode_native, expand_pattern
 
 log = logging.getLogger("pipeline.data")
 
@@ -78,15 +78,10 @@ def _decoder(fmt: PixelFormat | None) -> Callable[[dict[str, Any]], Decoded]:
         return decode_image
 
     def native(sample: dict[str, Any]) -> NativeImage:
-        key = native_member(sample)
-        if key is None:
-            raise DataError(f"sample '{sample.get('__key__')}' has no image member")
-        array, what = read_native(sample[key], key)
-        array, converted = conform(array, fmt, name_of(sample), what)
+        values, window, converted = decode_native(sample, fmt)
         if converted:
             log.warning("%s: converted (%s)", name_of(sample), converted)
-        values, window = fmt.to_unit(array)
-        return NativeImage(torch.from_numpy(values).permute(2, 0, 1).contiguous(), window)
+        return NativeImage(values, window)
 
     return native
 

@@ -229,16 +229,18 @@ class Augment:
         return x.contiguous()
 
 
-def decode_native(sample: dict[str, Any], fmt: PixelFormat) -> tuple[torch.Tensor, str | None]:
-    """A sample's image as its domain's (C, H, W) float32 in [-1, 1], and the conversion made to fit the domain
-    (None: none). Raises PixelError for an image the domain cannot take (see `pixels.conform`)."""
+def decode_native(sample: dict[str, Any],
+                  fmt: PixelFormat) -> tuple[torch.Tensor, tuple[float, float], str | None]:
+    """A sample's image as its domain's (C, H, W) float32 in [-1, 1], the window of stored values mapped to
+    [-1, 1], and the conversion made to fit the domain (None: none). Raises PixelError for an image the domain
+    cannot take (see `pixels.conform`). Training's streams and the held-out sets decode through it."""
     key = native_member(sample)
     if key is None:
         raise DataError(f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has no image member")
     array, what = read_native(sample[key], key)
     array, converted = conform(array, fmt, name_of(sample), what)
-    unit, _ = fmt.to_unit(array)
-    return torch.from_numpy(unit).permute(2, 0, 1).contiguous(), converted
+    unit, window = fmt.to_unit(array)
+    return torch.from_numpy(unit).permute(2, 0, 1).contiguous(), window, converted
 
 
 def decode_image(sample: dict[str, Any]) -> Image.Image:
@@ -452,7 +454,8 @@ class DomainStream:
     def _decode(self, sample: dict[str, Any]) -> tuple[Image.Image | torch.Tensor, str | None]:
         """8-bit RGB through PIL (unchanged: the golden losses), anything else as a float tensor."""
         if not self.fmt.is_8bit_rgb:
-            return decode_native(sample, self.fmt)
+            values, _, converted = decode_native(sample, self.fmt)
+            return values, converted
         img = open_image(sample)
         return img.convert("RGB"), _rgb_conversion(img.mode, self.fmt)
 

@@ -318,10 +318,11 @@ class _BandStats:
             return {}
         mean = self.sums / self.count
         std = np.sqrt(np.maximum(self.squares / self.count - mean**2, 0))
-        scale, low = (1.0, -1.0) if fmt.per_image else ((fmt.window()[1] - fmt.window()[0]) / 2, fmt.window()[0])
+        low, high = (-1.0, 1.0) if fmt.per_image else fmt.window()
+        scale = (high - low) / 2
         out = {}
         for band, (m, sd) in enumerate(zip(mean, std)):
-            out[f"band{band}_mean{suffix}"] = float((m + 1) * scale + low) if not fmt.per_image else float(m)
+            out[f"band{band}_mean{suffix}"] = float((m + 1) * scale + low)
             out[f"band{band}_std{suffix}"] = float(sd * scale)
         return out
 

@@ -407,15 +407,14 @@ class Trainer:
         self.recorder.log_metrics(metrics, step)
 
     def sample_grid(self) -> Any:
+        formats = formats_from(self.cfg)
         if not self._held:
             size, count = self.cfg.data.crop_size, self.cfg.report.sample_images
-            formats = formats_from(self.cfg)
             self._held["a"] = held_out(self.cfg.data.test_a, count, size, formats["A"])[1].to(self.device)
             self._held["b"] = held_out(self.cfg.data.test_b, count, size, formats["B"])[1].to(self.device)
         def seen(real_a: torch.Tensor, fake_b: torch.Tensor) -> None:
             self.health.dependence = input_dependence(real_a, fake_b)
 
-        formats = formats_from(self.cfg)
         return sample_grid(self.parts.translators(), self._held["a"], self._held["b"], seen,
                            (formats["A"].bands, formats["B"].bands))
 
