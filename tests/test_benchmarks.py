@@ -49,6 +49,12 @@ def test_benchmark_smoke(tmp_path, script, keys):
         by = {(r["world_size"], r["rank"]): r for r in rows}
         assert by[1, 0]["decoded"] == 2 * by[1, 0]["images"]  # One process decodes both sets whole.
         assert sum(by[2, r]["decoded"] for r in (0, 1)) == by[1, 0]["decoded"]  # Two ranks split them.
+    if script == "colour_tasks.py":
+        # The colour transfer's own identity L1 (numpy on the PNGs) equals the pipeline's evaluation of the same
+        # held-out pairs; fitted on the cast's unpaired pixels, the affine map lands below the input unchanged.
+        by = {r["variant"]: r for r in rows}
+        assert by["transfer"]["l1_identity"] == pytest.approx(by["colour"]["l1_identity"], abs=1e-6)
+        assert by["transfer"]["l1"] < by["transfer"]["l1_identity"]
     if script == "bench_checkpoint.py":
         # Bytes, not times: the landed design's rank 0 writes every rank's pools, the sharded one's its own share.
         by = {(r["design"], r["world_size"]): r for r in rows}

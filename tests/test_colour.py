@@ -105,6 +105,14 @@ def test_the_colour_discriminator_scores_each_images_colour_statistics():
     # Its statistics: 3 channel means and the 6 entries of the channel covariance, what a cast or a mix changes.
     for change in (lambda t: t + 0.2, lambda t: t[:, [1, 2, 0]], lambda t: 0.6 * t):
         assert (head(change(x)) - head(x)).abs().min() > 0
+    # And each channel's quantiles, the tone curve: two images of equal means and covariance, one of evenly spread
+    # values and one of two values (a gamma or a film look changes this, two moments cannot see it).
+    spread = torch.linspace(-0.9, 0.9, 32 * 32)
+    two = torch.where(torch.arange(32 * 32) % 2 == 0, 1.0, -1.0) * spread.pow(2).mean().sqrt()
+    even, split = (v.reshape(1, 1, 32, 32).expand(1, 3, 32, 32) for v in (spread, two))
+    assert torch.allclose(even.mean((2, 3)), split.mean((2, 3)), atol=1e-6)
+    assert torch.allclose(even.flatten(2).pow(2).mean(-1), split.flatten(2).pow(2).mean(-1), atol=1e-6)
+    assert (head(even) - head(split)).abs().item() > 1e-3
     # The score is added to every patch's: the patch map's spatial structure is the spectral PatchGAN's.
     with torch.no_grad():
         diff = net(x) - net.patches(x)
