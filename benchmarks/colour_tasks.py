@@ -212,13 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.size, args.width, args.images, args.held_out = 6, 32, 4, 16, 4
         args.seeds, args.transforms = "0", "cast"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    rows = []
+    rows, seeds = [], [int(s) for s in args.seeds.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.transforms.split(","):
             task = make_task(Path(tmp) / name, name, args)
             for variant in args.variants.split(","):
-                # The colour transfer has no seed: one row.
-                for seed in map(int, args.seeds.split(",")[:1] if variant == "transfer" else args.seeds.split(",")):
+                for seed in seeds[:1] if variant == "transfer" else seeds:  # The colour transfer has no seed.
                     run_dir = Path(tmp) / name / f"{variant}-{seed}"
                     result = (colour_transfer(task) if variant == "transfer"
                               else train_once(task, variant, seed, run_dir, args))

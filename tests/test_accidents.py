@@ -256,14 +256,20 @@ def test_tracking_required_stops_the_run_when_the_store_cannot_be_opened(shards,
 # Data: shards and samples that cannot be used.
 
 
+def copy_of_domain_a(shards: dict[str, str], tmp_path: Path) -> Path:
+    """A folder holding a copy of domain A's good shards, for a test to add or break shards beside them."""
+    folder = tmp_path / "trainA"
+    folder.mkdir()
+    for path in glob.glob(shards["trainA"]):
+        shutil.copy(path, folder)
+    return folder
+
+
 @pytest.fixture
 def bad_shards(shards, tmp_path) -> Path:
     """The good shards of domain A beside an empty one, a truncated one and one that is not a tar."""
-    folder = tmp_path / "trainA"
-    folder.mkdir()
+    folder = copy_of_domain_a(shards, tmp_path)
     good = sorted(glob.glob(shards["trainA"]))
-    for path in good:
-        shutil.copy(path, folder)
     (folder / "x-empty.tar").write_bytes(b"")
     with tarfile.open(good[0]) as tar:
         cut = tar.getmembers()[4].offset_data + 10  # Inside a member's bytes, as an interrupted copy ends.
@@ -302,10 +308,7 @@ def test_a_domain_with_nothing_usable_stops_listing_what_was_skipped(shards, tmp
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_samples_that_are_not_usable_images_are_skipped_and_counted(shards, tmp_path, workers):
-    folder = tmp_path / "trainA"
-    folder.mkdir()
-    for path in glob.glob(shards["trainA"]):
-        shutil.copy(path, folder)
+    folder = copy_of_domain_a(shards, tmp_path)
     good = png(Image.new("RGB", (40, 40), (200, 30, 30)))
     tar_of(folder / "odd.tar", {
         "caption.txt": b"a sample with no image",
@@ -333,10 +336,7 @@ def test_samples_that_are_not_usable_images_are_skipped_and_counted(shards, tmp_
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_16_bit_image_in_an_8_bit_domain_stops_the_run_in_one_line_naming_it(shards, tmp_path, workers):
     """It used to be skipped; read as 8 bits it would be clipped, so the domain's depth is what to change."""
-    folder = tmp_path / "trainA"
-    folder.mkdir()
-    for path in glob.glob(shards["trainA"]):
-        shutil.copy(path, folder)
+    folder = copy_of_domain_a(shards, tmp_path)
     wide = np.linspace(0, 65535, 40 * 40).reshape(40, 40).astype(np.uint16)
     tar_of(folder / "deep.tar", {"deep.png": png(Image.fromarray(wide))})
     result = train(offline(shards, tmp_path / "run", **{"data.train_a": f"{folder}/*.tar", "data.workers": workers,
@@ -346,10 +346,7 @@ def test_a_16_bit_image_in_an_8_bit_domain_stops_the_run_in_one_line_naming_it(s
 
 
 def test_a_shard_that_vanishes_or_is_emptied_mid_run_is_skipped_and_training_goes_on(shards, tmp_path):
-    folder = tmp_path / "trainA"
-    folder.mkdir()
-    for path in glob.glob(shards["trainA"]):
-        shutil.copy(path, folder)
+    folder = copy_of_domain_a(shards, tmp_path)
     run_dir = tmp_path / "run"
     overrides = offline(shards, run_dir, **{"data.train_a": f"{folder}/*.tar", "data.workers": 2,
                                             "train.steps": 100000, "report.log_every_steps": 5,

@@ -40,8 +40,8 @@ class Generators(nn.Module):
 
     def forward(self, real_a: Tensor, real_b: Tensor, identity: bool) -> dict[str, Tensor]:
         if identity:
-            real_b_as_a, real_a_as_b = project_channels(real_b, self.channels[0]), project_channels(real_a,
-                                                                                                    self.channels[1])
+            real_b_as_a = project_channels(real_b, self.channels[0])
+            real_a_as_b = project_channels(real_a, self.channels[1])
         if self.fused and identity:
             n = real_a.shape[0]
             fake_b, idt_b = self.G_ab(torch.cat([real_a, real_b_as_a])).split([n, real_b.shape[0]])
