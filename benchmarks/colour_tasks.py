@@ -2,7 +2,7 @@
 
     python benchmarks/colour_tasks.py [--steps 1500] [--size 64] [--seeds 0,1,2]
         [--transforms exposure,cast,mix,gamma,stain] [--variants reference,colour,transfer]
-        [--json benchmarks/results/colour_tasks.json] [--smoke]
+        [--json benchmarks/results/colour_tasks.json] [--merge EARLIER.json] [--smoke]
 
 Real photographs available offline (scikit-image's sample images, installed with it; nothing is downloaded):
 astronaut, coffee, rocket, the left motorcycle, the Hubble deep field and the retina for training; chelsea (the
@@ -15,8 +15,10 @@ exposure (x 0.6 in linear light), cast (a warm white balance), mix (a channel-mi
 Each (transform, variant, seed) trains the pipeline itself (`pipeline.train.run`) for STEPS steps and reports the
 held-out L1 and SSIM against the truth next to identity's (the input unchanged), and the cycle loss curve. Variants:
 `reference` (the paper's networks and settings: model.g_variant=reference, d_variant=reference, lambda_idt 0.5) and
-`colour` (configs/colour.yaml); and `transfer`, no network: the linear colour transfer that matches A's pixel mean
-and covariance to B's (one row, it has no seed). Figures are means and (min-max) over the seeds.
+`colour` (configs/colour.yaml: the colour networks, starting as the colour transfer between the domains),
+`colour-identity` (the same, starting as the identity); and `transfer`, no network: the linear colour transfer that
+matches A's pixel mean and covariance to B's (one row, it has no seed). Figures are means and (min-max) over the
+seeds. `--merge` keeps the rows of an earlier JSON for the (transform, variant) pairs this run does not train.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pipeline.data.shards import write_shards  # noqa: E402
 
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "retina")
 HELD_OUT_PHOTOS = ("chelsea", "motorcycle_right", "immunohistochemistry")
+TRANSFORMS = ("exposure", "cast", "mix", "gamma", "stain")
 MIX = np.array([[0.7, 0.25, 0.05], [0.15, 0.7, 0.15], [0.05, 0.3, 0.65]])
 
 
@@ -134,6 +137,8 @@ VARIANTS = {
     # The paper's networks with the paper's loss weights (lambda_idt 0.5), at the demo's learning rate.
     "reference": (None, ["model.g_variant=reference", "model.d_variant=reference", "loss.lambda_idt=0.5"]),
     "colour": (ROOT / "configs" / "colour.yaml", []),
+    # The preset's networks starting as the identity instead of the colour transfer (the preset of the last stop).
+    "colour-identity": (ROOT / "configs" / "colour.yaml", ["model.colour_start=identity"]),
 }
 
 
@@ -203,9 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=400, help="crops per training domain")
     parser.add_argument("--held-out", type=int, default=48)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--transforms", default="exposure,cast,mix,gamma,stain")
+    parser.add_argument("--transforms", default=",".join(TRANSFORMS))
     parser.add_argument("--variants", default="reference,colour,transfer")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "colour_tasks.json")
+    parser.add_argument("--merge", type=Path, help="an earlier JSON whose other (transform, variant) rows are kept")
     parser.add_argument("--smoke", action="store_true", help="a tiny case for CI")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -229,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name:8s} {variant:9s} seed {seed}: L1 {row['l1']:.4f} (identity {row['l1_identity']:.4f})"
                           f", SSIM {row['ssim']:.3f} (identity {row['ssim_identity']:.3f}){cycle}, "
                           f"{row['seconds']:.0f} s", flush=True)
+    if args.merge:
+        ran = {(r["transform"], r["variant"]) for r in rows}
+        rows = [r for r in json.loads(args.merge.read_text())["rows"] if (r["transform"], r["variant"]) not in ran
+                ] + rows
+        order = [*TRANSFORMS, *sorted({r["transform"] for r in rows} - set(TRANSFORMS))]
+        rows.sort(key=lambda r: (order.index(r["transform"]), [*VARIANTS, "transfer"].index(r["variant"])))
     summary = summarise(rows)
     for line in summary:
         print(f"{line['transform']:8s} {line['variant']:9s} L1 {line['l1']:.4f} ({line['l1_min']:.4f}-"

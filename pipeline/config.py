@@ -62,11 +62,20 @@ class ModelConfig:
     g_variant: str = "reference"
     """Generator variant: reference (the paper's: blind to a colour cast and nearly to exposure, G(x + c) = G(x))
     or colour (sees absolute colour and intensity: a skip in tanh's logit space, a per-pixel colour branch, and
-    the paper's network as a residual; starts as the identity). See pipeline/gan/colour.py."""
+    the paper's network as a residual; starts as model.colour_start says). See pipeline/gan/colour.py."""
     d_variant: str = "reference"
     """Discriminator variant: reference (the paper's PatchGAN with model.norm), spectral (spectral norm on every
     convolution instead of norm layers: its scores see exposure) or colour (spectral, plus a score from each
-    image's channel means and covariance added to every patch's: sees global colour mappings directly)."""
+    image's channel means, covariance and quantiles added to every patch's: sees global colour mappings
+    directly)."""
+    colour_start: str = "identity"
+    """Where the colour generator starts (g_variant=colour): identity (G(x) = x) or transfer (its skip is fixed,
+    before training, to the linear colour transfer from the source domain's pixel mean and covariance to the
+    target's, and the network learns what that misses). transfer suits domains that differ in colour, not in
+    content: colour grading, exposure, white balance, camera A -> B, stain, intensity windows."""
+    colour_start_images: int = 512
+    """colour_start=transfer: images of each domain its pixel statistics are taken over (read once at the start
+    of a run, by every rank, from a stream apart from training's)."""
     channels_a: int = 3
     """Channels of domain A's images: 1 (grayscale), 3 (RGB) or a band count (multi-band TIFF or .npy). The
     reference's input_nc, per domain: G_ab maps channels_a -> channels_b, G_ba back, D_a judges channels_a."""
@@ -398,6 +407,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.init_type": ("normal", "xavier", "kaiming", "orthogonal"),
     "model.g_variant": ("reference", "colour"),
     "model.d_variant": ("reference", "spectral", "colour"),
+    "model.colour_start": ("identity", "transfer"),
     "loss.gan_mode": ("lsgan", "vanilla", "hinge"),
     "data.preprocess": ("resize_and_crop", "crop", "scale_width_and_crop", "none"),
     "train.precision": ("fp32", "bf16", "fp16"),
@@ -607,6 +617,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"'cut.nce_layers' is '{cfg.cut.nce_layers}'; give comma-separated generator layer "
                               "indices, e.g. 0,4,8,12,16")
     _validate_domains(cfg)
+    if cfg.model.colour_start != "identity" and cfg.model.g_variant != "colour":
+        raise ConfigError(f"model.colour_start={cfg.model.colour_start} sets the colour generator's skip; "
+                          f"model.g_variant={cfg.model.g_variant} has none: set model.g_variant=colour, or "
+                          "model.colour_start=identity")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"'train.ema_decay' must lie in [0, 1) (0: no EMA), got {cfg.train.ema_decay}")
     best = cfg.checkpoint.best_metric
@@ -629,7 +643,7 @@ def validate(cfg: DictConfig) -> None:
     for key in non_negative:
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"'{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")
-    for key in ("checkpoint.keep_last", "eval.batch_size", "train.ema_every"):
+    for key in ("checkpoint.keep_last", "eval.batch_size", "train.ema_every", "model.colour_start_images"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
 

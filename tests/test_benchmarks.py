@@ -55,6 +55,16 @@ def test_benchmark_smoke(tmp_path, script, keys):
         by = {r["variant"]: r for r in rows}
         assert by["transfer"]["l1_identity"] == pytest.approx(by["colour"]["l1_identity"], abs=1e-6)
         assert by["transfer"]["l1"] < by["transfer"]["l1_identity"]
+        # The preset starts as that transfer (fitted by the pipeline from the shards): below identity from the start.
+        assert by["colour"]["l1"] < by["colour"]["l1_identity"]
+        # --merge: a rerun of one variant keeps the other variants' rows of the earlier file.
+        again = tmp_path / "again.json"
+        proc = run_child([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--variants", "transfer",
+                          "--merge", str(out), "--json", str(again)], cwd=ROOT, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        merged = json.loads(again.read_text())["rows"]
+        assert [r for r in merged if r["variant"] != "transfer"] == [r for r in rows if r["variant"] != "transfer"]
+        assert [r["variant"] for r in merged].count("transfer") == 1
     if script == "bench_checkpoint.py":
         # Bytes, not times: the landed design's rank 0 writes every rank's pools, the sharded one's its own share.
         by = {(r["design"], r["world_size"]): r for r in rows}

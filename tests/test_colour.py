@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.config import load_config
 from pipeline.engine.checkpoint import CheckpointError
-from pipeline.gan.colour import ColourGenerator, StatisticsDiscriminator
+from pipeline.gan.colour import ColourGenerator, StatisticsDiscriminator, colour_transfer
 from pipeline.gan.cut.networks import build_cut_discriminator, build_cut_generator
 from pipeline.gan.networks import discriminator_from, generator_from
 from pipeline.infer.export import check_export, export_onnx, export_torchscript
@@ -119,9 +119,13 @@ def test_the_colour_discriminator_scores_each_images_colour_statistics():
     assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff))
 
 
-def test_the_colour_generator_tiles_exactly():
+@pytest.mark.parametrize("start", ["identity", "transfer"])
+def test_the_colour_generator_tiles_exactly(start):
     torch.manual_seed(0)
-    net = trained_like(generator_from(model("model.g_variant=colour", "model.init_gain=0.3"))).eval()
+    net = trained_like(generator_from(model("model.g_variant=colour", "model.init_gain=0.3",
+                                            f"model.colour_start={start}"))).eval()
+    if start == "transfer":
+        net.start_from(MIX, torch.tensor([0.05, -0.02, 0.01]))
     x = torch.rand(1, 3, 44, 60, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.no_grad():
         want = net(x)
@@ -132,7 +136,9 @@ def test_the_colour_generator_tiles_exactly():
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_the_colour_generator_exports(tmp_path, fmt):
     torch.manual_seed(0)
-    net = PaddedGenerator(trained_like(generator_from(model("model.g_variant=colour"))).eval(), 4)
+    generator = trained_like(generator_from(model("model.g_variant=colour", "model.colour_start=transfer")))
+    generator.start_from(MIX, torch.tensor([0.05, -0.02, 0.01]))
+    net = PaddedGenerator(generator.eval(), 4)
     path = tmp_path / f"g.{'pt' if fmt == 'torchscript' else 'onnx'}"
     (export_torchscript if fmt == "torchscript" else export_onnx)(net, path, {"g_variant": "colour"})
     assert check_export(net, path, fmt, [(1, 32, 32), (2, 37, 53)]) < 1e-4
@@ -150,3 +156,54 @@ def test_reference_files_refuse_the_colour_variants_by_name(tmp_path):
     save_atomic({"format": FORMAT, "config": to_yaml(cfg), "step": 1, "mlflow_run_id": "", "nets": nets}, path)
     with pytest.raises(CheckpointError, match="model.g_variant=colour, model.d_variant=spectral: the reference"):
         nets_from_checkpoint(path, cfg.model)
+
+
+def test_the_colour_transfer_carries_one_domains_pixel_moments_onto_the_others():
+    g = torch.Generator().manual_seed(4)
+    source = torch.randn(20000, 3, generator=g, dtype=torch.float64) @ torch.tensor(
+        [[0.3, 0.1, 0.0], [0.0, 0.2, 0.05], [0.1, 0.0, 0.25]], dtype=torch.float64) + 0.1
+    target = torch.randn(20000, 3, generator=g, dtype=torch.float64) @ torch.tensor(
+        [[0.2, 0.0, 0.1], [0.05, 0.3, 0.0], [0.0, 0.1, 0.15]], dtype=torch.float64) - 0.2
+    weight, bias = colour_transfer(source.mean(0), source.T.cov(correction=0), target.mean(0),
+                                   target.T.cov(correction=0))
+    moved = source @ weight.double().T + bias.double()
+    assert torch.allclose(moved.mean(0), target.mean(0), atol=1e-6)
+    assert torch.allclose(moved.T.cov(correction=0), target.T.cov(correction=0), atol=1e-6)
+    # The map that moves the pixels least: symmetric positive definite (Monge-Kantorovich), not any whitening.
+    assert torch.allclose(weight, weight.T, atol=1e-6) and torch.linalg.eigvalsh(weight.double()).min() > 0
+    # One channel (an intensity window): the ratio of the spreads, and the means matched.
+    weight, bias = colour_transfer(torch.tensor([0.5]), torch.tensor([[0.04]]), torch.tensor([-0.1]),
+                                   torch.tensor([[0.09]]))
+    assert torch.allclose(weight, torch.tensor([[1.5]])) and torch.allclose(bias, torch.tensor([-0.85]))
+    # A grey source seen in RGB varies along one direction only: finite, and grey maps to the target's mean.
+    grey = torch.full((3, 3), 0.04)
+    weight, bias = colour_transfer(torch.zeros(3), grey, torch.tensor([0.1, 0.0, -0.1]), torch.eye(3) * 0.05)
+    assert torch.isfinite(weight).all() and torch.allclose(bias, torch.tensor([0.1, 0.0, -0.1]))
+
+
+@pytest.mark.parametrize("method", ["cyclegan", "cut"])
+def test_a_colour_generator_started_from_a_transfer_begins_as_that_colour_map(method):
+    torch.manual_seed(0)
+    cfg = model("model.g_variant=colour", "model.colour_start=transfer", f"model.method={method}")
+    net = (generator_from(cfg) if method == "cyclegan" else build_cut_generator(cfg, 6)).eval()
+    weight, bias = MIX * 0.9, torch.tensor([0.05, -0.02, 0.01])
+    net.start_from(weight, bias)
+    x = images(0)
+    with torch.no_grad():
+        assert (net(x) - (torch.einsum("ij,bjhw->bihw", weight, x) + bias[:, None, None])).abs().max() < 1e-5
+    assert {"skip.weight", "skip.bias"} <= net.state_dict().keys()  # Checkpointed with the network.
+    assert not any(p is net.skip.weight for p in net.parameters())  # Fitted, never trained.
+    # The identity start keeps the module tree (and the checkpoints) of before the option.
+    plain = generator_from(model("model.g_variant=colour"))
+    assert not any(k.startswith("skip.") for k in plain.state_dict())
+    with pytest.raises(ValueError, match="start=identity"):
+        plain.start_from(weight, bias)
+
+
+def test_colour_start_needs_the_colour_generator():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.colour_start=transfer .* set model.g_variant=colour"):
+        load_config([], ["model.colour_start=transfer"])
+    with pytest.raises(ConfigError, match="model.colour_start"):
+        load_config([], ["model.g_variant=colour", "model.colour_start=histogram"])

@@ -7,12 +7,13 @@ import sys
 
 import pytest
 import torch
-from support.ddp_worker import fixed_batch
+from support.ddp_worker import fixed_batch, fixed_moments
 from support.runs import ROOT, WORKER, free_port, nets_equal, process_env, single_rank_cmd, tiny_overrides, train_cmd
 
 from pipeline.config import load_config
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.engine.optim import build_adam
+from pipeline.gan.colour import colour_transfer
 from pipeline.gan.cyclegan import build_networks, build_objective
 from pipeline.gan.image_pool import ImagePool
 from pipeline.gan.networks import uses_group_kernel_norm
@@ -47,6 +48,11 @@ def reference(steps: int, dtype: torch.dtype, world: int, batches, overrides=TIN
         gens, discs = build_networks(cfg.model, fused=cfg.perf.fused_calls,  # as the workers
                                      group_kernel_norm=uses_group_kernel_norm(cfg.perf.instance_norm_kernel,
                                                                               torch.device("cpu")))
+        if cfg.model.colour_start == "transfer":
+            for net, source, target in ((gens.G_ab, "A", "B"), (gens.G_ba, "B", "A")):
+                moments = fixed_moments()
+                net.start_from(*colour_transfer(moments[source].mean, moments[source].covariance,
+                                                moments[target].mean, moments[target].covariance))
         objective = build_objective(cfg.loss)
         opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
         opt_d = build_adam(discs.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
@@ -96,7 +102,8 @@ def reference(steps: int, dtype: torch.dtype, world: int, batches, overrides=TIN
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("variants", [[], ["model.g_variant=colour", "model.d_variant=colour"],
+@pytest.mark.parametrize("variants", [[], ["model.g_variant=colour", "model.d_variant=colour",
+                                           "model.colour_start=transfer"],
                                       ["model.channels_a=1", "model.channels_b=4", "loss.lambda_idt=0"]],
                          ids=["reference-networks", "colour-networks", "channels-1-to-4"])
 def test_two_ranks_equal_one_process_averaging_in_rank_order_bitwise(tmp_path, variants):

@@ -62,7 +62,9 @@ def test_new_process_resume_equals_a_straight_run_bitwise(shards, served, tmp_pa
     # forward pass changes; the colour discriminator has them in its statistics head too.
     common = {"train.steps": 8, "checkpoint.every_steps": 8, "data.workers": workers, "report.log_every_steps": 1,
               "model.norm": norm, "perf.fused_calls": norm != "batch",  # Batch norm couples a fused call's images.
-              "model.g_variant": variant, "model.d_variant": variant}
+              "model.g_variant": variant, "model.d_variant": variant,
+              # The colour generator's skip fitted from the shards (a buffer): the resumed half reads it back.
+              "model.colour_start": "transfer" if variant == "colour" else "identity"}
     source = served if where == "http" else shards
     straight = tiny_overrides(source, tmp_path / "straight", **common)
     chunked = tiny_overrides(source, tmp_path / "chunked", **common, **{"control.stop_after_steps": 4})
@@ -81,6 +83,9 @@ def test_new_process_resume_equals_a_straight_run_bitwise(shards, served, tmp_pa
     a = load_checkpoint(tmp_path / "straight" / "ckpt-000000008")
     b = load_checkpoint(tmp_path / "chunked" / "ckpt-000000008")
     assert nets_equal(a, b)
+    if variant == "colour":  # Fitted, not the identity, and not trained.
+        assert not torch.equal(a["nets"]["G_ab"]["skip.weight"], torch.eye(3))
+        assert torch.equal(a["nets"]["G_ab"]["skip.weight"], halfway["nets"]["G_ab"]["skip.weight"])
     assert len(a["ranks"]) == len(b["ranks"]) == max(nproc, 1)
     for ra, rb in zip(a["ranks"], b["ranks"]):
         assert torch.equal(ra["pool_a"]["images"], rb["pool_a"]["images"])

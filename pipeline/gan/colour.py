@@ -11,6 +11,12 @@ exposure change (the instance norms after it take the scale out).
   carries the input's absolute values through, `colour` can map them (any global per-pixel transform: exposure,
   cast, gamma, channel mix), and `body` adds what depends on the image's structure. Both branches' last layers
   start at zero, so G starts as the identity, as a colour task's answer is near it.
+- `colour_start=transfer`: the skip carries a fixed affine colour map, x -> W x + b, fitted before training as the
+  linear colour transfer from the source domain's pixel statistics to the target's (`colour_transfer`). G then
+  starts as the classical answer to a global colour mapping, and the branches learn what it misses (what depends
+  on the image's content or is not affine). Unpaired, like the rest of the objective: it uses each domain's pixel
+  mean and covariance only. It assumes the domains differ in colour, not in what they show: for horses and
+  zebras, or a B with more sky than A, the transfer would carry the content's colour difference too.
 - `spectral` discriminator: the same PatchGAN with spectral normalisation (Miyato et al. 2018) on every
   convolution instead of instance norm, so that scores depend on absolute intensities; spectral norm bounds D's
   Lipschitz constant, which keeps it from winning outright the way an unnormalised D would.
@@ -30,19 +36,67 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 G_VARIANTS = ("reference", "colour")
 D_VARIANTS = ("reference", "spectral", "colour")
+G_STARTS = ("identity", "transfer")
+
+
+class ColourTransfer(nn.Module):
+    """A fixed affine map of each pixel's channels, x -> W x + b (buffers, not parameters: it is fitted once from
+    the data by `colour_transfer` and checkpointed with the network, never trained). Starts as the identity."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.eye(channels))
+        self.register_buffer("bias", torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.weight.to(x.device, x.dtype), self.bias.to(x.device, x.dtype)
+        return torch.nn.functional.conv2d(x, weight[:, :, None, None], bias)
+
+    @torch.no_grad()
+    def set(self, weight: Tensor, bias: Tensor) -> None:
+        self.weight.copy_(weight)
+        self.bias.copy_(bias)
+
+
+def colour_transfer(source_mean: Tensor, source_cov: Tensor, target_mean: Tensor,
+                    target_cov: Tensor) -> tuple[Tensor, Tensor]:
+    """The linear Monge-Kantorovich colour transfer (Pitie and Kokaram 2007): the affine map x -> W x + b that
+    carries pixels of mean `source_mean` and covariance `source_cov` to `target_mean` and `target_cov`, moving them
+    as little as possible. W = S^-1/2 (S^1/2 T S^1/2)^1/2 S^-1/2 for covariances S (source) and T (target); one
+    channel: the ratio of the spreads. Directions in which the source does not vary (a grey domain seen in RGB)
+    are mapped to the target's mean. Computed in float64; returns (W, b) as float32."""
+    source_cov, target_cov = source_cov.double(), target_cov.double()
+    root = _psd_power(source_cov, 0.5)
+    inverse_root = _psd_power(source_cov, -0.5)
+    weight = inverse_root @ _psd_power(root @ target_cov @ root, 0.5) @ inverse_root
+    bias = target_mean.double() - weight @ source_mean.double()
+    return weight.float(), bias.float()
+
+
+def _psd_power(matrix: Tensor, power: float) -> Tensor:
+    """A symmetric positive semi-definite matrix to a power, through its eigenvalues; negative powers invert only
+    the eigenvalues above 1e-10 of the largest (the pseudo-inverse's convention), the rest become 0."""
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    values = values.clamp(min=0)
+    kept = values > 1e-10 * values.max().clamp(min=1e-300)
+    scaled = torch.where(kept, values.clamp(min=1e-300) ** power, torch.zeros_like(values))
+    return (vectors * scaled) @ vectors.T
 
 
 class ColourGenerator(nn.Module):
-    """tanh(atanh(x) + body(x) + colour(x)); see the module's docstring.
+    """tanh(atanh(skip(x)) + body(x) + colour(x)); see the module's docstring.
 
     Args:
         body: a generator whose last module is its output `nn.Tanh` (it is replaced by an identity here) and whose
             last convolution makes the output (it is set to zero).
         in_channels, out_channels: the image channels (the skip needs them equal).
         width: channels of the per-pixel colour network.
+        start: "identity" (the skip carries x) or "transfer" (a `ColourTransfer`, set from the data before
+            training by `start_from`).
     """
 
-    def __init__(self, body: nn.Module, in_channels: int = 3, out_channels: int = 3, width: int = 32) -> None:
+    def __init__(self, body: nn.Module, in_channels: int = 3, out_channels: int = 3, width: int = 32,
+                 start: str = "identity") -> None:
         super().__init__()
         if in_channels != out_channels:
             raise ValueError(f"the colour generator's skip needs as many output channels as input ({in_channels}), "
@@ -56,9 +110,19 @@ class ColourGenerator(nn.Module):
             nn.Conv2d(width, out_channels, 1),
         )
         _zero(self.colour[-1])
+        _check(start, G_STARTS, "model.colour_start")
+        # The identity start keeps no module at all: its numbers and checkpoints are those of before the option.
+        self.skip = ColourTransfer(in_channels) if start == "transfer" else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return combine(x, self.body(x), self.colour(x))
+        return combine(self.skip(x), self.body(x), self.colour(x))
+
+    def start_from(self, weight: Tensor, bias: Tensor) -> None:
+        """Set the skip's colour map (`colour_transfer`'s W and b); only a generator built with start=transfer
+        has one."""
+        if not isinstance(self.skip, ColourTransfer):
+            raise ValueError("this colour generator was built with start=identity: it has no colour map to set")
+        self.skip.set(weight, bias)
 
     # CUT's generator is also its PatchNCE encoder: its layers stay reachable through the body.
     def encode(self, x: Tensor, layers: list[int]) -> list[Tensor]:
@@ -69,8 +133,8 @@ class ColourGenerator(nn.Module):
 
 
 def combine(x: Tensor, body: Tensor, colour: Tensor) -> Tensor:
-    """The colour generator's output from its input and its two branches (also used tile by tile). atanh of a
-    pixel at the ends of [-1, 1] is infinite: inputs are held 1e-3 inside (a fifth of an 8-bit level)."""
+    """The colour generator's output from its skip's output `x` and its two branches (also used tile by tile).
+    atanh of a pixel at the ends of [-1, 1] is infinite: values are held 1e-3 inside (a fifth of an 8-bit level)."""
     return torch.tanh(torch.atanh(x.clamp(-0.999, 0.999)) + body + colour)
 
 
@@ -99,10 +163,11 @@ def _zero(layer: nn.Module) -> None:
         layer.bias.zero_()
 
 
-def colour_generator(body: nn.Module, variant: str, in_channels: int = 3, out_channels: int = 3) -> nn.Module:
-    """`body` as the `variant` generator asks ("reference": unchanged)."""
+def colour_generator(body: nn.Module, variant: str, in_channels: int = 3, out_channels: int = 3,
+                     start: str = "identity") -> nn.Module:
+    """`body` as the `variant` generator asks ("reference": unchanged), starting as `start` says (colour only)."""
     _check(variant, G_VARIANTS, "model.g_variant")
-    return body if variant == "reference" else ColourGenerator(body, in_channels, out_channels)
+    return body if variant == "reference" else ColourGenerator(body, in_channels, out_channels, start=start)
 
 
 class StatisticsHead(nn.Module):

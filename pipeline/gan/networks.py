@@ -485,7 +485,7 @@ def generator_from(model: object, source: str = "a", target: str = "b") -> nn.Mo
                           init_gain=model.init_gain, padding=model.padding, norm_groups=model.norm_groups,
                           in_channels=channels(model, source), out_channels=channels(model, target))
     return colour_generator(net, getattr(model, "g_variant", "reference"), channels(model, source),
-                            channels(model, target))
+                            channels(model, target), getattr(model, "colour_start", "identity"))
 
 
 def discriminator_from(model: object, domain: str = "b") -> nn.Module:

@@ -107,8 +107,8 @@ class TiledForward:
         if isinstance(module, ColourGenerator):
             body = self._run(module.body, x, owned=False)
             colour = self._run(module.colour, x, owned=False)
-            return self._pointwise(body, lambda t, part: combine(x[part].to(t.device), t, colour[part].to(t.device)),
-                                   owned=True)
+            return self._pointwise(body, lambda t, part: combine(module.skip(x[part].to(t.device)), t,
+                                                                 colour[part].to(t.device)), owned=True)
         if isinstance(module, Downsample):  # Blur-pool: reflection pad 1, depthwise 3x3 filter at stride 2.
             return self._conv2d(x, module.filt, None, (2, 2), (1, 1), module.channels, (1, 1, 1, 1), "reflect")
         if isinstance(module, Upsample):

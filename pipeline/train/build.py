@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from pipeline.data.moments import PixelMoments
 from pipeline.engine import dist
 from pipeline.engine.kernels import configure_kernels
 from pipeline.engine.optim import build_adam
@@ -21,6 +22,7 @@ from pipeline.gan.methods import DIRECTIONS
 from pipeline.gan.networks import use_sliced_reflection_pad, uses_group_kernel_norm
 from pipeline.gan.step import StepNetworks, TrainStep
 from pipeline.gan.stepping import Optimisers, Pools, StepSettings
+from pipeline.train.colour_start import start_from_transfer
 
 log = logging.getLogger("pipeline.train")
 
@@ -59,14 +61,20 @@ def uses_cudagraphs(perf: DictConfig, device: torch.device) -> bool:
         perf.compile_backend == "inductor" and perf.compile_mode in ("reduce-overhead", "max-autotune"))
 
 
-def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device) -> Components:
-    """Networks (identical on every rank: seeded from train.seed), optimisers, this rank's pools, DDP."""
+def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device,
+                     colour_moments: dict[str, PixelMoments] | None = None) -> Components:
+    """Networks (identical on every rank: seeded from train.seed), optimisers, this rank's pools, DDP.
+
+    `colour_moments`: the domains' pixel moments (`colour_start.domain_moments`), given to start the colour
+    generators as the colour transfer between the domains (model.colour_start=transfer, a fresh run)."""
     if cfg.model.method != "cyclegan":
-        return build_cut_components(cfg, info, device)
+        return build_cut_components(cfg, info, device, colour_moments)
     configure_kernels(cfg.perf, device)
     torch.manual_seed(cfg.train.seed)
     gens, discs = build_networks(cfg.model, fused=cfg.perf.fused_calls,
                                  group_kernel_norm=uses_group_kernel_norm(cfg.perf.instance_norm_kernel, device))
+    if colour_moments is not None:  # Before the average's copy and DDP's broadcast, which carry it everywhere.
+        start_from_transfer({"G_ab": (gens.G_ab, "A", "B"), "G_ba": (gens.G_ba, "B", "A")}, colour_moments)
     memory_format = _place((gens, discs), cfg.perf, device)
     ema = (GeneratorEMA(gens, cfg.train.ema_decay, cfg.train.ema_start_step, cfg.train.ema_every)
            if cfg.train.ema_decay > 0 else None)  # Before compiling: the average is a plain eager copy.
@@ -86,7 +94,8 @@ def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device)
     return Components(gens, discs, step, nets, DIRECTIONS["cyclegan"], ema)
 
 
-def build_cut_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device) -> Components:
+def build_cut_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device,
+                         colour_moments: dict[str, PixelMoments] | None = None) -> Components:
     """CUT / FastCUT: G + F in one module and D, one Adam over G and F (per-parameter, so the same as the
     reference's two), one for D, this rank's patch sampling; the same DDP, EMA and compile settings."""
     configure_kernels(cfg.perf, device)
@@ -94,6 +103,8 @@ def build_cut_components(cfg: DictConfig, info: dist.DistInfo, device: torch.dev
     objective = build_cut_objective(cfg.loss, cfg.cut)
     gens, disc = build_cut_networks(cfg.model, cfg.cut, objective,
                                     group_kernel_norm=uses_group_kernel_norm(cfg.perf.instance_norm_kernel, device))
+    if colour_moments is not None:
+        start_from_transfer({"G": (gens.G, "A", "B")}, colour_moments)
     memory_format = _place((gens, disc), cfg.perf, device)
     ema = (GeneratorEMA(gens, cfg.train.ema_decay, cfg.train.ema_start_step, cfg.train.ema_every, names=("G",))
            if cfg.train.ema_decay > 0 else None)

@@ -48,6 +48,7 @@ from pipeline.infer.generators import generators_file
 from pipeline.infer.interop import load_reference_dir
 from pipeline.tracking.recorder import NullRecorder, TrackingError, make_recorder
 from pipeline.train.build import Components, build_components
+from pipeline.train.colour_start import domain_moments
 from pipeline.train.health import TrainingHealth, input_dependence
 from pipeline.train.samples import sample_grid
 from pipeline.train.state import TrainingState, check_compatible
@@ -219,7 +220,9 @@ def _run(cfg: DictConfig, info: dist.DistInfo, device: torch.device, stop_flag: 
     loader = train_loader(cfg.data, cfg.train.seed, info.rank, start_batch=start.start_batch,
                           pin_memory=device.type == "cuda", urls=urls, state=start.state,
                           fresh_from=start.fresh_from, formats=formats_from(cfg))
-    parts = build_components(cfg, info, device)
+    fresh = saved is None and not cfg.checkpoint.init_from  # Else the networks come from a checkpoint.
+    moments = domain_moments(cfg, urls) if fresh and cfg.model.colour_start == "transfer" else None
+    parts = build_components(cfg, info, device, moments)
     state = TrainingState(parts.nets, parts.step.optimisers, parts.step.pools, device, parts.ema,
                           getattr(parts.step, "sampling", None), streams=lambda: saved_streams(loader, identity),
                           health=TrainingHealth(cfg.report.health_after_steps, cfg.loss.gan_mode,

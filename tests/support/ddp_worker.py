@@ -14,6 +14,7 @@ import sys
 import torch
 
 from pipeline.config import load_config
+from pipeline.data.moments import PixelMoments
 from pipeline.engine import dist
 from pipeline.train.build import build_components
 
@@ -26,6 +27,14 @@ def fixed_batch(rank: int, step: int, dtype: torch.dtype, batch: int = 1,
     real_a = torch.rand(batch, channels[0], SIZE, SIZE, generator=g, dtype=torch.float64) * 2 - 1
     real_b = torch.rand(batch, channels[1], SIZE, SIZE, generator=g, dtype=torch.float64) * 2 - 1
     return real_a.to(dtype), real_b.to(dtype)
+
+
+def fixed_moments() -> dict[str, PixelMoments]:
+    """Pixel moments of two domains that differ in colour, for model.colour_start=transfer (a run reads them from
+    its shards; here every rank, and the single-process reference, gets these)."""
+    mix = torch.tensor([[0.2, 0.05, 0.0], [0.03, 0.15, 0.02], [0.0, 0.04, 0.25]], dtype=torch.float64)
+    return {"A": PixelMoments(torch.tensor([0.1, -0.2, 0.0], dtype=torch.float64), mix @ mix.T, 1, 1),
+            "B": PixelMoments(torch.tensor([-0.1, 0.1, 0.2], dtype=torch.float64), mix.T @ mix * 1.5, 1, 1)}
 
 
 def flat_params(components) -> torch.Tensor:
@@ -41,7 +50,7 @@ def main(out: str, steps: int, dtype_name: str, overrides: list[str]) -> None:
     device = torch.device("cpu")
     dist.init_process_group(info, device)
     cfg = load_config([], overrides)
-    parts = build_components(cfg, info, device)
+    parts = build_components(cfg, info, device, fixed_moments() if cfg.model.colour_start == "transfer" else None)
     history, grads = [], {}
     fail_rank, fail_step = (int(x) for x in os.environ.get("TEST_FAIL_AT", "-1:-1").split(":"))
     for step in range(steps):

@@ -194,7 +194,8 @@ def build_cut_generator(model_cfg, n_blocks: int) -> nn.Module:
     net = CUTGenerator(source, target, model_cfg.ngf, model_cfg.norm, n_blocks, model_cfg.padding,
                        model_cfg.antialias, model_cfg.antialias_up, model_cfg.norm_groups)
     return colour_generator(init_weights(net, model_cfg.init_type, model_cfg.init_gain),
-                            getattr(model_cfg, "g_variant", "reference"), source, target)
+                            getattr(model_cfg, "g_variant", "reference"), source, target,
+                            getattr(model_cfg, "colour_start", "identity"))
 
 
 def build_cut_discriminator(model_cfg) -> nn.Module:

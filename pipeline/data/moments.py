@@ -1,0 +1,74 @@
+"""A domain's pixel statistics: the mean and covariance of its channels over a sample of its training images.
+
+What a colour transfer between two domains is fitted from (`pipeline.gan.colour.colour_transfer`). The images
+come from streams of their own, so reading them leaves the training streams, their state and resume untouched;
+every rank reads the same images and gets the same figures without communicating.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.data.images import normalize
+from pipeline.data.pixels import PixelFormat
+from pipeline.data.stream import Augment, DataError, DomainStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PixelMoments:
+    """Mean (C,) and covariance (C, C) of a domain's pixels in the networks' [-1, 1] units, float64, and how many
+    images and pixels they were taken over."""
+
+    mean: torch.Tensor
+    covariance: torch.Tensor
+    images: int
+    pixels: int
+
+
+def pixel_moments(urls: list[str], augment: Augment, fmt: PixelFormat, images: int, label: str = "",
+                  retry_s: float = 120.0) -> PixelMoments:
+    """The moments of about `images` images (decoded and cropped as training's are), spread over the shards.
+
+    Shards are often written in an order (by scene, by date): the first images of the first shard would describe
+    one corner of the domain. So the images are the first few of each of up to `images` shards spaced evenly
+    through the list, each shard read once from its start; a domain with fewer images gives them all.
+
+    Raises:
+        DataError: as training's streams (nothing decodes, an image the domain cannot take).
+    """
+    chosen = [urls[i * len(urls) // min(images, len(urls))] for i in range(min(images, len(urls)))]
+    per_shard = math.ceil(images / len(chosen))
+    total = torch.zeros(fmt.channels, dtype=torch.float64)
+    outer = torch.zeros(fmt.channels, fmt.channels, dtype=torch.float64)
+    count, pixels = 0, 0
+    failed: list[DataError] = []
+    for index, url in enumerate(chosen):
+        # A buffer of one reads the shard in order; its only pass ends when the next one starts.
+        stream = DomainStream([url], f"colour-moments:{index}", augment, shuffle_buffer=1, label=label,
+                              retry_s=retry_s, report=False, fmt=fmt)
+        try:
+            for taken, image in enumerate(stream.iterate(), start=1):
+                values = normalize(image).to(torch.float64).flatten(1)  # (C, pixels)
+                total += values.sum(1)
+                outer += values @ values.T
+                pixels += values.shape[1]
+                count += 1
+                if taken == per_shard or count == images or stream.samples.passes > 0:
+                    break
+        except DataError as err:  # A shard training would skip: the others describe the domain.
+            log.warning("%s: colour statistics without %s (%s)", label or "a domain", url, err)
+            failed.append(err)
+        if count == images:
+            break
+    if count == 0:
+        raise failed[0]
+    mean = total / pixels
+    # Second moment minus the mean's outer product, symmetrised against rounding.
+    covariance = outer / pixels - torch.outer(mean, mean)
+    return PixelMoments(mean, (covariance + covariance.T) / 2, count, pixels)
