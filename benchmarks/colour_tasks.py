@@ -188,7 +188,7 @@ def train_once(task: dict[str, str], variant: str, seed: int, run_dir: Path, arg
         f"data.load_size={args.size}", f"data.crop_size={args.size}", "data.workers=1", "data.shuffle_buffer=256",
         "tracking.enabled=false", "report.sample_every_steps=0", "report.log_every_steps=50",
         "report.health_after_steps=0", "checkpoint.every_steps=0", "checkpoint.resume=never",
-        "eval.paired=true", f"eval.every_steps={args.steps}", "eval.features=''", *extra]
+        "eval.paired=true", f"eval.every_steps={args.eval_every or args.steps}", "eval.features=''", *extra]
     cfg = load_config([config] if config else [], overrides)
     t0 = time.perf_counter()
     result = run(cfg)
@@ -197,7 +197,9 @@ def train_once(task: dict[str, str], variant: str, seed: int, run_dir: Path, arg
     ev = result.evaluation
     return {"l1": ev["AtoB/l1"], "l1_identity": ev["AtoB/l1_identity"], "ssim": ev["AtoB/ssim"],
             "ssim_identity": ev["AtoB/ssim_identity"], "seconds": seconds,
-            "cycle_curve": [[x["step"], x["loss/G_ab/cycle"] + x["loss/G_ba/cycle"]] for x in lines]}
+            "cycle_curve": [[x["step"], x["loss/G_ab/cycle"] + x["loss/G_ba/cycle"]] for x in lines
+                            if "loss/G_ab/cycle" in x],
+            "l1_curve": [[x["step"], x["eval/AtoB/l1"]] for x in lines if "eval/AtoB/l1" in x]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transforms", default=",".join(TRANSFORMS))
     parser.add_argument("--variants", default="reference,colour,transfer")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "colour_tasks.json")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="also evaluate every N steps (the rows' l1_curve); default: at the end only")
     parser.add_argument("--merge", type=Path, help="an earlier JSON whose other (transform, variant) rows are kept")
     parser.add_argument("--smoke", action="store_true", help="a tiny case for CI")
     args = parser.parse_args(argv)
