@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in json.loads(args.merge.read_text())["rows"] if (r["transform"], r["variant"]) not in ran
                 ] + rows
         order = [*TRANSFORMS, *sorted({r["transform"] for r in rows} - set(TRANSFORMS))]
-        rows.sort(key=lambda r: (order.index(r["transform"]), [*VARIANTS, "transfer"].index(r["variant"])))
+        variants = [*VARIANTS, "transfer", *sorted({r["variant"] for r in rows} - {*VARIANTS, "transfer"})]
+        rows.sort(key=lambda r: (order.index(r["transform"]), variants.index(r["variant"])))
     summary = summarise(rows)
     for line in summary:
         print(f"{line['transform']:8s} {line['variant']:9s} L1 {line['l1']:.4f} ({line['l1_min']:.4f}-"

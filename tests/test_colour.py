@@ -175,10 +175,32 @@ def test_the_colour_transfer_carries_one_domains_pixel_moments_onto_the_others()
     weight, bias = colour_transfer(torch.tensor([0.5]), torch.tensor([[0.04]]), torch.tensor([-0.1]),
                                    torch.tensor([[0.09]]))
     assert torch.allclose(weight, torch.tensor([[1.5]])) and torch.allclose(bias, torch.tensor([-0.85]))
-    # A grey source seen in RGB varies along one direction only: finite, and grey maps to the target's mean.
-    grey = torch.full((3, 3), 0.04)
-    weight, bias = colour_transfer(torch.zeros(3), grey, torch.tensor([0.1, 0.0, -0.1]), torch.eye(3) * 0.05)
-    assert torch.isfinite(weight).all() and torch.allclose(bias, torch.tensor([0.1, 0.0, -0.1]))
+    # A grey source seen in RGB varies along one direction only: its chroma directions are not inverted but go to
+    # the target's mean; stored as JPEG, with a little chroma noise, the same (not a gain of a hundred).
+    target_mean = torch.tensor([0.1, 0.0, -0.1])
+    chroma = torch.tensor([[1.0, -1.0, 0.0], [1.0, 1.0, -2.0]])
+    for noise in (0.0, 2e-6):
+        grey = torch.full((3, 3), 0.04) + noise * torch.eye(3)
+        weight, bias = colour_transfer(torch.full((3,), -0.3), grey, target_mean, torch.eye(3) * 0.05)
+        assert torch.allclose(chroma @ weight.T, torch.zeros(2, 3), atol=1e-6), noise
+        assert torch.allclose(weight @ torch.full((3,), -0.3) + bias, target_mean, atol=1e-6)
+        assert torch.linalg.matrix_norm(weight, ord=2) < 1.0
+
+
+def test_the_fitted_colour_map_runs_in_float32_under_bf16_autocast():
+    """In bf16 0.999 rounds to 1, where atanh is infinite: the skip's output must stay float32, or a pixel at the
+    end of the range gives an infinite logit and a NaN gradient through the cycle."""
+    torch.manual_seed(0)
+    net = generator_from(model("model.g_variant=colour", "model.colour_start=transfer"))
+    net.start_from(torch.eye(3), torch.zeros(3))
+    x = images(0).clone()
+    x[:, :, :4] = 1.0
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("method", ["cyclegan", "cut"])

@@ -83,3 +83,24 @@ def test_the_statistics_spread_over_the_shards_and_pass_a_broken_one(tmp_path, c
     assert "broken.tar" in caplog.text
     got = pixel_moments(urls, augment, PixelFormat(), images=100)  # Fewer than asked: every image once.
     assert got.images == 8 and got.pixels == 8 * 64
+
+
+def test_no_readable_shard_or_an_image_the_domain_cannot_take_is_a_clear_error(tmp_path):
+    from pipeline.data.moments import pixel_moments
+    from pipeline.data.pixels import PixelFormat
+    from pipeline.data.shards import write_shards
+    from pipeline.data.stream import Augment, DataError, DomainMismatch
+
+    augment = Augment("none", 8, 8, flip=False)
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"not a tar file" * 100)
+    with pytest.raises(DataError, match="found no readable image in the 1 shard.*set model.colour_start=identity"):
+        pixel_moments([str(broken)], augment, PixelFormat(), images=4, label="domain A")
+    # A grayscale file that the domain refuses is a setting to change, not a broken shard: raised at once.
+    folder = tmp_path / "images" / "trainA"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 20, np.uint8)).save(folder / "gray.png")
+    write_shards(tmp_path / "images", tmp_path / "shards", splits=["trainA"])
+    urls = sorted(str(p) for p in (tmp_path / "shards" / "trainA").glob("*.tar"))
+    with pytest.raises(DomainMismatch, match="mismatch"):
+        pixel_moments([*urls, *urls], augment, PixelFormat(mismatch="error"), images=4, label="domain A")

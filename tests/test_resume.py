@@ -79,6 +79,9 @@ def test_new_process_resume_equals_a_straight_run_bitwise(shards, served, tmp_pa
     second = subprocess.run(train_cmd(nproc, chunked), env=process_env(), cwd=tmp_path, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "stream" not in second.stderr  # Continued from the saved positions: neither replayed nor started anew.
+    # The colour map is fitted once, by the fresh run; the resumed half reads it from the checkpoint.
+    assert ("starts as the colour transfer" in first.stderr) == (variant == "colour")
+    assert "starts as the colour transfer" not in second.stderr
 
     a = load_checkpoint(tmp_path / "straight" / "ckpt-000000008")
     b = load_checkpoint(tmp_path / "chunked" / "ckpt-000000008")

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.data.images import normalize
 from pipeline.data.pixels import PixelFormat
-from pipeline.data.stream import Augment, DataError, DomainStream
+from pipeline.data.stream import Augment, DataError, DomainMismatch, DomainStream
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,16 @@ def pixel_moments(urls: list[str], augment: Augment, fmt: PixelFormat, images: i
     one corner of the domain. So the images are the first few of each of up to `images` shards spaced evenly
     through the list, each shard read once from its start; a domain with fewer images gives them all.
 
+    Args:
+        urls: the domain's shards, as training expanded them.
+        augment, fmt: how training decodes, crops and converts the domain's images.
+        images: how many images to take.
+        label: the domain as errors and warnings name it.
+        retry_s: how long a network shard may fail in a row before it counts as unreadable.
+
     Raises:
-        DataError: as training's streams (nothing decodes, an image the domain cannot take).
+        DomainMismatch: an image the domain's settings cannot take (as training would).
+        DataError: no sampled shard gave an image, or the images hold non-finite values.
     """
     chosen = [urls[i * len(urls) // min(images, len(urls))] for i in range(min(images, len(urls)))]
     per_shard = math.ceil(images / len(chosen))
@@ -52,23 +60,36 @@ def pixel_moments(urls: list[str], augment: Augment, fmt: PixelFormat, images: i
         # A buffer of one reads the shard in order; its only pass ends when the next one starts.
         stream = DomainStream([url], f"colour-moments:{index}", augment, shuffle_buffer=1, label=label,
                               retry_s=retry_s, report=False, fmt=fmt)
+        shard = [torch.zeros_like(total), torch.zeros_like(outer), 0, 0]  # Added only once the shard is read.
         try:
             for taken, image in enumerate(stream.iterate(), start=1):
                 values = normalize(image).to(torch.float64).flatten(1)  # (C, pixels)
-                total += values.sum(1)
-                outer += values @ values.T
-                pixels += values.shape[1]
-                count += 1
-                if taken == per_shard or count == images or stream.samples.passes > 0:
+                shard[0] += values.sum(1)
+                shard[1] += values @ values.T
+                shard[2] += 1
+                shard[3] += values.shape[1]
+                if taken == per_shard or count + shard[2] == images or stream.samples.passes > 0:
                     break
+        except DomainMismatch:
+            raise
         except DataError as err:  # A shard training would skip: the others describe the domain.
-            log.warning("%s: colour statistics without %s (%s)", label or "a domain", url, err)
+            log.warning("%s: colour statistics without shard %s (%s)", label or "a domain", url, err)
             failed.append(err)
+            continue
+        total += shard[0]
+        outer += shard[1]
+        count += shard[2]
+        pixels += shard[3]
         if count == images:
             break
     if count == 0:
-        raise failed[0]
+        raise DataError(f"{label or 'a domain'}: model.colour_start=transfer found no readable image in the "
+                        f"{len(chosen)} shard(s) it sampled for the domain's colour statistics (the first: "
+                        f"{failed[0]}). Fix the shards, or set model.colour_start=identity") from failed[0]
     mean = total / pixels
     # Second moment minus the mean's outer product, symmetrised against rounding.
     covariance = outer / pixels - torch.outer(mean, mean)
+    if not (torch.isfinite(mean).all() and torch.isfinite(covariance).all()):
+        raise DataError(f"{label or 'a domain'}: its images hold non-finite values (NaN or infinity), so its colour "
+                        "statistics are not numbers: clean the files, or set model.colour_start=identity")
     return PixelMoments(mean, (covariance + covariance.T) / 2, count, pixels)

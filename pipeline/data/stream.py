@@ -48,6 +48,11 @@ class DataError(RuntimeError):
     """A shard pattern or shard that cannot feed training, with what to do about it."""
 
 
+class DomainMismatch(DataError):
+    """An image its domain's settings cannot take (channels, depth, mode): a setting to change, the same in every
+    shard, not one broken shard."""
+
+
 def local_path(url: str) -> str | None:
     """The file a shard URL names when it is local (a plain path or file:PATH); None for pipe: and network URLs."""
     if "://" in url or url.startswith("pipe:"):
@@ -363,7 +368,7 @@ class ShuffledSamples:
                     try:
                         reason = unusable(sample, self.max_pixels, self.fmt)
                     except PixelError as err:
-                        raise DataError(f"{self.label or 'a domain'}: {err}") from None
+                        raise DomainMismatch(f"{self.label or 'a domain'}: {err}") from None
                     if reason is not None:
                         self.skips.sample(name_of(sample), reason)
                         continue
@@ -437,7 +442,7 @@ class DomainStream:
             try:
                 img, converted = self._decode(sample)
             except PixelError as err:
-                raise DataError(f"{self.label or 'a domain'}: {err}") from None
+                raise DomainMismatch(f"{self.label or 'a domain'}: {err}") from None
             except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
                 self.skips.sample(name_of(sample), f"undecodable ({type(err).__name__}: {err})")
                 self.failing += 1

@@ -49,8 +49,20 @@ class ColourTransfer(nn.Module):
         self.register_buffer("bias", torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.weight.to(x.device, x.dtype), self.bias.to(x.device, x.dtype)
-        return torch.nn.functional.conv2d(x, weight[:, :, None, None], bias)
+        # In float32 whatever autocast says: in bf16, 0.999 rounds to 1, where combine's atanh is infinite (and its
+        # gradient NaN); the identity start hands combine the float32 input too.
+        if torch.jit.is_scripting():  # An exported network runs without autocast (and scripts none).
+            return self._map(x)
+        return self._map_in_float32(x)
+
+    @torch.jit.unused
+    def _map_in_float32(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self._map(x)
+
+    def _map(self, x: Tensor) -> Tensor:
+        weight, bias = self.weight.to(x.device), self.bias.to(x.device)
+        return torch.nn.functional.conv2d(x.float(), weight[:, :, None, None], bias)
 
     @torch.no_grad()
     def set(self, weight: Tensor, bias: Tensor) -> None:
@@ -63,8 +75,9 @@ def colour_transfer(source_mean: Tensor, source_cov: Tensor, target_mean: Tensor
     """The linear Monge-Kantorovich colour transfer (Pitie and Kokaram 2007): the affine map x -> W x + b that
     carries pixels of mean `source_mean` and covariance `source_cov` to `target_mean` and `target_cov`, moving them
     as little as possible. W = S^-1/2 (S^1/2 T S^1/2)^1/2 S^-1/2 for covariances S (source) and T (target); one
-    channel: the ratio of the spreads. Directions in which the source does not vary (a grey domain seen in RGB)
-    are mapped to the target's mean. Computed in float64; returns (W, b) as float32."""
+    channel: the ratio of the spreads. Directions in which the source does not vary, or hardly (under `FLAT` of
+    its main variance: a grey domain seen in RGB), are mapped to the target's mean. Computed in float64; returns
+    (W, b) as float32."""
     source_cov, target_cov = source_cov.double(), target_cov.double()
     root = _psd_power(source_cov, 0.5)
     inverse_root = _psd_power(source_cov, -0.5)
@@ -73,12 +86,20 @@ def colour_transfer(source_mean: Tensor, source_cov: Tensor, target_mean: Tensor
     return weight.float(), bias.float()
 
 
+# Directions in which a domain varies less than this share of its main direction's variance (a spread under 1%
+# of it: the chroma of a grey set stored as JPEG colour) count as not varying. Inverting them would multiply
+# compression noise by a hundred or more.
+FLAT = 1e-4
+
+
 def _psd_power(matrix: Tensor, power: float) -> Tensor:
-    """A symmetric positive semi-definite matrix to a power, through its eigenvalues; negative powers invert only
-    the eigenvalues above 1e-10 of the largest (the pseudo-inverse's convention), the rest become 0."""
+    """A symmetric positive semi-definite matrix to a power, through its eigenvalues. For a negative power,
+    eigenvalues under FLAT of the largest are not inverted but become 0 (the pseudo-inverse's convention)."""
     values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
     values = values.clamp(min=0)
-    kept = values > 1e-10 * values.max().clamp(min=1e-300)
+    if power >= 0:
+        return (vectors * values**power) @ vectors.T
+    kept = values > FLAT * values.max().clamp(min=1e-300)
     scaled = torch.where(kept, values.clamp(min=1e-300) ** power, torch.zeros_like(values))
     return (vectors * scaled) @ vectors.T
 

@@ -21,7 +21,12 @@ log = logging.getLogger("pipeline.train")
 
 
 def domain_moments(cfg: DictConfig, urls: dict[str, list[str]]) -> dict[str, PixelMoments]:
-    """Domain ("A", "B") -> its pixel moments over images decoded and cropped as training's are."""
+    """Domain ("A", "B") -> its pixel moments over images decoded and cropped as training's are (`urls`: the
+    domains' shards, as training expanded them)."""
+    if cfg.model.method == "cyclegan" and cfg.loss.lambda_idt > 0:
+        log.warning("model.colour_start=transfer with loss.lambda_idt=%s: the identity loss asks G_ab(b) = b, "
+                    "while the generators start as a colour map that changes b; configs/colour.yaml sets "
+                    "loss.lambda_idt=0", cfg.loss.lambda_idt)
     data = cfg.data
     augment = Augment(data.preprocess, data.load_size, data.crop_size, data.flip)
     formats = formats_from(cfg)

@@ -151,7 +151,8 @@ def _weights(net: torch.nn.Module, buffers: bool) -> dict[str, Any]:
 
 # Model settings added after checkpoints were first written: an older checkpoint was built with their defaults.
 _MODEL_DEFAULTS = {key: getattr(ModelConfig, key)
-                   for key in ("g_variant", "d_variant", "channels_a", "channels_b")}
+                   for key in ("g_variant", "d_variant", "colour_start", "colour_start_images", "channels_a",
+                               "channels_b")}
 
 
 def check_compatible(state: dict[str, Any], cfg: DictConfig, source: str) -> None:
@@ -159,8 +160,10 @@ def check_compatible(state: dict[str, Any], cfg: DictConfig, source: str) -> Non
     saved = {**_MODEL_DEFAULTS, **state.get("model", {})}
     wanted = OmegaConf.to_container(cfg.model)
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in wanted.items() if saved.get(k) != v]
-    # Initialisation does not shape the networks: a different init is not a mismatch for a resume.
-    diffs = [d for d in diffs if not d.startswith(("model.init_type", "model.init_gain"))]
+    # Initialisation does not shape the networks (nor does how many images a colour transfer was fitted on): a
+    # different setting is not a mismatch for a resume.
+    diffs = [d for d in diffs if not d.startswith(("model.init_type", "model.init_gain",
+                                                   "model.colour_start_images"))]
     if diffs:
         raise CheckpointError(
             f"checkpoint '{source}' was trained with another architecture: " + "; ".join(diffs)
