@@ -179,7 +179,7 @@ def colour_transfer(task: dict[str, str]) -> dict:
 
 
 def train_once(task: dict[str, str], variant: str, seed: int, run_dir: Path, args: argparse.Namespace) -> dict:
-    from pipeline.train.loop import run
+    from pipeline.train import loop
 
     config, extra = VARIANTS[variant]
     overrides = [f"data.{k}={v}" for k, v in task.items()] + [
@@ -190,16 +190,29 @@ def train_once(task: dict[str, str], variant: str, seed: int, run_dir: Path, arg
         "report.health_after_steps=0", "checkpoint.every_steps=0", "checkpoint.resume=never",
         "eval.paired=true", f"eval.every_steps={args.eval_every or args.steps}", "eval.features=''", *extra]
     cfg = load_config([config] if config else [], overrides)
-    t0 = time.perf_counter()
-    result = run(cfg)
-    seconds = time.perf_counter() - t0
+    curve = []  # Each evaluation's held-out L1 (run_dir/eval.json keeps the last only).
+    evaluate = loop.held_out_eval
+
+    def recording(*a, **k):
+        values = evaluate(*a, **k)
+        curve.append(values["AtoB/l1"])
+        return values
+
+    loop.held_out_eval = recording
+    try:
+        t0 = time.perf_counter()
+        result = loop.run(cfg)
+        seconds = time.perf_counter() - t0
+    finally:
+        loop.held_out_eval = evaluate
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ev = result.evaluation
     return {"l1": ev["AtoB/l1"], "l1_identity": ev["AtoB/l1_identity"], "ssim": ev["AtoB/ssim"],
             "ssim_identity": ev["AtoB/ssim_identity"], "seconds": seconds,
             "cycle_curve": [[x["step"], x["loss/G_ab/cycle"] + x["loss/G_ba/cycle"]] for x in lines
                             if "loss/G_ab/cycle" in x],
-            "l1_curve": [[x["step"], x["eval/AtoB/l1"]] for x in lines if "eval/AtoB/l1" in x]}
+            "l1_curve": [[step, l1] for step, l1 in zip(range(cfg.eval.every_steps, args.steps + 1,
+                                                               cfg.eval.every_steps), curve)]}
 
 
 def main(argv: list[str] | None = None) -> int:

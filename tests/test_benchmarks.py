@@ -35,7 +35,8 @@ pytestmark = pytest.mark.slow
 ])
 def test_benchmark_smoke(tmp_path, script, keys):
     out = tmp_path / "result.json"
-    proc = run_child([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out)],
+    extra = ["--eval-every", "3"] if script == "colour_tasks.py" else []
+    proc = run_child([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out), *extra],
                      cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -57,6 +58,9 @@ def test_benchmark_smoke(tmp_path, script, keys):
         assert by["transfer"]["l1"] < by["transfer"]["l1_identity"]
         # The preset starts as that transfer (fitted by the pipeline from the shards): below identity from the start.
         assert by["colour"]["l1"] < by["colour"]["l1_identity"]
+        # --eval-every: the held-out L1 along the run, its last point the final evaluation.
+        curve = by["colour"]["l1_curve"]
+        assert [step for step, _ in curve] == [3, 6] and curve[-1][1] == by["colour"]["l1"]
         # --merge: a rerun of one variant keeps the other variants' rows of the earlier file.
         again = tmp_path / "again.json"
         proc = run_child([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--variants", "transfer",
