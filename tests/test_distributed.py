@@ -13,10 +13,11 @@ from support.runs import ROOT, WORKER, free_port, nets_equal, process_env, singl
 from pipeline.config import load_config
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.engine.optim import build_adam
-from pipeline.gan.colour import colour_transfer
 from pipeline.gan.cyclegan import build_networks, build_objective
 from pipeline.gan.image_pool import ImagePool
+from pipeline.gan.methods import DIRECTIONS
 from pipeline.gan.networks import uses_group_kernel_norm
+from pipeline.train.colour_start import start_from_transfer
 
 pytestmark = pytest.mark.slow
 
@@ -49,10 +50,7 @@ def reference(steps: int, dtype: torch.dtype, world: int, batches, overrides=TIN
                                      group_kernel_norm=uses_group_kernel_norm(cfg.perf.instance_norm_kernel,
                                                                               torch.device("cpu")))
         if cfg.model.colour_start == "transfer":
-            for net, source, target in ((gens.G_ab, "A", "B"), (gens.G_ba, "B", "A")):
-                moments = fixed_moments()
-                net.start_from(*colour_transfer(moments[source].mean, moments[source].covariance,
-                                                moments[target].mean, moments[target].covariance))
+            start_from_transfer(gens, DIRECTIONS["cyclegan"], fixed_moments())
         objective = build_objective(cfg.loss)
         opt_g = build_adam(gens.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
         opt_d = build_adam(discs.parameters(), cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)

@@ -57,29 +57,21 @@ def pixel_moments(urls: list[str], augment: Augment, fmt: PixelFormat, images: i
     count, pixels = 0, 0
     failed: list[DataError] = []
     for index, url in enumerate(chosen):
-        # A buffer of one reads the shard in order; its only pass ends when the next one starts.
+        # A buffer of one reads the shard in order.
         stream = DomainStream([url], f"colour-moments:{index}", augment, shuffle_buffer=1, label=label,
                               retry_s=retry_s, report=False, fmt=fmt)
-        shard = [torch.zeros_like(total), torch.zeros_like(outer), 0, 0]  # Added only once the shard is read.
-        try:
-            for taken, image in enumerate(stream.iterate(), start=1):
-                values = normalize(image).to(torch.float64).flatten(1)  # (C, pixels)
-                shard[0] += values.sum(1)
-                shard[1] += values @ values.T
-                shard[2] += 1
-                shard[3] += values.shape[1]
-                if taken == per_shard or count + shard[2] == images or stream.samples.passes > 0:
-                    break
+        try:  # A shard counts whole or not at all.
+            shard_total, shard_outer, shard_count, shard_pixels = _sums(stream, min(per_shard, images - count))
         except DomainMismatch:
             raise
         except DataError as err:  # A shard training would skip: the others describe the domain.
             log.warning("%s: colour statistics without shard %s (%s)", label or "a domain", url, err)
             failed.append(err)
             continue
-        total += shard[0]
-        outer += shard[1]
-        count += shard[2]
-        pixels += shard[3]
+        total += shard_total
+        outer += shard_outer
+        count += shard_count
+        pixels += shard_pixels
         if count == images:
             break
     if count == 0:
@@ -93,3 +85,21 @@ def pixel_moments(urls: list[str], augment: Augment, fmt: PixelFormat, images: i
         raise DataError(f"{label or 'a domain'}: its images hold non-finite values (NaN or infinity), so its colour "
                         "statistics are not numbers: clean the files, or set model.colour_start=identity")
     return PixelMoments(mean, (covariance + covariance.T) / 2, count, pixels)
+
+
+def _sums(stream: DomainStream, limit: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Sum and sum of outer products of the pixels of the stream's first `limit` images (fewer when its first pass
+    ends sooner: a stream with a buffer of one has its only pass end when the next one starts), the images and the
+    pixels counted."""
+    total = torch.zeros(stream.fmt.channels, dtype=torch.float64)
+    outer = torch.zeros(stream.fmt.channels, stream.fmt.channels, dtype=torch.float64)
+    count, pixels = 0, 0
+    for image in stream.iterate():
+        values = normalize(image).to(torch.float64).flatten(1)  # (C, pixels)
+        total += values.sum(1)
+        outer += values @ values.T
+        count += 1
+        pixels += values.shape[1]
+        if count == limit or stream.samples.passes > 0:
+            break
+    return total, outer, count, pixels

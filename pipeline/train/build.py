@@ -74,7 +74,7 @@ def build_components(cfg: DictConfig, info: dist.DistInfo, device: torch.device,
     gens, discs = build_networks(cfg.model, fused=cfg.perf.fused_calls,
                                  group_kernel_norm=uses_group_kernel_norm(cfg.perf.instance_norm_kernel, device))
     if colour_moments is not None:  # Before the average's copy and DDP's broadcast, which carry it everywhere.
-        start_from_transfer({"G_ab": (gens.G_ab, "A", "B"), "G_ba": (gens.G_ba, "B", "A")}, colour_moments)
+        start_from_transfer(gens, DIRECTIONS["cyclegan"], colour_moments)
     memory_format = _place((gens, discs), cfg.perf, device)
     ema = (GeneratorEMA(gens, cfg.train.ema_decay, cfg.train.ema_start_step, cfg.train.ema_every)
            if cfg.train.ema_decay > 0 else None)  # Before compiling: the average is a plain eager copy.
@@ -104,7 +104,7 @@ def build_cut_components(cfg: DictConfig, info: dist.DistInfo, device: torch.dev
     gens, disc = build_cut_networks(cfg.model, cfg.cut, objective,
                                     group_kernel_norm=uses_group_kernel_norm(cfg.perf.instance_norm_kernel, device))
     if colour_moments is not None:
-        start_from_transfer({"G": (gens.G, "A", "B")}, colour_moments)
+        start_from_transfer(gens, DIRECTIONS[cfg.model.method], colour_moments)
     memory_format = _place((gens, disc), cfg.perf, device)
     ema = (GeneratorEMA(gens, cfg.train.ema_decay, cfg.train.ema_start_step, cfg.train.ema_every, names=("G",))
            if cfg.train.ema_decay > 0 else None)

@@ -35,14 +35,16 @@ def domain_moments(cfg: DictConfig, urls: dict[str, list[str]]) -> dict[str, Pix
             for domain in ("A", "B")}
 
 
-def start_from_transfer(generators: dict[str, tuple[nn.Module, str, str]],
-                        moments: dict[str, PixelMoments]) -> None:
+def start_from_transfer(gens: nn.Module, directions: dict[str, str], moments: dict[str, PixelMoments]) -> None:
     """Set each colour generator's skip to the colour transfer from its source domain to its target.
 
     Args:
-        generators: name -> (generator, source domain, target domain), e.g. {"G_ab": (G_ab, "A", "B")}.
+        gens: the method's generators module.
+        directions: direction ("AtoB", "BtoA") -> the attribute of `gens` that translates it (`DIRECTIONS`).
+        moments: domain ("A", "B") -> its pixel moments.
     """
-    for name, (net, source, target) in generators.items():
+    for direction, name in directions.items():
+        net, (source, target) = getattr(gens, name), direction.split("to")
         if not isinstance(net, ColourGenerator):
             raise TypeError(f"{name} is a {type(net).__name__}; model.colour_start=transfer needs "
                             "model.g_variant=colour")
